@@ -1,0 +1,113 @@
+"""The training command: parse flags, check every input before anything is written, train, sample.
+
+Bad input ends with one paragraph on stderr and exit code 2; SIGTERM (docker stop) and Ctrl-C save a checkpoint and
+exit with 128 + the signal number."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import checkpoint
+from .config import TrainConfig, UsageError, parse_args
+from .data import prepare_data
+from .hardware import device_name, pick_device, resolve_precision
+from .trainer import Trainer, write_jsonl
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder. Choose another --output_dir.")
+    existing = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {out} cannot be written ({existing} is not a writable folder). "
+                         f"Fix its permissions or choose another --output_dir.")
+    latest = checkpoint.latest_path(str(out))
+    if latest.exists() and cfg.resume is None and not cfg.overwrite:
+        raise UsageError(f"--output_dir {out} already holds a training run ({latest}). Pass --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --output_dir.")
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """The first SIGTERM/SIGINT asks the loop to save and stop after the current step; a second Ctrl-C stops at once."""
+    def request_stop(signum, frame):
+        trainer.stop_signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step ...", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(cfg: TrainConfig) -> int:
+    check_output_dir(cfg)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg, device)
+    resume_from = checkpoint.find_resume_checkpoint(cfg)
+    saved = checkpoint.load(resume_from) if resume_from else None
+    data = prepare_data(cfg)
+    if saved:
+        checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
+    resolved = {**cfg.to_dict(), "device": str(device), "precision": precision, "corpus": data.corpus,
+                "vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train), "val_tokens": len(data.val),
+                "resume_from": str(resume_from) if resume_from else None}
+    if cfg.dry_run:
+        print(json.dumps(resolved, indent=2, ensure_ascii=False))
+        return 0
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, data, device, precision, on_metrics=write_jsonl(out / "metrics.jsonl"))
+    if saved:
+        trainer.load_state_dict(saved)
+        print(f"resumed from {resume_from} at step {trainer.step}")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {out} yet, starting fresh")
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
+    print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} ({precision}) | "
+          f"corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab "
+          f"{data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
+          f"{cfg.tokens_per_step:,} tokens", flush=True)
+
+    with stop_on_signals(trainer):
+        result = trainer.train()
+    if result.interrupted_by is not None:
+        print(f"stopped at step {result.steps}; checkpoint saved to {checkpoint.latest_path(cfg.output_dir)}. "
+              f"Continue with the same command plus --resume.", file=sys.stderr)
+        return 128 + result.interrupted_by
+    print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
+          f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
+    write_samples(trainer, cfg.sample_prompts or data.default_prompts, out / "samples.txt")
+    return 0
+
+
+def write_samples(trainer: Trainer, prompts: str, path: Path) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== step {trainer.step} ===\n")
+        for prompt in prompts.split(","):
+            text = trainer.sample(prompt)
+            print(f"--- sample ({prompt!r}) ---\n{text}\n")
+            f.write(f"--- {prompt!r} ---\n{text}\n\n")
+    print(f"samples saved to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The training configuration: one typed dataclass, model presets as data, and the command line built from both.
+
+Every field of `TrainConfig` is a flag (`--name value` or `--name=value`). Booleans accept every form a wandb sweep
+agent sends (`--bf16`, `--bf16=True`, `--bf16=false`, `--bf16=1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+
+
+MODEL_PRESETS: dict[str, ModelShape] = {
+    "tiny": ModelShape(6, 6, 384),  # the classic baby GPT
+    "small": ModelShape(12, 12, 768),  # GPT-2 124M
+    "medium": ModelShape(24, 16, 1024),  # GPT-2 350M
+    "large": ModelShape(36, 20, 1280),  # GPT-2 774M
+    "xl": ModelShape(48, 25, 1600),  # GPT-2 1.5B
+}
+
+CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
+CHINESE_PROMPTS = "春江,往事"
+ENGLISH_PROMPTS = "ROMEO:,The "
+
+
+def _flag(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model_size: str = _flag("tiny", "Model preset.", choices=list(MODEL_PRESETS))
+    n_layer: int | None = _flag(None, "Override the preset's layer count.")
+    n_head: int | None = _flag(None, "Override the preset's attention-head count.")
+    n_embd: int | None = _flag(None, "Override the preset's width (must divide by n_head).")
+    block_size: int = _flag(256, "Context length in tokens.")
+    dropout: float = _flag(0.1, "Dropout probability.")
+    # data
+    use_chinese: bool = _flag(False, "Train on the Chinese default corpus (the default when no --data_path is given).")
+    data_path: str | None = _flag(None, "A text file, or a folder of .txt/.json/.jsonl files (chinese-poetry layout too).")
+    corpus: str | None = _flag(None, "A named corpus instead of --data_path.", choices=list(CORPORA))
+    cache_dir: str | None = _flag(None, "Where downloads and token caches live (default: $GPT_TRAINER_CACHE or ~/.cache/gpt_trainer).")
+    tokenizer: str = _flag("char", "Tokenizer kind.", choices=["char", "sentencepiece"])
+    vocab_size: int = _flag(4000, "Vocabulary size for --tokenizer sentencepiece.")
+    train_split: float = _flag(0.9, "Fraction of tokens used for training; the rest is validation.")
+    # optimisation
+    batch_size: int = _flag(16, "Sequences per micro-batch.")
+    gradient_accumulation_steps: int = _flag(1, "Micro-batches per optimizer step.")
+    epochs: float = _flag(1.0, "Passes over the training tokens (ignored when --max_steps is given).")
+    max_steps: int | None = _flag(None, "Optimizer steps to run; wins over --epochs.")
+    learning_rate: float = _flag(3e-4, "Peak learning rate.")
+    min_lr: float | None = _flag(None, "Learning rate at the end of the cosine decay (default: learning_rate / 10).")
+    warmup_steps: int = _flag(100, "Linear warm-up steps before the cosine decay.")
+    weight_decay: float = _flag(0.1, "AdamW weight decay (matrices only; not biases, norms or embeddings).")
+    grad_clip: float = _flag(1.0, "Clip the global gradient norm to this (0 disables).")
+    seed: int = _flag(1337, "Random seed.")
+    # hardware
+    device: str = _flag("auto", "Where to train.", choices=["auto", "cuda", "cpu"])
+    bf16: bool = _flag(False, "bfloat16 mixed precision (default on GPUs that support it).")
+    fp16: bool = _flag(False, "float16 mixed precision with a gradient scaler (GPU only).")
+    fp32: bool = _flag(False, "Full float32 (default on CPU).")
+    compile: bool = _flag(False, "torch.compile the model (faster steps after a slow first one).")
+    peak_tflops: float | None = _flag(None, "Peak TFLOP/s assumed for MFU (default: looked up from the device name).")
+    # output, evaluation, checkpoints
+    output_dir: str = _flag("./output_single", "Where checkpoints, logs and samples go.")
+    overwrite: bool = _flag(False, "Start fresh even though output_dir holds a checkpoint (it is replaced).")
+    eval_interval: int = _flag(200, "Evaluate (and save) every N optimizer steps.")
+    eval_steps: int = _flag(20, "Validation batches per evaluation.")
+    log_interval: int = _flag(10, "Print a progress line every N optimizer steps.")
+    save_interval: int = _flag(500, "Save the latest checkpoint every N optimizer steps.")
+    resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path.", nargs="?", const="latest")
+    # sampling
+    sample_prompts: str | None = _flag(None, f"Comma-separated prompts sampled at the end (Chinese default: {CHINESE_PROMPTS}).")
+    sample_tokens: int = _flag(120, "Tokens generated per prompt.")
+    temperature: float = _flag(0.8, "Sampling temperature.")
+    top_k: int = _flag(50, "Sample among the k most likely tokens (0 disables).")
+    top_p: float = _flag(0.95, "Nucleus sampling threshold (1.0 disables).")
+    dry_run: bool = _flag(False, "Validate everything, print the resolved config as JSON and exit without training.")
+
+    # ---- derived values -------------------------------------------------------------------------------------------
+    def resolve_model_shape(self) -> None:
+        """Fill n_layer/n_head/n_embd from the preset where not overridden."""
+        preset = MODEL_PRESETS[self.model_size]
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.block_size
+
+    @property
+    def final_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    def resolved_cache_dir(self) -> str:
+        default = os.environ.get("GPT_TRAINER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt_trainer")
+        return os.path.abspath(os.path.expanduser(self.cache_dir or default))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject inconsistent settings before anything is read or written."""
+    chosen = [name for name in ("bf16", "fp16", "fp32") if getattr(cfg, name)]
+    if len(chosen) > 1:
+        raise UsageError(f"--{chosen[0]} and --{chosen[1]} contradict each other: choose one precision flag.")
+    for name in ("batch_size", "gradient_accumulation_steps", "block_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {value}).")
+    if cfg.n_embd % cfg.n_head:
+        raise UsageError(
+            f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share of the width. "
+            f"Pick --n_embd as a multiple of {cfg.n_head} (e.g. {cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}) "
+            f"or change --n_head."
+        )
+    if not 0 < cfg.train_split < 1:
+        raise UsageError(f"--train_split must lie between 0 and 1 (got {cfg.train_split}).")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UsageError(f"--max_steps must be at least 1 (got {cfg.max_steps}).")
+    if cfg.max_steps is None and cfg.epochs <= 0:
+        raise UsageError(f"--epochs must be positive (got {cfg.epochs}).")
+    if not 0 <= cfg.dropout < 1:
+        raise UsageError(f"--dropout must lie in [0, 1) (got {cfg.dropout}).")
+    for name in ("eval_interval", "eval_steps", "log_interval", "save_interval"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)}).")
+    if cfg.data_path and cfg.corpus:
+        raise UsageError("--data_path and --corpus both name the training text: give only one.")
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+_TRUE = {"1", "true", "yes", "y", "on", "t"}
+_FALSE = {"0", "false", "no", "n", "off", "f"}
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean such as true/false or 1/0, got {text!r}")
+
+
+class _UsageErrorParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit 2; we keep one error path for all bad input
+        raise UsageError(f"{message}. Run with --help to see every flag.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _UsageErrorParser(
+        prog="train_single_gpu.py",
+        description="Train a small GPT from scratch on one GPU or the CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kwargs = dict(f.metadata)
+        annotation = hints[f.name]
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        if inner[0] is bool:
+            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+        elif "const" not in kwargs:
+            kwargs["type"] = inner[0]
+        parser.add_argument(f"--{f.name}", default=f.default, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    namespace = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(namespace))
+    cfg.resolve_model_shape()
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Rebuild a config saved in a checkpoint, ignoring keys a newer/older version does not know."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,264 @@
+"""Where training text comes from: the user's files, or a named corpus (downloaded once into the cache, verified
+by checksum, resumable; or installed locally by Debian's fortunes-zh; or embedded in this package)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CHINESE_PROMPTS, TrainConfig, UsageError
+
+# chinese-poetry at a fixed commit, so the bytes (and so the token cache) never change under a user.
+CHINESE_POETRY_COMMIT = "8ce34a6414c51ee43771db8a575b3074a6ba2299"
+FORTUNES_DIR = "/usr/share/games/fortunes"
+BUILTIN_POEMS = Path(__file__).with_name("poems_builtin.txt")
+
+
+@dataclass(frozen=True)
+class RemoteCorpus:
+    name: str
+    base_url: str
+    mirror_env: str  # environment variable that replaces base_url, for mirrors and blocked networks
+    files: tuple[str, ...]
+    sha256: dict = field(default_factory=dict)  # known digests; others are recorded on first download and then enforced
+
+    def url_base(self) -> str:
+        return os.environ.get(self.mirror_env, self.base_url).rstrip("/")
+
+
+REMOTE_CORPORA = {
+    "song_ci": RemoteCorpus(
+        "song_ci",
+        f"https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/{CHINESE_POETRY_COMMIT}",
+        "CHINESE_POETRY_BASE_URL",
+        tuple(f"ci/ci.song.{i}.json" for i in range(0, 22000, 1000)),
+    ),
+    "tang": RemoteCorpus(
+        "tang",
+        f"https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/{CHINESE_POETRY_COMMIT}",
+        "CHINESE_POETRY_BASE_URL",
+        tuple(f"json/poet.tang.{i}.json" for i in range(0, 58000, 1000)),
+    ),
+    "shakespeare": RemoteCorpus(
+        "shakespeare",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare",
+        "SHAKESPEARE_BASE_URL",
+        ("input.txt",),
+    ),
+}
+
+
+@dataclass
+class Corpus:
+    name: str
+    text: str
+    default_prompts: str
+
+
+class CorpusUnavailable(UsageError):
+    """A named corpus cannot be had here (no network, package not installed): the Chinese default falls back."""
+
+
+def notice(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- reading the user's files ---------------------------------------------------------------------------------------
+def decode_bytes(raw: bytes, path: str) -> str:
+    """UTF-8 (BOM stripped), else GB18030 (a superset of GBK/GB2312, common for Chinese text) with a notice."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        try:
+            text = raw.decode("gb18030")
+        except UnicodeDecodeError:
+            raise UsageError(
+                f"{path} is neither UTF-8 nor GB18030/GBK text (first bad byte at offset {e.start}). "
+                f"Convert it, e.g. `iconv -f <encoding> -t UTF-8 {path} > fixed.txt`, and pass the converted file."
+            ) from None
+        notice(f"note: {path} is not UTF-8; decoded it as GB18030/GBK.")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def poem_to_text(item: dict) -> str | None:
+    """A chinese-poetry record (`paragraphs` list, with `title` or `rhythmic`) or a {"text": ...} record."""
+    if isinstance(item.get("paragraphs"), list):
+        heading = item.get("rhythmic") or item.get("title") or ""
+        body = "".join(str(p) for p in item["paragraphs"])
+        return f"{heading}\n{body}\n" if heading else f"{body}\n"
+    if isinstance(item.get("text"), str):
+        return item["text"].rstrip("\n") + "\n"
+    return None
+
+
+def json_records_to_text(records, path: str) -> str:
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list):
+        raise UsageError(f"{path}: expected a JSON list of records with `paragraphs` or `text`, found {type(records).__name__}.")
+    texts = [t for t in (poem_to_text(r) for r in records if isinstance(r, dict)) if t]
+    if records and not texts:
+        raise UsageError(
+            f"{path}: none of its {len(records)} JSON records has a `paragraphs` list or a `text` string, "
+            f"so there is nothing to train on. Use the chinese-poetry layout or {{\"text\": ...}} records."
+        )
+    return "\n".join(texts)
+
+
+def read_source_file(path: Path) -> str:
+    text = decode_bytes(path.read_bytes(), str(path))
+    if path.suffix == ".json":
+        try:
+            return json_records_to_text(json.loads(text), str(path))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from None
+        return json_records_to_text(records, str(path))
+    return text
+
+
+def read_data_path(data_path: str) -> Corpus:
+    path = Path(data_path).expanduser()
+    if not path.exists():
+        raise UsageError(f"--data_path {data_path} does not exist. Give a text file or a folder of .txt/.json/.jsonl files.")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file())
+        if not files:
+            raise UsageError(f"--data_path {data_path} is a folder with no .txt, .json or .jsonl files in it.")
+        text = "\n".join(read_source_file(p) for p in files)
+    else:
+        text = read_source_file(path)
+    if not text.strip():
+        raise UsageError(f"--data_path {data_path} holds no text (it is empty or only whitespace). Point it at your corpus.")
+    return Corpus(path.name, text, default_prompts_for(text))
+
+
+def default_prompts_for(text: str) -> str:
+    sample = text[:20000]
+    cjk = sum("\u4e00" <= c <= "\u9fff" for c in sample)
+    return CHINESE_PROMPTS if cjk > 0.3 * max(1, len(sample.strip())) else "\n"
+
+
+# ---- downloads ------------------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, expected_sha256: str | None, timeout: float = 30.0) -> str:
+    """Fetch url into dest through dest.part, continuing a partial file with an HTTP Range request. Returns the digest."""
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        resumed = have and response.status == 206
+        with open(part, "ab" if resumed else "wb") as f:
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                f.write(chunk)
+    digest = sha256_file(part)
+    if expected_sha256 and digest != expected_sha256:
+        part.unlink()
+        raise UsageError(
+            f"{url} downloaded with SHA-256 {digest}, expected {expected_sha256}: the file or mirror is corrupt or "
+            f"changed. It was deleted; try again or set the mirror variable to a trustworthy copy."
+        )
+    os.replace(part, dest)
+    return digest
+
+
+def fetch_remote_corpus(spec: RemoteCorpus, cache_dir: str) -> Path:
+    """Download every file of a corpus once. Digests not known in advance are recorded and then enforced."""
+    folder = Path(cache_dir) / "corpora" / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    sums_path = folder / "SHA256SUMS.json"
+    sums = json.loads(sums_path.read_text()) if sums_path.exists() else {}
+    sums.update(spec.sha256)
+    from tqdm import tqdm
+
+    for name in tqdm(spec.files, desc=f"downloading {spec.name}", unit="file", disable=len(spec.files) < 2):
+        dest = folder / name.replace("/", "__")
+        if dest.exists():
+            if name in sums and sha256_file(dest) != sums[name]:
+                raise UsageError(f"cached file {dest} does not match its recorded SHA-256; delete it to download again.")
+            continue
+        sums[name] = download(f"{spec.url_base()}/{name}", dest, sums.get(name))
+        sums_path.write_text(json.dumps(sums, indent=1, sort_keys=True))
+    return folder
+
+
+def remote_corpus(name: str, cache_dir: str) -> Corpus:
+    spec = REMOTE_CORPORA[name]
+    try:
+        folder = fetch_remote_corpus(spec, cache_dir)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CorpusUnavailable(
+            f"could not download the {name} corpus from {spec.url_base()} ({reason}). Set {spec.mirror_env} to a "
+            f"mirror, put the files in {Path(cache_dir) / 'corpora' / name}, or use --data_path."
+        ) from None
+    texts = [read_source_file(folder / f.replace("/", "__")) for f in spec.files]
+    return Corpus(name, "\n".join(texts), "ROMEO:" if name == "shakespeare" else CHINESE_PROMPTS)
+
+
+# ---- offline corpora ------------------------------------------------------------------------------------------------
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def fortunes_zh() -> Corpus:
+    """Tang 300 and Song 100 from Debian/Ubuntu's fortunes-zh package: entries separated by '%' lines, ANSI-coloured."""
+    files = [Path(FORTUNES_DIR) / name for name in ("tang300", "song100")]
+    if not all(f.exists() for f in files):
+        raise CorpusUnavailable(f"fortunes-zh is not installed (no {files[0]}); `sudo apt-get install fortunes-zh` adds it.")
+    entries = []
+    for f in files:
+        raw = ANSI_ESCAPE.sub("", decode_bytes(f.read_bytes(), str(f)))
+        entries += [e.strip() for e in re.split(r"^%$", raw, flags=re.M) if e.strip()]
+    return Corpus("fortunes_zh", "\n\n".join(entries) + "\n", CHINESE_PROMPTS)
+
+
+def builtin() -> Corpus:
+    return Corpus("builtin", BUILTIN_POEMS.read_text(encoding="utf-8"), CHINESE_PROMPTS)
+
+
+def load_named(name: str, cache_dir: str) -> Corpus:
+    if name in REMOTE_CORPORA:
+        return remote_corpus(name, cache_dir)
+    if name == "fortunes_zh":
+        return fortunes_zh()
+    if name == "builtin":
+        return builtin()
+    return chinese_default(cache_dir)
+
+
+def chinese_default(cache_dir: str) -> Corpus:
+    """The full Song ci when reachable (or cached), else fortunes-zh, else the poems embedded in this package."""
+    for name in ("song_ci", "fortunes_zh"):
+        try:
+            return load_named(name, cache_dir)
+        except CorpusUnavailable as e:
+            notice(f"note: {e}")
+    notice("note: training on the small embedded poem collection instead.")
+    return builtin()
+
+
+def load_corpus(cfg: TrainConfig) -> Corpus:
+    if cfg.data_path:
+        return read_data_path(cfg.data_path)
+    return load_named(cfg.corpus or "chinese", cfg.resolved_cache_dir())

@@ -1,0 +1,121 @@
+"""Tokenizers: char-level (BabyGPT style) and sentencepiece. Both serialise to a plain dict that travels inside
+every checkpoint, so sampling needs nothing but the checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+from .config import UsageError
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index[c] for c in text]
+
+    def encode_known(self, text: str) -> tuple[list[int], str]:
+        """Encode a prompt, dropping characters the corpus never contained; returns the ids and what was dropped."""
+        ids = [self.index[c] for c in text if c in self.index]
+        return ids, "".join(c for c in text if c not in self.index)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": "".join(self.chars)}
+
+    def fingerprint(self) -> str:
+        return "char-" + hashlib.sha256("".join(self.chars).encode("utf-8")).hexdigest()[:16]
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = os.path.join(tmp, "corpus.txt")
+            with open(corpus, "w", encoding="utf-8") as f:
+                f.write(text)
+            prefix = os.path.join(tmp, "sp")
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=corpus,
+                    model_prefix=prefix,
+                    vocab_size=vocab_size,
+                    model_type="bpe",
+                    character_coverage=0.9995,  # Chinese has thousands of characters; rare ones fall back to bytes
+                    byte_fallback=True,  # so every character, even 𠀀, round-trips
+                    normalization_rule_name="identity",  # keep full-width punctuation exactly as written
+                    remove_extra_whitespaces=False,
+                    add_dummy_prefix=False,  # a dummy space per line would not survive the round trip
+                    split_digits=True,
+                    input_sentence_size=2_000_000,
+                    shuffle_input_sentence=True,
+                    minloglevel=2,
+                )
+            except RuntimeError as e:
+                raise UsageError(
+                    f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus ({e}). "
+                    f"Lower --vocab_size or use --tokenizer char."
+                ) from None
+            with open(prefix + ".model", "rb") as f:
+                return cls(f.read())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        # sentencepiece treats its input as one line; encode line by line so newlines survive as byte tokens
+        ids: list[int] = []
+        newline = self.sp.piece_to_id("<0x0A>")
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                ids.append(newline)
+            if line:
+                ids.extend(self.sp.encode(line, add_bos=False, add_eos=False))
+        return ids
+
+    def encode_known(self, text: str) -> tuple[list[int], str]:
+        return self.encode(text), ""
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "model_proto": self.model_proto}
+
+    def fingerprint(self) -> str:
+        return "sp-" + hashlib.sha256(self.model_proto).hexdigest()[:16]
+
+
+def tokenizer_from_dict(state: dict):
+    if state["kind"] == "char":
+        return CharTokenizer(list(state["chars"]))
+    if state["kind"] == "sentencepiece":
+        return SentencePieceTokenizer(state["model_proto"])
+    raise ValueError(f"unknown tokenizer kind {state['kind']!r}")

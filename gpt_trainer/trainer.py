@@ -1,0 +1,232 @@
+"""The training loop: sample a batch, accumulate gradients over micro-batches, clip, step, schedule; evaluate, save
+and report at intervals. Nothing in the per-step path waits for the GPU except the periodic report."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import EpochSampler, TokenData, gather_windows, steps_for, to_device, validation_windows
+from .hardware import autocast, peak_tflops, synchronize
+from .model import GPT, GPTConfig
+
+MetricsCallback = Callable[[dict, int], None]
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to the peak, then cosine decay to min_ratio of it at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)  # one entry per report: step, loss, lr, ...
+    interrupted_by: int | None = None  # signal number when a signal stopped the run
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: TokenData, device: torch.device, precision: str,
+                 on_metrics: MetricsCallback | None = None):
+        self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
+        self.on_metrics = on_metrics or (lambda metrics, step: None)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(GPTConfig(data.tokenizer.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                                   cfg.dropout)).to(device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95),
+            fused=device.type == "cuda",  # one kernel for the whole update instead of several per parameter
+        )
+        self.sampler = EpochSampler(data.train, cfg.block_size, cfg.seed)
+        self.total_steps = steps_for(cfg, self.sampler.windows_per_epoch)
+        min_ratio = cfg.final_lr / cfg.learning_rate
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, self.total_steps, min_ratio)
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.val_batches = to_device(validation_windows(data.val, cfg.block_size, cfg.eval_steps * cfg.batch_size), device)
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.last_val_loss: float | None = None
+        self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
+        self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
+        self.extra_state: dict = {}  # other components (e.g. experiment trackers) keep their resume data here
+
+    # ---- one optimizer step ------------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mean micro-batch loss, gradient norm) as device tensors, without waiting for the GPU."""
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        offsets = self.sampler.next_offsets(cfg.batch_size * accum)
+        batch = to_device(gather_windows(self.data.train, offsets, cfg.block_size), self.device)
+        batch = batch.view(accum, cfg.batch_size, cfg.block_size + 1)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in batch:
+            with autocast(self.device, self.precision):
+                _, loss = self.forward(micro[:, :-1], micro[:, 1:])
+            loss_sum += loss.detach()
+            # the optimizer must see the mean gradient over micro-batches, not their sum
+            self.scaler.scale(loss / accum).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return loss_sum / accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        chunks = self.val_batches.split(self.cfg.batch_size)
+        for chunk in chunks:
+            with autocast(self.device, self.precision):
+                _, loss = self.forward(chunk[:, :-1], chunk[:, 1:])
+            total += loss
+        self.model.train()
+        return (total / len(chunks)).item()
+
+    # ---- the loop ----------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(self.step, self.best_val_loss)
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty(), file=sys.stderr)
+        window_loss, window_steps = torch.zeros((), device=self.device), 0
+        started = window_start = time.perf_counter()
+        while self.step < self.total_steps and self.stop_signal is None:
+            loss, grad_norm = self.train_step()
+            window_loss += loss
+            window_steps += 1
+            bar.update(1)
+            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+                synchronize(self.device)
+                now = time.perf_counter()
+                report = self.report(window_loss.item() / window_steps, grad_norm.item(), window_steps, now - window_start)
+                result.history.append(report)
+                bar.set_postfix(loss=f"{report['train/loss']:.4f}", lr=f"{report['train/learning_rate']:.1e}",
+                                tok_s=f"{report['train/tokens_per_sec']:,.0f}")
+                tqdm.write(self.progress_line(report, now - started))
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                self.evaluate_and_save()
+            elif self.step % cfg.save_interval == 0:
+                self.save(checkpoint.latest_path(cfg.output_dir))
+        bar.close()
+        if self.stop_signal is not None:
+            self.save(checkpoint.latest_path(cfg.output_dir))
+            result.interrupted_by = self.stop_signal
+        result.steps, result.best_val_loss = self.step, self.best_val_loss
+        return result
+
+    def report(self, loss: float, grad_norm: float, steps: int, seconds: float) -> dict:
+        tokens_per_sec = steps * self.cfg.tokens_per_step / max(seconds, 1e-9)
+        metrics = {
+            "train/loss": loss,
+            "train/perplexity": math.exp(min(loss, 50.0)),
+            "train/learning_rate": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/mfu": self.model.flops_per_token() * tokens_per_sec / (self.peak * 1e12),
+            "train/epoch": self.sampler.epochs_done,
+            "train/tokens_seen": self.step * self.cfg.tokens_per_step,
+            "train/step_time": seconds / steps,
+        }
+        self.on_metrics(metrics, self.step)
+        return {"step": self.step, **metrics}
+
+    def progress_line(self, report: dict, elapsed: float) -> str:
+        epochs_total = math.ceil(self.total_steps * self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+                                 / self.sampler.windows_per_epoch)
+        val = f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "-"
+        minutes, seconds = divmod(elapsed, 60)
+        return (f"step {self.step} | epoch {self.sampler.epoch + 1}/{epochs_total} | loss {report['train/loss']:.4f} | "
+                f"val {val} | lr {report['train/learning_rate']:.1e} | {report['train/tokens_per_sec']:,.0f} tok/s | "
+                f"{int(minutes)}m {seconds:.1f}s")
+
+    def evaluate_and_save(self) -> None:
+        val_loss = self.evaluate()
+        self.last_val_loss = val_loss
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.on_metrics({"eval/loss": val_loss, "eval/perplexity": math.exp(min(val_loss, 50.0)),
+                         "eval/best_perplexity": math.exp(min(self.best_val_loss, 50.0))}, self.step)
+        self.save(checkpoint.latest_path(self.cfg.output_dir))
+        if improved:
+            self.save(checkpoint.best_path(self.cfg.output_dir))
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "data_position": self.sampler.state_dict(),
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+            "rng": checkpoint.rng_states(),
+            "config": self.cfg.to_dict(),
+            "vocab_size": self.data.tokenizer.vocab_size,
+            "tokenizer": self.data.tokenizer.to_dict(),
+            "corpus": self.data.corpus,
+            "extra": self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["data_position"])
+        self.best_val_loss = state["best_val_loss"]
+        self.last_val_loss = state["last_val_loss"]
+        self.extra_state = state.get("extra", {})
+        checkpoint.restore_rng_states(state["rng"])
+
+    def save(self, path: Path) -> None:
+        checkpoint.save_atomic(self.state_dict(), path)
+
+    # ---- sampling ----------------------------------------------------------------------------------------------------
+    def sample(self, prompt: str) -> str:
+        tokenizer = self.data.tokenizer
+        ids, dropped = tokenizer.encode_known(prompt)
+        if dropped:
+            print(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.", file=sys.stderr)
+        if not ids:
+            ids = tokenizer.encode_known("\n")[0] or [0]
+        self.model.eval()
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with autocast(self.device, self.precision):
+            out = self.model.generate(idx, self.cfg.sample_tokens, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        self.model.train()
+        return tokenizer.decode(out[0].tolist())
+
+
+def write_jsonl(path: Path) -> MetricsCallback:
+    """A metrics record every run keeps in its output_dir, readable without any tracker installed."""
+    def log(metrics: dict, step: int) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+    return log
