@@ -72,6 +72,7 @@ class SentencePieceTokenizer:
                     normalization_rule_name="identity",  # keep full-width punctuation exactly as written
                     remove_extra_whitespaces=False,
                     add_dummy_prefix=False,  # a dummy space per line would not survive the round trip
+                    required_chars="▁",  # the whitespace piece, else spaces in a space-free corpus decode as '▁'
                     split_digits=True,
                     input_sentence_size=2_000_000,
                     shuffle_input_sentence=True,
@@ -80,7 +81,8 @@ class SentencePieceTokenizer:
             except RuntimeError as e:
                 raise UsageError(
                     f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus ({e}). "
-                    f"Lower --vocab_size or use --tokenizer char."
+                    f"Choose a --vocab_size that fits it (above its distinct characters plus 259 special and byte "
+                    f"tokens, below what its text can fill), or use --tokenizer char."
                 ) from None
             with open(prefix + ".model", "rb") as f:
                 return cls(f.read())
@@ -90,15 +92,7 @@ class SentencePieceTokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        # sentencepiece treats its input as one line; encode line by line so newlines survive as byte tokens
-        ids: list[int] = []
-        newline = self.sp.piece_to_id("<0x0A>")
-        for i, line in enumerate(text.split("\n")):
-            if i:
-                ids.append(newline)
-            if line:
-                ids.extend(self.sp.encode(line, add_bos=False, add_eos=False))
-        return ids
+        return self.sp.encode(text)
 
     def encode_known(self, text: str) -> tuple[list[int], str]:
         return self.encode(text), ""

@@ -70,26 +70,30 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (mean micro-batch loss, gradient norm) as device tensors, without waiting for the GPU."""
-        cfg = self.cfg
-        accum = cfg.gradient_accumulation_steps
-        offsets = self.sampler.next_offsets(cfg.batch_size * accum)
-        batch = to_device(gather_windows(self.data.train, offsets, cfg.block_size), self.device)
-        batch = batch.view(accum, cfg.batch_size, cfg.block_size + 1)
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in batch:
-            with autocast(self.device, self.precision):
-                _, loss = self.forward(micro[:, :-1], micro[:, 1:])
-            loss_sum += loss.detach()
-            # the optimizer must see the mean gradient over micro-batches, not their sum
-            self.scaler.scale(loss / accum).backward()
+        loss = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return loss_sum / accum, grad_norm
+        return loss, grad_norm
+
+    def accumulate_gradients(self) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns their mean loss."""
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        offsets = self.sampler.next_offsets(cfg.batch_size * accum)
+        batch = to_device(gather_windows(self.data.train, offsets, cfg.block_size), self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in batch.view(accum, cfg.batch_size, cfg.block_size + 1):
+            with autocast(self.device, self.precision):
+                _, loss = self.forward(micro[:, :-1], micro[:, 1:])
+            loss_sum += loss.detach()
+            # the optimizer must see the mean gradient over micro-batches, not their sum
+            self.scaler.scale(loss / accum).backward()
+        return loss_sum / accum
 
     @torch.no_grad()
     def evaluate(self) -> float:

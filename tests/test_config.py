@@ -1,0 +1,43 @@
+import pytest
+
+from gpt_trainer.config import MODEL_PRESETS, UsageError, parse_args
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--bf16"], True), (["--bf16=True"], True), (["--bf16=true"], True), (["--bf16=1"], True),
+    (["--bf16=false"], False), (["--bf16=False"], False), (["--bf16=0"], False), (["--bf16", "no"], False), ([], False),
+])
+def test_boolean_flags_accept_what_a_sweep_agent_sends(argv, expected):
+    assert parse_args(argv).bf16 is expected
+
+
+def test_flags_accept_equals_form_and_exponent_floats():
+    cfg = parse_args(["--batch_size=32", "--learning_rate=1e-05", "--model_size=small", "--resume=somewhere"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.model_size, cfg.resume) == (32, 1e-5, "small", "somewhere")
+
+
+def test_bare_resume_means_latest():
+    assert parse_args(["--resume"]).resume == "latest"
+    assert parse_args([]).resume is None
+
+
+@pytest.mark.parametrize("size", list(MODEL_PRESETS))
+def test_presets_fill_the_shape_and_overrides_win(size):
+    cfg = parse_args([f"--model_size={size}"])
+    preset = MODEL_PRESETS[size]
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (preset.n_layer, preset.n_head, preset.n_embd)
+    assert parse_args([f"--model_size={size}", "--n_layer=3"]).n_layer == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_size=huge"], "invalid choice: 'huge'"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 contradict"),
+    (["--n_embd=100", "--n_head=6"], "n_embd=100 is not divisible by n_head=6"),
+    (["--batch_size=0"], "--batch_size must be at least 1"),
+    (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps must be at least 1"),
+    (["--bf16=maybe"], "expected a boolean"),
+    (["--train_split=1.5"], "--train_split must lie between 0 and 1"),
+])
+def test_bad_flags_raise_a_usage_error_naming_the_problem(argv, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        parse_args(argv)

@@ -1,0 +1,156 @@
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from gpt_trainer import corpora
+from gpt_trainer.config import CHINESE_PROMPTS, UsageError, parse_args
+from gpt_trainer.corpora import RemoteCorpus, chinese_default, fetch_remote_corpus, load_corpus, read_data_path
+
+POEMS = [{"rhythmic": "虞美人", "paragraphs": ["春花秋月何时了？", "往事知多少。"]},
+         {"title": "静夜思", "paragraphs": ["床前明月光，", "疑是地上霜。"]}]
+
+
+# ---- the user's files -----------------------------------------------------------------------------------------------
+def test_gb18030_text_is_decoded_with_a_notice(tmp_path, capsys):
+    path = tmp_path / "gbk.txt"
+    path.write_bytes("春江潮水连海平\r\n海上明月共潮生\r\n".encode("gbk"))
+    corpus = read_data_path(str(path))
+    assert corpus.text == "春江潮水连海平\n海上明月共潮生\n"
+    assert "GB18030" in capsys.readouterr().err
+    assert corpus.default_prompts == CHINESE_PROMPTS
+
+
+def test_bom_is_stripped(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\r\nworld".encode("utf-8"))
+    assert read_data_path(str(tmp_path / "bom.txt")).text == "hello\nworld"
+
+
+def test_undecodable_file_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00\x81\x30\xff" * 10)
+    with pytest.raises(UsageError, match="neither UTF-8 nor GB18030.*iconv"):
+        read_data_path(str(tmp_path / "bad.txt"))
+
+
+def test_folder_of_chinese_poetry_json_and_jsonl(tmp_path):
+    (tmp_path / "ci.song.0.json").write_text(json.dumps(POEMS, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "extra.jsonl").write_text('{"text": "鹅鹅鹅，曲项向天歌。"}\n\n', encoding="utf-8")
+    (tmp_path / "ignored.csv").write_text("not read")
+    text = read_data_path(str(tmp_path)).text
+    assert "虞美人\n春花秋月何时了？往事知多少。\n" in text
+    assert "静夜思\n床前明月光，疑是地上霜。\n" in text
+    assert "鹅鹅鹅，曲项向天歌。" in text and "not read" not in text
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "none of its 2 JSON records"),
+    ("{broken", "not valid JSON"),
+])
+def test_bad_json_names_the_file(tmp_path, content, message):
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(UsageError, match=message):
+        read_data_path(str(tmp_path / "x.json"))
+
+
+# ---- downloads, against a real HTTP server on 127.0.0.1 -------------------------------------------------------------
+class RangeHandler(BaseHTTPRequestHandler):
+    files: dict = {}
+    requests: list = []
+
+    def do_GET(self):
+        self.requests.append((self.path, self.headers.get("Range")))
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    RangeHandler.files, RangeHandler.requests = {}, []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd, f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+def poetry_files():
+    return {f"/ci/ci.song.{i}.json": json.dumps(POEMS[i:i + 1], ensure_ascii=False).encode() for i in range(2)}
+
+
+def spec_for(files, **kwargs):
+    return RemoteCorpus("song_ci", "http://unused.invalid", "TEST_MIRROR_URL", tuple(f.lstrip("/") for f in files), **kwargs)
+
+
+def test_download_once_through_a_mirror_variable(server, tmp_path, monkeypatch):
+    httpd, url = server
+    RangeHandler.files = poetry_files()
+    monkeypatch.setenv("TEST_MIRROR_URL", url)
+    monkeypatch.setitem(corpora.REMOTE_CORPORA, "song_ci", spec_for(RangeHandler.files))
+    first = corpora.remote_corpus("song_ci", str(tmp_path))
+    assert "虞美人\n春花秋月何时了？往事知多少。" in first.text and "静夜思" in first.text
+    assert len(RangeHandler.requests) == 2
+    second = corpora.remote_corpus("song_ci", str(tmp_path))
+    assert second.text == first.text and len(RangeHandler.requests) == 2  # cached: no new request
+    sums = json.loads((tmp_path / "corpora" / "song_ci" / "SHA256SUMS.json").read_text())
+    assert sums["ci/ci.song.0.json"] == hashlib.sha256(RangeHandler.files["/ci/ci.song.0.json"]).hexdigest()
+
+
+def test_interrupted_download_resumes_with_a_range_request(server, tmp_path, monkeypatch):
+    httpd, url = server
+    body = ("床前明月光，疑是地上霜。" * 500).encode()
+    RangeHandler.files = {"/input.txt": body}
+    folder = tmp_path / "corpora" / "song_ci"
+    folder.mkdir(parents=True)
+    (folder / "input.txt.part").write_bytes(body[:1000])  # what a dropped connection left behind
+    monkeypatch.setenv("TEST_MIRROR_URL", url)
+    spec = spec_for(RangeHandler.files, sha256={"input.txt": hashlib.sha256(body).hexdigest()})
+    fetch_remote_corpus(spec, str(tmp_path))
+    assert RangeHandler.requests == [("/input.txt", "bytes=1000-")]
+    assert (folder / "input.txt").read_bytes() == body
+    assert not (folder / "input.txt.part").exists()
+
+
+def test_checksum_mismatch_is_rejected_and_the_file_removed(server, tmp_path, monkeypatch):
+    httpd, url = server
+    RangeHandler.files = {"/input.txt": b"tampered"}
+    monkeypatch.setenv("TEST_MIRROR_URL", url)
+    with pytest.raises(UsageError, match="expected 0000"):
+        fetch_remote_corpus(spec_for(RangeHandler.files, sha256={"input.txt": "0" * 64}), str(tmp_path))
+    assert list((tmp_path / "corpora" / "song_ci").glob("input.txt*")) == []
+
+
+# ---- the Chinese default and its offline fallbacks ------------------------------------------------------------------
+def fake_fortunes(folder):
+    folder.mkdir()
+    (folder / "tang300").write_text("\x1b[32m《静夜思》\x1b[m\n\x1b[33m作者：李白\x1b[m\n床前明月光，疑是地上霜。\n%\n"
+                                    "\x1b[32m《春晓》\x1b[m\n春眠不觉晓，处处闻啼鸟。\n%\n", encoding="utf-8")
+    (folder / "song100").write_text("\x1b[32m《虞美人》\x1b[m\n春花秋月何时了？\n%\n", encoding="utf-8")
+
+
+def test_no_network_falls_back_to_fortunes_zh(server, tmp_path, monkeypatch, capsys):
+    httpd, url = server  # serves nothing: every download is a 404
+    monkeypatch.setenv("CHINESE_POETRY_BASE_URL", url)
+    fake_fortunes(tmp_path / "fortunes")
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", str(tmp_path / "fortunes"))
+    corpus = chinese_default(str(tmp_path / "cache"))
+    assert corpus.name == "fortunes_zh"
+    assert "《静夜思》\n作者：李白\n床前明月光" in corpus.text and "\x1b" not in corpus.text and "%" not in corpus.text
+    assert "could not download the song_ci corpus" in capsys.readouterr().err
+
+
+def test_without_fortunes_the_embedded_poems_are_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHINESE_POETRY_BASE_URL", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", str(tmp_path / "absent"))
+    corpus = load_corpus(parse_args([f"--cache_dir={tmp_path}"]))
+    assert corpus.name == "builtin" and "春江潮水连海平" in corpus.text

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from gpt_trainer.config import UsageError
+from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+
+RARE = "𠀀𪚥"  # outside the Basic Multilingual Plane: two UTF-16 units, one Python character each
+TEXT = "春江潮水连海平，海上明月共潮生。\n往事知多少？" + RARE + "\nHello,  world!\r\n\n"
+
+
+def test_char_tokenizer_round_trips_chinese_with_rare_characters():
+    tok = CharTokenizer.train(TEXT)
+    ids = tok.encode(TEXT)
+    assert len(ids) == len(TEXT)
+    assert tok.decode(ids) == TEXT
+    assert tokenizer_from_dict(tok.to_dict()).encode(TEXT) == ids
+
+
+def test_char_tokenizer_drops_unknown_prompt_characters():
+    tok = CharTokenizer.train("春江花月夜")
+    ids, dropped = tok.encode_known("春X江")
+    assert tok.decode(ids) == "春江" and dropped == "X"
+
+
+def test_sentencepiece_round_trips_and_is_rebuilt_from_its_dict():
+    corpus = (Path(__file__).parents[1] / "gpt_trainer" / "poems_builtin.txt").read_text(encoding="utf-8")
+    tok = SentencePieceTokenizer.train(corpus, vocab_size=2000)
+    assert tok.vocab_size == 2000
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT  # byte fallback covers 𠀀 and characters absent from training
+    assert len(tok.encode(corpus)) < len(corpus)  # merges shorten the text
+    assert tokenizer_from_dict(tok.to_dict()).encode(TEXT) == ids
+
+
+def test_sentencepiece_vocabulary_too_small_for_the_characters_is_a_usage_error():
+    with pytest.raises(UsageError, match="--vocab_size"):
+        SentencePieceTokenizer.train(TEXT * 50, vocab_size=30)

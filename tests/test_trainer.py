@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from gpt_trainer import checkpoint
+from gpt_trainer.data import prepare_data
+from gpt_trainer.trainer import Trainer, lr_multiplier
+
+
+def make_trainer(cfg) -> Trainer:
+    return Trainer(cfg, prepare_data(cfg), torch.device("cpu"), "fp32")
+
+
+def test_accumulation_gives_the_gradients_and_loss_of_the_large_batch(tiny_cfg):
+    accumulated = make_trainer(tiny_cfg("--batch_size=2", "--gradient_accumulation_steps=4"))
+    large = make_trainer(tiny_cfg("--batch_size=8", "--gradient_accumulation_steps=1"))
+    loss_a, loss_b = accumulated.accumulate_gradients(), large.accumulate_gradients()
+    assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-5)
+    for (name, pa), pb in zip(accumulated.model.named_parameters(), large.model.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5, rtol=0), name
+
+
+def test_reported_loss_is_the_mean_over_micro_batches_not_the_last(tiny_cfg):
+    trainer = make_trainer(tiny_cfg("--batch_size=2", "--gradient_accumulation_steps=4"))
+    batch_losses = []
+    original = trainer.forward
+
+    def spy(x, y):
+        logits, loss = original(x, y)
+        batch_losses.append(loss.item())
+        return logits, loss
+    trainer.forward = spy
+    assert trainer.accumulate_gradients().item() == pytest.approx(sum(batch_losses) / 4, abs=1e-6)
+
+
+def test_loss_falls_on_a_small_corpus(tiny_cfg, tmp_path):
+    corpus = tmp_path / "poems.txt"  # a few poems, repeated: a model that learns anything memorises them
+    corpus.write_text("静夜思\n床前明月光，疑是地上霜。举头望明月，低头思故乡。\n\n"
+                      "春晓\n春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n\n" * 40, encoding="utf-8")
+    trainer = make_trainer(tiny_cfg(f"--data_path={corpus}", "--max_steps=100", "--learning_rate=3e-3",
+                                    "--warmup_steps=10", "--log_interval=20", "--eval_interval=100"))
+    result = trainer.train()
+    losses = [r["train/loss"] for r in result.history]
+    assert losses[0] > 3.0  # near log(vocab): guessing
+    assert losses[-1] < losses[0] - 1.5
+    assert result.best_val_loss < losses[0] - 1.5
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum():
+    assert lr_multiplier(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_multiplier(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_resume_continues_exactly(tiny_cfg, tmp_path):
+    flags = ("--max_steps=12", "--log_interval=1", "--eval_interval=4", "--save_interval=100", "--dropout=0.1",
+             "--gradient_accumulation_steps=2")
+    straight = make_trainer(tiny_cfg(*flags, f"--output_dir={tmp_path / 'a'}")).train()
+
+    cfg = tiny_cfg(*flags, f"--output_dir={tmp_path / 'b'}")
+    first = make_trainer(cfg)
+
+    def stop_at_step_7(metrics, step):  # what the SIGTERM handler does, at a known step
+        if step == 7:
+            first.stop_signal = 15
+    first.on_metrics = stop_at_step_7
+    part_one = first.train()
+    assert part_one.interrupted_by == 15 and part_one.steps == 7
+
+    second = make_trainer(cfg)
+    second.load_state_dict(checkpoint.load(checkpoint.latest_path(cfg.output_dir)))
+    part_two = second.train()
+    resumed = [r["train/loss"] for r in part_one.history + part_two.history]
+    assert resumed == [r["train/loss"] for r in straight.history]  # bit for bit
+    assert second.step == 12 and second.best_val_loss == straight.best_val_loss
