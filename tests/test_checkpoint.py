@@ -1,0 +1,57 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from gpt_trainer import checkpoint
+from gpt_trainer.config import UsageError
+from gpt_trainer.tokenizer import CharTokenizer
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "latest.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+
+    def crash(state, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process dies mid-write
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["latest.pt"]  # no temporary left behind
+
+
+def test_a_truncated_file_is_a_clear_error(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(UsageError, match="not a readable checkpoint"):
+        checkpoint.load(tmp_path / "broken.pt")
+
+
+def test_rng_states_round_trip():
+    saved = checkpoint.rng_states()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.restore_rng_states(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_shape_mismatch_names_each_difference(tiny_cfg):
+    cfg = tiny_cfg()
+    tokenizer = CharTokenizer.train("abc")
+    saved = {"config": {**cfg.to_dict(), "n_layer": 4, "n_embd": 64}, "vocab_size": 3, "tokenizer": tokenizer.to_dict()}
+    with pytest.raises(UsageError, match="n_layer: checkpoint 4, now 2; n_embd: checkpoint 64, now 32"):
+        checkpoint.check_same_shape(saved, cfg, tokenizer, "ckpt.pt")
+    other = CharTokenizer.train("xyz")
+    saved["config"] = cfg.to_dict()
+    with pytest.raises(UsageError, match="different tokens"):
+        checkpoint.check_same_shape(saved, cfg, other, "ckpt.pt")
+
+
+def test_resume_finds_latest_or_reports_a_missing_path(tiny_cfg, tmp_path):
+    assert checkpoint.find_resume_checkpoint(tiny_cfg("--resume")) is None  # nothing yet: start fresh
+    checkpoint.save_atomic({}, checkpoint.latest_path(str(tmp_path / "run")))
+    assert checkpoint.find_resume_checkpoint(tiny_cfg(f"--resume={tmp_path / 'run'}")).name == "latest.pt"
+    with pytest.raises(UsageError, match="no checkpoint there"):
+        checkpoint.find_resume_checkpoint(tiny_cfg(f"--resume={tmp_path / 'nowhere.pt'}"))
