@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set-up and everyday commands for a fresh Debian/Ubuntu machine (CPU is fine):
+#   ./dev.sh demo   make .venv, install everything, train the tiny model on the embedded poems, print samples
+#   ./dev.sh test   make .venv, install everything, run the test suite
+# TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's
+# CPU-only wheel index, which is far smaller than the default CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+VENV="${VENV:-.venv}"
+
+setup() {
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c "import ensurepip" 2>/dev/null; then
+    echo "python3-venv is missing; installing it with apt-get" >&2
+    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq python3-venv python3-pip
+    else sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv python3-pip; fi
+  fi
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  local py="$VENV/bin/python"
+  if ! "$py" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    # torch first and pinned: an unpinned resolve would pull a multi-GB GPU build
+    "$py" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
+  fi
+  "$py" -m pip install -q -e ".[dev]"
+}
+
+case "${1:-}" in
+  demo)
+    setup
+    "$VENV/bin/python" train_single_gpu.py --model_size tiny --use_chinese --corpus builtin --block_size 64 \
+      --batch_size 16 --max_steps 300 --learning_rate 1e-3 --eval_interval 100 --log_interval 25 \
+      --output_dir ./output_demo --overwrite "${@:2}"
+    ;;
+  test)
+    setup
+    "$VENV/bin/python" -m pytest -q "${@:2}"
+    ;;
+  *)
+    sed -n '2,6p' "$0" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,81 @@
+"""Measure training speed: tokens/s, model FLOPs utilisation (with the peak it assumed), step time, peak memory.
+
+    python -m gpt_trainer.benchmark --model_size tiny --batch_size 16 --block_size 256 --steps 20 [--bf16 ...]
+
+Takes every training flag; the data are random tokens from a --vocab_size vocabulary, so no corpus is needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .config import UsageError, parse_args
+from .data import TokenData
+from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
+from .tokenizer import CharTokenizer
+from .trainer import Trainer
+
+
+def synthetic_data(vocab_size: int, tokens: int, seed: int = 0) -> TokenData:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=tokens, dtype=np.uint32).astype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    tokenizer = CharTokenizer([chr(0x4E00 + i) for i in range(vocab_size)])
+    return TokenData(ids, ids, tokenizer, "random", "")  # the benchmark never evaluates: val may repeat train
+
+
+def benchmark(argv: list[str]) -> dict:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    extra.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compilation)")
+    own, rest = extra.parse_known_args(argv)
+    cfg = parse_args(rest)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg, device)
+    windows = (own.steps + own.warmup) * cfg.batch_size * cfg.gradient_accumulation_steps + 2
+    trainer = Trainer(cfg, synthetic_data(cfg.vocab_size, windows * cfg.block_size + 1), device, precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(own.warmup + own.steps):
+        start = time.perf_counter()
+        trainer.train_step()
+        synchronize(device)  # timing needs the GPU finished; training itself never waits like this
+        if i >= own.warmup:
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    tokens_per_sec = cfg.tokens_per_step / step_time
+    return {
+        "model_size": cfg.model_size, "parameters": trainer.model.num_params(), "device": device_name(device),
+        "precision": precision, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "compile": cfg.compile,
+        "step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
+        "mfu": trainer.model.flops_per_token() * tokens_per_sec / (trainer.peak * 1e12),
+        "peak_tflops_assumed": trainer.peak, "peak_source": trainer.peak_source,
+        "peak_memory_gib": peak_memory_bytes(device) / 2**30, "timed_steps": own.steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        r = benchmark(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['model_size']} ({r['parameters'] / 1e6:.1f}M params) on {r['device']}, {r['precision']}, "
+          f"batch {r['batch_size']}x{r['block_size']} (accum {r['gradient_accumulation_steps']}):\n"
+          f"  step time   {r['step_time_s'] * 1000:.1f} ms (median of {r['timed_steps']})\n"
+          f"  throughput  {r['tokens_per_sec']:,.0f} tokens/s\n"
+          f"  MFU         {r['mfu'] * 100:.1f}% of {r['peak_tflops_assumed']:.2f} TFLOP/s ({r['peak_source']})\n"
+          f"  peak memory {r['peak_memory_gib']:.2f} GiB")
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
