@@ -28,7 +28,7 @@ case "${1:-}" in
   demo)
     setup
     "$VENV/bin/python" train_single_gpu.py --model_size tiny --use_chinese --corpus builtin --block_size 64 \
-      --batch_size 16 --max_steps 300 --learning_rate 1e-3 --eval_interval 100 --log_interval 25 \
+      --batch_size 16 --max_steps 150 --learning_rate 1e-3 --warmup_steps 30 --eval_interval 50 --log_interval 10 \
       --output_dir ./output_demo --overwrite "${@:2}"
     ;;
   test)
