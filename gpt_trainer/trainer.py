@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .data import EpochSampler, TokenData, gather_windows, steps_for, to_device, validation_windows
 from .hardware import autocast, peak_tflops, synchronize
 from .model import GPT, GPTConfig
+from .sample import generate_text
 
 MetricsCallback = Callable[[dict, int], None]
 
@@ -214,18 +215,9 @@ class Trainer:
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
     def sample(self, prompt: str) -> str:
-        tokenizer = self.data.tokenizer
-        ids, dropped = tokenizer.encode_known(prompt)
-        if dropped:
-            print(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.", file=sys.stderr)
-        if not ids:
-            ids = tokenizer.encode_known("\n")[0] or [0]
-        self.model.eval()
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with autocast(self.device, self.precision):
-            out = self.model.generate(idx, self.cfg.sample_tokens, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
-        self.model.train()
-        return tokenizer.decode(out[0].tolist())
+        cfg = self.cfg
+        return generate_text(self.model, self.data.tokenizer, prompt, self.device, self.precision, cfg.sample_tokens,
+                             cfg.temperature, cfg.top_k, cfg.top_p)
 
 
 def write_jsonl(path: Path) -> MetricsCallback:
