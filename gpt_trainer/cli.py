@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -16,7 +17,8 @@ from . import checkpoint
 from .config import TrainConfig, UsageError, parse_args
 from .data import prepare_data
 from .hardware import device_name, pick_device, resolve_precision
-from .trainer import Trainer, write_jsonl
+from .tracking import Tracker
+from .trainer import Trainer
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -67,34 +69,46 @@ def run(cfg: TrainConfig) -> int:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, data, device, precision, on_metrics=write_jsonl(out / "metrics.jsonl"))
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
+    prompts = (cfg.sample_prompts or data.default_prompts).split(",")
+    trainer = Trainer(cfg, data, device, precision, sample_prompts=prompts)
     if saved:
         trainer.load_state_dict(saved)
         print(f"resumed from {resume_from} at step {trainer.step}")
     elif cfg.resume:
         print(f"--resume: no checkpoint in {out} yet, starting fresh")
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
+    tracker = trainer.tracker = Tracker(cfg, resolved, data.corpus, saved.get("tracking") if saved else None,
+                                        start_step=trainer.step)
     print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} ({precision}) | "
           f"corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab "
           f"{data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
-          f"{cfg.tokens_per_step:,} tokens", flush=True)
+          f"{cfg.tokens_per_step:,} tokens | run {tracker.run_name}", flush=True)
+    exit_code = 1
+    try:
+        with stop_on_signals(trainer):
+            result = trainer.train()
+        if result.interrupted_by is not None:
+            exit_code = 128 + result.interrupted_by
+            print(f"stopped at step {result.steps}; checkpoint saved to {checkpoint.latest_path(cfg.output_dir)}. "
+                  f"Continue with the same command plus --resume.", file=sys.stderr)
+            return exit_code
+        print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
+              f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
+        write_samples(trainer, prompts, out / "samples.txt")
+        exit_code = 0
+        return exit_code
+    finally:  # also on errors and interrupts: flush every tracker and close the wandb run, so no row is lost
+        finished = exit_code == 0
+        final = {"final/best_perplexity": math.exp(min(trainer.best_val_loss, 50.0)), "final/total_steps": trainer.step,
+                 "final/total_epochs": trainer.sampler.epochs_done} if finished else None
+        tracker.finish(final, trainer.step if finished else 0,
+                       [checkpoint.best_path(cfg.output_dir), checkpoint.latest_path(cfg.output_dir)], exit_code)
 
-    with stop_on_signals(trainer):
-        result = trainer.train()
-    if result.interrupted_by is not None:
-        print(f"stopped at step {result.steps}; checkpoint saved to {checkpoint.latest_path(cfg.output_dir)}. "
-              f"Continue with the same command plus --resume.", file=sys.stderr)
-        return 128 + result.interrupted_by
-    print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
-          f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
-    write_samples(trainer, cfg.sample_prompts or data.default_prompts, out / "samples.txt")
-    return 0
 
-
-def write_samples(trainer: Trainer, prompts: str, path: Path) -> None:
+def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== step {trainer.step} ===\n")
-        for prompt in prompts.split(","):
+        for prompt in prompts:
             text = trainer.sample(prompt)
             print(f"--- sample ({prompt!r}) ---\n{text}\n")
             f.write(f"--- {prompt!r} ---\n{text}\n\n")

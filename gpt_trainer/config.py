@@ -84,6 +84,14 @@ class TrainConfig:
     log_interval: int = _flag(10, "Print a progress line every N optimizer steps.")
     save_interval: int = _flag(500, "Save the latest checkpoint every N optimizer steps.")
     resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path.", nargs="?", const="latest")
+    # experiment tracking
+    report_to: str = _flag("all", "Where metrics go besides metrics.jsonl.", choices=["all", "tensorboard", "wandb", "none"])
+    wandb_project: str | None = _flag(None, "wandb project (default: $WANDB_PROJECT, else gpt-training).")
+    wandb_entity: str | None = _flag(None, "wandb team or user (default: $WANDB_ENTITY).")
+    wandb_run_name: str | None = _flag(None, "Run name for wandb and the TensorBoard folder (default: size-corpus-lr-bs-time).")
+    wandb_tags: str = _flag("", "Comma-separated tags added to model size, precision and single-gpu.")
+    wandb_mode: str | None = _flag(None, "wandb mode (default: $WANDB_MODE, else online when a key exists).", choices=["online", "offline", "disabled"])
+    wandb_log_model: bool = _flag(False, "Upload the best and final checkpoints to wandb as a model artifact.")
     # sampling
     sample_prompts: str | None = _flag(None, f"Comma-separated prompts sampled at the end (Chinese default: {CHINESE_PROMPTS}).")
     sample_tokens: int = _flag(120, "Tokens generated per prompt.")

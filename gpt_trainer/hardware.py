@@ -105,6 +105,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
+def gpu_memory_metrics(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"system/gpu_memory_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "system/gpu_memory_reserved_gib": torch.cuda.memory_reserved(device) / 2**30}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -128,7 +128,8 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None):
         """Sample continuations of `idx` (B, T), reusing cached keys/values so each new token costs one position."""
         block = self.cfg.block_size
         idx = idx[:, -block:]
@@ -136,7 +137,7 @@ class GPT(nn.Module):
         caches, start = [[] for _ in self.blocks], 0
         logits, _ = self(idx, caches=caches)
         for _ in range(max_new_tokens):
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             out = torch.cat([out, next_token], dim=1)
             start = out.size(1) - 1
             if start >= block:  # the window is full: re-encode the last block_size-1 tokens from scratch
@@ -148,7 +149,8 @@ class GPT(nn.Module):
         return out
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -162,4 +164,4 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         remove = cumulative - sorted_logits.softmax(-1) > top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), num_samples=1)
+    return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator)

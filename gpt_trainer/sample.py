@@ -18,7 +18,7 @@ from .tokenizer import tokenizer_from_dict
 
 
 def generate_text(model: GPT, tokenizer, prompt: str, device: torch.device, precision: str, tokens: int,
-                  temperature: float, top_k: int, top_p: float) -> str:
+                  temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None) -> str:
     ids, dropped = tokenizer.encode_known(prompt)
     if dropped:
         print(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.", file=sys.stderr)
@@ -27,7 +27,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, device: torch.device, prec
     was_training = model.training
     model.eval()
     with autocast(device, precision):
-        out = model.generate(torch.tensor([ids], device=device), tokens, temperature, top_k, top_p)
+        out = model.generate(torch.tensor([ids], device=device), tokens, temperature, top_k, top_p, generator)
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 

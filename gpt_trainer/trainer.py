@@ -3,13 +3,11 @@ and report at intervals. Nothing in the per-step path waits for the GPU except t
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -17,12 +15,10 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import TrainConfig
 from .data import EpochSampler, TokenData, gather_windows, steps_for, to_device, validation_windows
-from .hardware import autocast, peak_tflops, synchronize
+from .hardware import autocast, gpu_memory_metrics, peak_tflops, synchronize
 from .model import GPT, GPTConfig
 from .sample import generate_text
-
-MetricsCallback = Callable[[dict, int], None]
-
+from .tracking import NullTracker
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to the peak, then cosine decay to min_ratio of it at the last step."""
@@ -41,10 +37,11 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: TokenData, device: torch.device, precision: str,
-                 on_metrics: MetricsCallback | None = None):
+    def __init__(self, cfg: TrainConfig, data: TokenData, device: torch.device, precision: str, tracker=None,
+                 sample_prompts: list[str] = ()):
         self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
-        self.on_metrics = on_metrics or (lambda metrics, step: None)
+        self.tracker = tracker or NullTracker()
+        self.sample_prompts = list(sample_prompts)  # sampled at every evaluation for the trackers
         torch.manual_seed(cfg.seed)
         self.model = GPT(GPTConfig(data.tokenizer.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
                                    cfg.dropout)).to(device)
@@ -66,7 +63,7 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
         self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
-        self.extra_state: dict = {}  # other components (e.g. experiment trackers) keep their resume data here
+        self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
 
     # ---- one optimizer step ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +115,12 @@ class Trainer:
         window_loss, window_steps = torch.zeros((), device=self.device), 0
         started = window_start = time.perf_counter()
         while self.step < self.total_steps and self.stop_signal is None:
+            epoch = self.sampler.epoch
             loss, grad_norm = self.train_step()
             window_loss += loss
+            self.epoch_loss += loss
             window_steps += 1
+            self.epoch_steps += 1
             bar.update(1)
             if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                 synchronize(self.device)
@@ -132,16 +132,23 @@ class Trainer:
                 tqdm.write(self.progress_line(report, now - started))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
+            if self.sampler.epoch > epoch:  # this step finished an epoch
+                self.end_epoch()
             if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self.evaluate_and_save()
-            elif self.step % cfg.save_interval == 0:
+            elif self.step % cfg.save_interval == 0 or self.stop_signal is not None:
                 self.save(checkpoint.latest_path(cfg.output_dir))
         bar.close()
-        if self.stop_signal is not None:
-            self.save(checkpoint.latest_path(cfg.output_dir))
-            result.interrupted_by = self.stop_signal
+        result.interrupted_by = self.stop_signal
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
+
+    def end_epoch(self) -> None:
+        val_loss = self.evaluate()
+        self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps), "epoch/val_loss": val_loss,
+                          "epoch/val_perplexity": math.exp(min(val_loss, 50.0))}, self.step)
+        self.epoch_loss.zero_()
+        self.epoch_steps = 0
 
     def report(self, loss: float, grad_norm: float, steps: int, seconds: float) -> dict:
         tokens_per_sec = steps * self.cfg.tokens_per_step / max(seconds, 1e-9)
@@ -154,9 +161,10 @@ class Trainer:
             "train/mfu": self.model.flops_per_token() * tokens_per_sec / (self.peak * 1e12),
             "train/epoch": self.sampler.epochs_done,
             "train/tokens_seen": self.step * self.cfg.tokens_per_step,
-            "train/step_time": seconds / steps,
+            "system/step_time_ms": 1000 * seconds / steps,
+            **gpu_memory_metrics(self.device),
         }
-        self.on_metrics(metrics, self.step)
+        self.tracker.log(metrics, self.step)
         return {"step": self.step, **metrics}
 
     def progress_line(self, report: dict, elapsed: float) -> str:
@@ -173,8 +181,10 @@ class Trainer:
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        self.on_metrics({"eval/loss": val_loss, "eval/perplexity": math.exp(min(val_loss, 50.0)),
-                         "eval/best_perplexity": math.exp(min(self.best_val_loss, 50.0))}, self.step)
+        self.tracker.log({"eval/loss": val_loss, "eval/perplexity": math.exp(min(val_loss, 50.0)),
+                          "eval/best_perplexity": math.exp(min(self.best_val_loss, 50.0))}, self.step)
+        if self.sample_prompts:
+            self.tracker.log_samples({p: self.sample(p) for p in self.sample_prompts}, self.step)
         self.save(checkpoint.latest_path(self.cfg.output_dir))
         if improved:
             self.save(checkpoint.best_path(self.cfg.output_dir))
@@ -195,7 +205,8 @@ class Trainer:
             "vocab_size": self.data.tokenizer.vocab_size,
             "tokenizer": self.data.tokenizer.to_dict(),
             "corpus": self.data.corpus,
-            "extra": self.extra_state,
+            "epoch_loss": (self.epoch_loss.item(), self.epoch_steps),
+            "tracking": self.tracker.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,7 +218,8 @@ class Trainer:
         self.sampler.load_state_dict(state["data_position"])
         self.best_val_loss = state["best_val_loss"]
         self.last_val_loss = state["last_val_loss"]
-        self.extra_state = state.get("extra", {})
+        self.epoch_loss.fill_(state["epoch_loss"][0])
+        self.epoch_steps = state["epoch_loss"][1]
         checkpoint.restore_rng_states(state["rng"])
 
     def save(self, path: Path) -> None:
@@ -215,14 +227,8 @@ class Trainer:
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
     def sample(self, prompt: str) -> str:
+        """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched."""
         cfg = self.cfg
+        generator = torch.Generator(self.device).manual_seed(cfg.seed + self.step)
         return generate_text(self.model, self.data.tokenizer, prompt, self.device, self.precision, cfg.sample_tokens,
-                             cfg.temperature, cfg.top_k, cfg.top_p)
-
-
-def write_jsonl(path: Path) -> MetricsCallback:
-    """A metrics record every run keeps in its output_dir, readable without any tracker installed."""
-    def log(metrics: dict, step: int) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-    return log
+                             cfg.temperature, cfg.top_k, cfg.top_p, generator)

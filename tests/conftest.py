@@ -11,7 +11,7 @@ from gpt_trainer.config import parse_args
 SHARED_SONG_CI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "song_ci.txt"
 
 TINY_SHAPE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.0",
-              "--eval_steps=2", "--fp32", "--device=cpu", "--sample_tokens=8"]
+              "--eval_steps=2", "--fp32", "--device=cpu", "--sample_tokens=8", "--report_to=none"]
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import torch
 
 from gpt_trainer import checkpoint
 from gpt_trainer.data import prepare_data
+from gpt_trainer.tracking import NullTracker
 from gpt_trainer.trainer import Trainer, lr_multiplier
 
 
@@ -62,10 +63,11 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*flags, f"--output_dir={tmp_path / 'b'}")
     first = make_trainer(cfg)
 
-    def stop_at_step_7(metrics, step):  # what the SIGTERM handler does, at a known step
-        if step == 7:
-            first.stop_signal = 15
-    first.on_metrics = stop_at_step_7
+    class StopAtStep7(NullTracker):  # does what the SIGTERM handler does, at a known step
+        def log(self, metrics, step):
+            if step == 7:
+                first.stop_signal = 15
+    first.tracker = StopAtStep7()
     part_one = first.train()
     assert part_one.interrupted_by == 15 and part_one.steps == 7
 
