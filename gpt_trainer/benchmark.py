@@ -7,6 +7,9 @@ Takes every training flag; the data are random tokens from a --vocab_size vocabu
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import tempfile
 import json
 import statistics
 import sys
@@ -19,6 +22,7 @@ from .config import UsageError, parse_args
 from .data import TokenData
 from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
 from .tokenizer import CharTokenizer
+from .tracking import NullTracker, Tracker
 from .trainer import Trainer
 
 
@@ -33,6 +37,8 @@ def benchmark(argv: list[str]) -> dict:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     extra.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compilation)")
+    extra.add_argument("--tracking_overhead", action="store_true",
+                       help="also time the steps with TensorBoard + wandb (offline) logging every --log_interval steps")
     own, rest = extra.parse_known_args(argv)
     cfg = parse_args(rest)
     device = pick_device(cfg.device)
@@ -50,7 +56,8 @@ def benchmark(argv: list[str]) -> dict:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.tokens_per_step / step_time
-    return {
+    overhead = tracking_overhead(trainer, cfg, own.steps) if own.tracking_overhead else {}
+    return {**overhead,
         "model_size": cfg.model_size, "parameters": trainer.model.num_params(), "device": device_name(device),
         "precision": precision, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "compile": cfg.compile,
@@ -59,6 +66,39 @@ def benchmark(argv: list[str]) -> dict:
         "peak_tflops_assumed": trainer.peak, "peak_source": trainer.peak_source,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "timed_steps": own.steps,
     }
+
+
+def timed_loop(trainer: Trainer, steps: int, log_interval: int) -> tuple[float, float]:
+    """(seconds per step, seconds spent reporting) for `steps` steps reporting every log_interval steps, as training does."""
+    synchronize(trainer.device)
+    start = window = time.perf_counter()
+    reporting = 0.0
+    for i in range(1, steps + 1):
+        loss, grad_norm = trainer.train_step()
+        if i % log_interval == 0:
+            synchronize(trainer.device)
+            now = time.perf_counter()
+            trainer.report(loss.item(), grad_norm.item(), log_interval, now - window)
+            window = time.perf_counter()
+            reporting += window - now
+    synchronize(trainer.device)
+    return (time.perf_counter() - start) / steps, reporting
+
+
+def tracking_overhead(trainer: Trainer, cfg, steps: int) -> dict:
+    """Same steps, same reporting cadence: once into nothing, once into metrics.jsonl + TensorBoard + wandb (offline).
+    The wall-clock difference is noisy on a busy machine; the time spent inside the logging calls is not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        tracked_cfg = dataclasses.replace(cfg, output_dir=tmp, report_to="all")
+        bare, _ = timed_loop(trainer, steps, cfg.log_interval)
+        trainer.tracker = Tracker(tracked_cfg, {**tracked_cfg.to_dict(), "precision": trainer.precision}, "random")
+        tracked, logging_time = timed_loop(trainer, steps, cfg.log_interval)
+        trainer.tracker.finish()
+        trainer.tracker = NullTracker()
+    return {"step_time_untracked_s": bare, "step_time_tracked_s": tracked, "tracking_wall_overhead": tracked / bare - 1,
+            "tracking_call_overhead": logging_time / (bare * steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
           f"  throughput  {r['tokens_per_sec']:,.0f} tokens/s\n"
           f"  MFU         {r['mfu'] * 100:.1f}% of {r['peak_tflops_assumed']:.2f} TFLOP/s ({r['peak_source']})\n"
           f"  peak memory {r['peak_memory_gib']:.2f} GiB")
+    if "tracking_call_overhead" in r:
+        print(f"  tracking    {r['tracking_call_overhead'] * 100:.2f}% of step time spent in the logging calls; wall "
+              f"clock {r['step_time_untracked_s'] * 1000:.1f} ms/step untracked vs {r['step_time_tracked_s'] * 1000:.1f} "
+              f"ms/step with TensorBoard + wandb ({r['tracking_wall_overhead'] * 100:+.1f}%, noisy)")
     print(json.dumps(r))
     return 0
 

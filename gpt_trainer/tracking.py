@@ -202,7 +202,8 @@ class Tracker:
         if cfg.report_to in ("all", "tensorboard"):
             self.backends += self._tensorboard(out / "logs" / self.run_name, start_step)
         if cfg.report_to in ("all", "wandb"):
-            tags = [cfg.model_size, config.get("precision", ""), "single-gpu", *filter(None, cfg.wandb_tags.split(","))]
+            tags = [cfg.model_size, config.get("precision", ""), "single-gpu", *cfg.wandb_tags.split(",")]
+            tags = [t.strip()[:64] for t in tags if t.strip()]  # wandb rejects empty tags and tags over 64 characters
             backend = start_wandb(cfg, self.run_name, config, tags, self.wandb_id)
             if backend:
                 self.wandb_id = backend.run.id

@@ -17,3 +17,12 @@ def test_benchmark_prints_throughput_mfu_step_time_and_memory(capsys):
 def test_benchmark_rejects_bad_flags(capsys):
     assert main(["--batch_size=0"]) == 2
     assert "--batch_size must be at least 1" in capsys.readouterr().err
+
+
+def test_benchmark_measures_the_cost_of_tracking(capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    argv = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=100",
+            "--steps=20", "--warmup=1", "--device=cpu", "--log_interval=10", "--tracking_overhead"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < result["tracking_call_overhead"] < 1 and result["step_time_tracked_s"] > 0
