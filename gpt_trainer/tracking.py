@@ -147,6 +147,9 @@ def start_wandb(cfg: TrainConfig, run_name: str, config: dict, tags: list[str], 
     except ImportError:
         notice("note: wandb is not installed, so metrics go to TensorBoard only (pip install wandb to add it).")
         return None
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_PROJECT"):
+        if os.environ.get(name) == "":  # compose passes unset settings as empty strings; wandb would reject them
+            del os.environ[name]
     mode = (cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online").lower()
     if mode == "disabled":
         return None

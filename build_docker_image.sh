@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Build the training image for AMD (ROCm), NVIDIA (CUDA) or the CPU. Run with --help for the options.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+ROCM_BASE="rocm/pytorch:rocm6.3.3_ubuntu22.04_py3.10_pytorch_release_2.4.0"
+CUDA_BASE="pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+CPU_BASE="python:3.12-slim-bookworm"
+
+usage() {
+  cat <<USAGE
+Usage: ./build_docker_image.sh [--backend rocm|cuda|cpu] [--tag NAME] [--base-image IMAGE] [-- DOCKER_BUILD_ARGS...]
+
+  --backend     rocm (default), cuda or cpu; picks the base image that already contains PyTorch:
+                  rocm: $ROCM_BASE
+                  cuda: $CUDA_BASE
+                  cpu:  $CPU_BASE (torch is installed on top)
+  --tag         image name (default: gpt-trainer:<backend>)
+  --base-image  use another base image (a newer vendor tag, or a local one)
+  --help        show this help
+Anything after -- goes to docker build, e.g. -- --build-arg PRELOAD_CORPUS=song_ci
+USAGE
+}
+
+fail() { echo "error: $1" >&2; usage >&2; exit 2; }
+
+backend=rocm tag="" base=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend) [ $# -ge 2 ] || fail "--backend needs a value"; backend="$2"; shift 2 ;;
+    --backend=*) backend="${1#*=}"; shift ;;
+    --tag) [ $# -ge 2 ] || fail "--tag needs a value"; tag="$2"; shift 2 ;;
+    --tag=*) tag="${1#*=}"; shift ;;
+    --base-image) [ $# -ge 2 ] || fail "--base-image needs a value"; base="$2"; shift 2 ;;
+    --base-image=*) base="${1#*=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) fail "unknown argument '$1'" ;;
+  esac
+done
+
+case "$backend" in
+  rocm) default_base="$ROCM_BASE" ;;
+  cuda) default_base="$CUDA_BASE" ;;
+  cpu) default_base="$CPU_BASE" ;;
+  *) fail "--backend must be rocm, cuda or cpu (got '$backend')" ;;
+esac
+base="${base:-$default_base}"
+tag="${tag:-gpt-trainer:$backend}"
+command -v docker >/dev/null || { echo "error: docker is not installed or not on PATH" >&2; exit 1; }
+
+echo "building $tag on $base"
+docker build --build-arg "BASE_IMAGE=$base" -t "$tag" "$@" .
+
+mounts='-v "$PWD/output:/workspace/output" -v "$HOME/.netrc:/home/trainer/.netrc:ro" -v "$HOME/.config/wandb:/home/trainer/.config/wandb"'
+user='--user "$(id -u):$(id -g)"'
+case "$backend" in
+  rocm) gpu='--device /dev/kfd --device /dev/dri --group-add video --group-add "$(getent group render | cut -d: -f3)" --security-opt seccomp=unconfined --ipc=host' ;;
+  cuda) gpu='--gpus all --ipc=host' ;;
+  cpu) gpu='--shm-size 2g' ;;
+esac
+echo
+echo "built $tag. Train with:"
+echo "  mkdir -p output && docker run --rm -it $gpu $user $mounts -p 6006:6006 $tag"
+echo "(or pass -e WANDB_API_KEY instead of the .netrc mount; add a command after the image name to change the run)"

@@ -1,0 +1,81 @@
+"""The container's files, checked without Docker (tests/test_container.sh builds and runs the image for real)."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_script(*args):
+    return subprocess.run(["bash", str(ROOT / "build_docker_image.sh"), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_build_script_help():
+    result = build_script("--help")
+    assert result.returncode == 0 and "--backend" in result.stdout and "rocm/pytorch:" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "tpu"], "--backend must be rocm, cuda or cpu (got 'tpu')"),
+    (["--frobnicate"], "unknown argument '--frobnicate'"),
+    (["--tag"], "--tag needs a value"),
+])
+def test_build_script_bad_arguments_print_usage_and_exit_2(args, message):
+    result = build_script(*args)
+    assert result.returncode == 2
+    assert f"error: {message}" in result.stderr and "Usage:" in result.stderr
+
+
+def test_hadolint_finds_nothing():
+    hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
+    result = subprocess.run([hadolint, "-t", "warning", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_keeps_secrets_out_and_runs_unprivileged():
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^\s*(ENV|ARG)\s+.*(API_KEY|TOKEN|SECRET|PASSWORD)", text, re.M | re.I)
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert "EXPOSE 6006" in text and "gpt_trainer.doctor" in text and "fortunes-zh" in text
+    assert "ARG BASE_IMAGE=" in text and "diff /tmp/torch-before /tmp/torch-after" in text  # torch must not change
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".netrc", "wandb/", "output*/", ".git"} <= set(ignored)
+
+
+def load(name):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def test_compose_services_mounts_and_grace_period():
+    services = load("docker-compose.yml")["services"]
+    assert {"train", "tensorboard", "sweep-agent"} <= set(services)
+    for service in services.values():
+        volumes = service["volumes"]
+        assert any(v.endswith(":/home/trainer/.netrc:ro") for v in volumes)
+        assert any(v.endswith(":/home/trainer/.config/wandb") for v in volumes)
+        assert any(v.endswith(":/workspace/output") for v in volumes)
+        assert {"WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE"} <= set(service["environment"])
+    assert services["train"]["stop_grace_period"] == "2m"
+    assert "--bind_all" in services["tensorboard"]["command"] and "6006" in services["tensorboard"]["ports"][0]
+    assert services["sweep-agent"]["command"].startswith("wandb agent ${SWEEP_ID")
+
+
+def test_gpu_overrides():
+    rocm = load("docker-compose.rocm.yml")["services"]["train"]
+    assert set(rocm["devices"]) == {"/dev/kfd", "/dev/dri"} and "video" in rocm["group_add"]
+    assert "seccomp=unconfined" in rocm["security_opt"] and rocm["ipc"] == "host"
+    cuda = load("docker-compose.cuda.yml")["services"]["train"]
+    assert cuda["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_env_example_lists_every_setting_compose_reads():
+    compose = "".join((ROOT / f).read_text() for f in ("docker-compose.yml", "docker-compose.rocm.yml", "docker-compose.cuda.yml"))
+    used = set(re.findall(r"\$\{(\w+)", compose)) - {"HOME"}
+    documented = set(re.findall(r"^(\w+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert used - {"TRAIN_COMMAND"} <= documented
