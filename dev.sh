@@ -2,6 +2,7 @@
 # Set-up and everyday commands for a fresh Debian/Ubuntu machine (CPU is fine):
 #   ./dev.sh demo   make .venv, install everything, train the tiny model on the embedded poems, print samples
 #   ./dev.sh test   make .venv, install everything, run the test suite
+#   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
 # TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's
 # CPU-only wheel index, which is far smaller than the default CUDA build).
 set -euo pipefail
@@ -35,8 +36,12 @@ case "${1:-}" in
     setup
     "$VENV/bin/python" -m pytest -q "${@:2}"
     ;;
+  container-test)
+    setup  # hadolint comes with the dev tools
+    PATH="$PWD/$VENV/bin:$PATH" bash tests/test_container.sh
+    ;;
   *)
-    sed -n '2,6p' "$0" >&2
+    sed -n '2,7p' "$0" >&2
     exit 2
     ;;
 esac

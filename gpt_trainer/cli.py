@@ -21,6 +21,13 @@ from .tracking import Tracker
 from .trainer import Trainer
 
 
+def use_sweep_output_dir(cfg: TrainConfig) -> None:
+    """Under a wandb agent every run would share the default folder (and the second be refused): give each its own."""
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep_id and run_id and cfg.output_dir == TrainConfig.output_dir:
+        cfg.output_dir = os.path.join("output_sweeps", sweep_id.replace("/", "_"), run_id)
+
+
 def check_output_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -52,6 +59,7 @@ def stop_on_signals(trainer: Trainer):
 
 
 def run(cfg: TrainConfig) -> int:
+    use_sweep_output_dir(cfg)
     check_output_dir(cfg)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)

@@ -140,6 +140,17 @@ class WandbBackend:
             notice(f"wandb: this run was logged offline. Upload it with:  wandb sync {run_dir}")
 
 
+def sweep_locked_keys() -> set[str]:
+    """Parameters a wandb sweep set for this run: wandb locks them, so we leave them out of our config update."""
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    if not path or not Path(path).is_file():
+        return set()
+    import yaml
+
+    params = yaml.safe_load(Path(path).read_text()) or {}
+    return set(params) if isinstance(params, dict) else set()
+
+
 def start_wandb(cfg: TrainConfig, run_name: str, config: dict, tags: list[str], run_id: str | None):
     """Start a wandb run that cannot hang or crash training; None if wandb is off or missing."""
     try:
@@ -160,7 +171,7 @@ def start_wandb(cfg: TrainConfig, run_name: str, config: dict, tags: list[str], 
     kwargs = dict(
         project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "gpt-training",
         entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
-        name=run_name, tags=tags, config=config, id=run_id, resume="allow" if run_id else None,
+        name=run_name, tags=tags, config={k: v for k, v in config.items() if k not in sweep_locked_keys()}, id=run_id, resume="allow" if run_id else None,
         dir=os.environ.get("WANDB_DIR") or cfg.output_dir,
     )
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))

@@ -49,7 +49,8 @@ if ! docker image inspect "$STANDIN" >/dev/null 2>&1; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
     -d "$rootfs/tmp/wheels" "torch==2.13.0" || skip "could not fetch the torch 2.13.0 wheel"
   chroot "$rootfs" python3 -m venv /opt/venv || skip "could not make a venv in the stand-in"
-  chroot "$rootfs" /opt/venv/bin/pip install -q --no-cache-dir /tmp/wheels/torch-*.whl numpy \
+  wheel=$(basename "$(ls "$rootfs"/tmp/wheels/torch-*.whl)")  # the glob must expand outside the chroot
+  chroot "$rootfs" /opt/venv/bin/pip install -q --no-cache-dir "/tmp/wheels/$wheel" numpy \
     || skip "could not install torch into the stand-in"
   rm -rf "$rootfs/tmp/wheels"
   tar -C "$rootfs" -c . | docker import \

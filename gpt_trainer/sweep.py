@@ -1,0 +1,226 @@
+"""Hyper-parameter sweeps from a wandb sweep file, checked before anything runs, and run locally with no server.
+
+    python -m gpt_trainer.sweep sweep_config.yaml [--max_runs N] [--output_dir output_sweep]
+
+The same file works with `wandb sweep` + `wandb agent`. Locally, trials run one after another, each in its own output
+folder (with its own TensorBoard run and HParams), suggested by wandb's own sweep engine (the `sweeps` package: grid,
+random, and bayes, which it computes offline). A restarted sweep skips finished trials and resumes an interrupted one.
+Hyperband early termination needs a wandb server; locally every trial runs to the end."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+
+from .config import TrainConfig, UsageError
+
+STATE_FILE = "sweep_state.json"
+FLAGS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _sweeps():
+    with warnings.catch_warnings():  # the package warns about its pydantic settings on import
+        warnings.simplefilter("ignore")
+        import sweeps
+    return sweeps
+
+
+# ---- reading and checking a sweep file ------------------------------------------------------------------------------
+def load_sweep(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read the sweep file {path} ({e.strerror}).") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("parameters"), dict):
+        raise UsageError(f"{path} must be a mapping with `method` and a `parameters` mapping (see sweep_config.yaml).")
+    check_sweep(config, path)
+    return config
+
+
+def _numbers_hidden_in_strings(name: str, spec: dict, path: str) -> None:
+    """YAML reads `1e-5` (no dot) as a string; the agent would then pass a string where a float is meant."""
+    candidates = [spec.get("value"), spec.get("min"), spec.get("max"), *(spec.get("values") or [])]
+    for value in candidates:
+        if isinstance(value, str) and "e" in value.lower():
+            try:
+                float(value)
+            except ValueError:
+                continue
+            fixed = f"{float(value):.1e}".replace("e-0", "e-").replace("e+0", "e+")
+            raise UsageError(f"{path}: parameter `{name}` has {value!r}, which YAML reads as a string, not a number. "
+                             f"Write it with a dot and a signed exponent, e.g. {fixed}.")
+
+
+def check_sweep(config: dict, path: str) -> None:
+    for name, spec in config["parameters"].items():
+        if not isinstance(spec, dict):
+            raise UsageError(f"{path}: parameter `{name}` must be a mapping such as {{values: [...]}} or {{value: ...}}.")
+        _numbers_hidden_in_strings(name, spec, path)
+        if name not in FLAGS:
+            close = difflib.get_close_matches(name, FLAGS, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else " `python train_single_gpu.py --help` lists them."
+            raise UsageError(f"{path}: parameter `{name}` is not a flag of train_single_gpu.py.{hint}")
+    violations = _sweeps().schema_violations_from_proposed_config(config)
+    if violations:
+        raise UsageError(f"{path} is not a valid wandb sweep: {'; '.join(violations)}.")
+
+
+def agent_args(params: dict) -> list[str]:
+    """The argument list a wandb agent builds for ${args}: `--key=value` with str(value) (so booleans are True/False)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
+
+
+# ---- running locally ------------------------------------------------------------------------------------------------
+def best_metric(metrics_file: Path, metric: str, goal: str) -> float | None:
+    if not metrics_file.exists():
+        return None
+    values = [row[metric] for row in map(json.loads, metrics_file.read_text().splitlines()) if metric in row]
+    if not values:
+        return None
+    return min(values) if goal == "minimize" else max(values)
+
+
+class LocalSweep:
+    def __init__(self, config: dict, sweep_file: str, root: Path, report_to: str):
+        self.config, self.root, self.report_to = config, root, report_to
+        self.metric = config.get("metric", {}).get("name", "eval/loss")
+        self.goal = config.get("metric", {}).get("goal", "minimize")
+        self.program = self._program(config.get("program", "train_single_gpu.py"), sweep_file)
+        self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        self.trials = self._load_state()
+
+    @staticmethod
+    def _program(program: str, sweep_file: str) -> Path:
+        for candidate in (Path(program), Path(sweep_file).resolve().parent / program):
+            if candidate.is_file():
+                return candidate
+        raise UsageError(f"the sweep's program {program} was found neither here nor next to {sweep_file}.")
+
+    def _load_state(self) -> list[dict]:
+        state_path = self.root / STATE_FILE
+        if not state_path.exists():
+            return []
+        state = json.loads(state_path.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise UsageError(f"{self.root} holds a different sweep (its file changed). Use another --output_dir, or "
+                             f"delete {state_path} to start this folder over.")
+        return state["trials"]
+
+    def _save_state(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "trials": self.trials}, indent=1))
+        os.replace(tmp, self.root / STATE_FILE)
+
+    def _next_trial(self) -> dict | None:
+        unfinished = [t for t in self.trials if t["status"] == "running"]
+        if unfinished:
+            return unfinished[0]  # interrupted last time: resume it
+        sweeps = _sweeps()
+        done = [sweeps.SweepRun(config={k: {"value": v} for k, v in t["params"].items()}, state=sweeps.RunState.finished,
+                                summary_metrics={self.metric: t["metric"]} if t["metric"] is not None else {})
+                for t in self.trials]
+        suggestion = sweeps.next_run(self.config, done, validate=False)
+        if suggestion is None:  # a grid is exhausted
+            return None
+        trial = {"name": f"trial-{len(self.trials) + 1:03d}", "status": "running", "metric": None,
+                 "params": {k: v["value"] for k, v in suggestion.config.items()}}
+        self.trials.append(trial)
+        return trial
+
+    def command(self, trial: dict) -> list[str]:
+        return [sys.executable, str(self.program), *agent_args(trial["params"]), f"--output_dir={self.root / trial['name']}",
+                f"--report_to={self.report_to}", f"--wandb_run_name={trial['name']}", "--resume"]
+
+    def run(self, max_runs: int | None) -> int:
+        while max_runs is None or sum(t["status"] != "running" for t in self.trials) < max_runs:
+            trial = self._next_trial()
+            if trial is None:
+                break
+            self._save_state()
+            print(f"\n=== {trial['name']}: {' '.join(agent_args(trial['params']))}", flush=True)
+            code = self._run_child(self.command(trial))
+            if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                print(f"sweep interrupted during {trial['name']} (its checkpoint is saved); run the same command again "
+                      f"to resume it and continue the sweep.", file=sys.stderr)
+                return code
+            trial["metric"] = best_metric(self.root / trial["name"] / "metrics.jsonl", self.metric, self.goal)
+            trial["status"] = "finished" if code == 0 else f"failed (exit {code})"
+            self._save_state()
+        self.print_ranking()
+        return 0
+
+    @staticmethod
+    def _run_child(cmd: list[str]) -> int:
+        """Ctrl-C reaches the child too (same process group); we wait for it to save its checkpoint and stop."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return subprocess.call(cmd)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def ranked(self) -> list[dict]:
+        scored = [t for t in self.trials if t["metric"] is not None and math.isfinite(t["metric"])]
+        return sorted(scored, key=lambda t: t["metric"], reverse=self.goal == "maximize")
+
+    def print_ranking(self) -> None:
+        ranked = self.ranked()
+        varying = sorted({k for t in self.trials for k in t["params"]
+                          if len({json.dumps(u["params"].get(k)) for u in self.trials}) > 1})
+        print(f"\n{'rank':<5}{'trial':<11}{self.metric:>12}  " + "  ".join(varying))
+        for i, t in enumerate(ranked, 1):
+            print(f"{i:<5}{t['name']:<11}{t['metric']:>12.4f}  " + "  ".join(f"{k}={t['params'][k]}" for k in varying))
+        for t in self.trials:
+            if t not in ranked:
+                print(f"{'-':<5}{t['name']:<11}{'-':>12}  {t['status']}")
+        if ranked:
+            best = ranked[0]
+            print(f"\nbest: {best['name']} ({self.metric} {best['metric']:.4f})\n  python {self.program} "
+                  + " ".join(agent_args(best["params"])))
+        print(f"compare the trials: tensorboard --logdir {self.root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_file", help="a wandb sweep YAML, e.g. sweep_config.yaml")
+    parser.add_argument("--max_runs", type=int, default=None, help="stop after this many trials (grid: all by default)")
+    parser.add_argument("--output_dir", default="output_sweep", help="one folder per trial below this")
+    parser.add_argument("--report_to", default="tensorboard", choices=["all", "tensorboard", "wandb", "none"],
+                        help="trackers for each trial (wandb logs offline without a key)")
+    parser.add_argument("--check", action="store_true", help="only validate the file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_sweep(args.sweep_file)
+        if args.max_runs is None and config["method"] != "grid" and not args.check:
+            raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")
+        if args.check:
+            print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}")
+            return 0
+        return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
