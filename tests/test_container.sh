@@ -28,12 +28,17 @@ if ! command -v docker >/dev/null || ! command -v debootstrap >/dev/null || ! co
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap) \
     >/dev/null || skip "could not install Docker from the Debian packages"
 fi
+start_dockerd() {  # overlay2 is fast; vfs works everywhere (it copies every layer)
+  pkill dockerd 2>/dev/null && sleep 2
+  (dockerd --storage-driver="$1" >/tmp/dockerd.log 2>&1 &)
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+  return 1
+}
 if ! docker info >/dev/null 2>&1; then
-  step "starting dockerd (vfs storage: works without overlay support)"
-  (dockerd --storage-driver=vfs >/tmp/dockerd.log 2>&1 &)
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || skip "dockerd did not start (see /tmp/dockerd.log)"
+  step "starting dockerd"
+  start_dockerd overlay2 || start_dockerd vfs || skip "dockerd did not start (see /tmp/dockerd.log)"
 fi
+echo "docker storage driver: $(docker info --format '{{.Driver}}')"
 
 if ! docker image inspect "$STANDIN" >/dev/null 2>&1; then
   step "building the stand-in base $STANDIN: Debian + python venv + the pinned CPU torch"
@@ -56,8 +61,16 @@ if ! docker image inspect "$STANDIN" >/dev/null 2>&1; then
   tar -C "$rootfs" -c . | docker import \
     -c 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$STANDIN" >/dev/null \
     || skip "docker import of the stand-in failed"
-  rm -rf "$rootfs"
 fi
+if ! docker run --rm "$STANDIN" true 2>/dev/null; then
+  [ -n "${rootfs:-}" ] && [ -d "$rootfs" ] || skip "containers do not start with the $(docker info --format '{{.Driver}}') driver"
+  step "containers do not start with $(docker info --format '{{.Driver}}'); retrying with vfs"
+  start_dockerd vfs || skip "dockerd did not start with vfs"
+  tar -C "$rootfs" -c . | docker import \
+    -c 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$STANDIN" >/dev/null
+  docker run --rm "$STANDIN" true || skip "containers do not start here"
+fi
+rm -rf "${rootfs:-/nonexistent}"
 
 # ---- the project's files ----------------------------------------------------------------------------------------------
 step "linting the Dockerfile (hadolint) and validating the compose files"
