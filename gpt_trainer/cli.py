@@ -77,6 +77,8 @@ def run(cfg: TrainConfig) -> int:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not resume_from:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # the old run's record would mix with the new one
     (out / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
     prompts = (cfg.sample_prompts or data.default_prompts).split(",")
     trainer = Trainer(cfg, data, device, precision, sample_prompts=prompts)

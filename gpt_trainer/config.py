@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     namespace = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(namespace))
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
     cfg.resolve_model_shape()
     validate(cfg)
     return cfg

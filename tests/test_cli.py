@@ -116,3 +116,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
     assert f"resumed from {tmp_path / 'checkpoints' / 'latest.pt'} at step {saved['step']}" in resumed.stdout
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == saved["step"] + 2
+
+
+def test_overwrite_starts_a_fresh_record(tiny_argv, tmp_path):
+    argv = tiny_argv("--max_steps=2", "--eval_interval=2", "--log_interval=1")
+    assert main(argv) == 0
+    assert main([*argv, "--overwrite", "--max_steps=1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1]

@@ -10,6 +10,7 @@ IMAGE="gpt-trainer:ci-test"
 FAKE_KEY="FAKEKEY_container_$(printf 'k%.0s' {1..40})"
 TEST_UID=4321
 WORK="$(mktemp -d /tmp/gpt-container-test.XXXXXX)"
+chmod 755 "$WORK"  # the unprivileged test user must reach the output folder inside
 started=$(date +%s)
 
 skip() { echo "container stage SKIPPED: $1"; exit 0; }
@@ -99,6 +100,9 @@ base_torch=$(docker run --rm "$STANDIN" python -c "import torch; print(torch.__v
 image_torch=$(docker run --rm "$IMAGE" python -c "import torch; print(torch.__version__)")
 [ "$base_torch" = "$image_torch" ] || fail "the image replaced the base's torch ($base_torch -> $image_torch)"
 
+step "the sweep file validates inside the image, where the agent's literal \`python\` must exist"
+docker run --rm "$IMAGE" python -m gpt_trainer.sweep sweep_config.yaml --check || fail "the sweep check failed in the image"
+
 step "training tiny as a user would: own uid, read-only .netrc with a key, WANDB_MODE=offline, mounted output"
 out="$WORK/out"
 mkdir -p "$out" && chown "$TEST_UID:$TEST_UID" "$out"
@@ -140,7 +144,7 @@ python3 -c "import json, sys; rows = json.loads(sys.argv[1]); assert rows and ro
 
 step "the host user can delete everything the container wrote"
 (cd "$ROOT" && OUTPUT_DIR="$out" IMAGE="$IMAGE" docker-compose -p gptct down -t 5 >/dev/null 2>&1) || true
-setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups rm -rf "$out/run" "$out/wandb" \
+setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups find "$out" -mindepth 1 -delete \
   || fail "the host user could not delete the container's files"
 [ -z "$(ls -A "$out")" ] || fail "files left behind: $(ls -A "$out")"
 
