@@ -122,3 +122,39 @@ def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on
     assert main([sweep_file, f"--output_dir={out}"]) == 0  # restarted: nothing left to run
     assert "=== trial" not in capsys.readouterr().out
     assert json.loads((out / "sweep_state.json").read_text())["trials"] == state
+
+
+def test_an_interrupted_sweep_resumes_the_running_trial(tmp_path, cache_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fixed = {a.split("=")[0][2:]: {"value": yaml.safe_load(a.split("=", 1)[1])} for a in TINY_SHAPE if "=" in a}
+    fixed.pop("report_to")
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
+              "metric": {"name": "eval/loss", "goal": "minimize"},
+              "parameters": {**fixed, "n_layer": {"value": 1}, "corpus": {"value": "builtin"},
+                             "cache_dir": {"value": str(cache_dir)}, "max_steps": {"value": 300},
+                             "log_interval": {"value": 1}, "eval_interval": {"value": 300},
+                             "learning_rate": {"values": [1.0e-3, 2.0e-3]}}}
+    sweep_file = write(tmp_path, "grid.yaml", yaml.safe_dump(config))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "gpt_trainer.sweep", sweep_file, f"--output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "trial-001" / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "run the same command again" in err
+    state = json.loads((out / "sweep_state.json").read_text())["trials"]
+    assert [t["status"] for t in state] == ["running"]
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {out / 'trial-001' / 'checkpoints' / 'latest.pt'}" in again.stdout
+    state = json.loads((out / "sweep_state.json").read_text())["trials"]
+    assert [t["status"] for t in state] == ["finished", "finished"]
