@@ -29,7 +29,8 @@ case "${1:-}" in
   demo)
     setup
     "$VENV/bin/python" train_single_gpu.py --model_size tiny --use_chinese --corpus builtin --block_size 64 \
-      --batch_size 16 --max_steps 150 --learning_rate 1e-3 --warmup_steps 30 --eval_interval 50 --log_interval 10 \
+      --batch_size 16 --max_steps 150 --learning_rate 1e-3 --warmup_steps 30 --eval_interval 50 --eval_steps 4 \
+      --log_interval 10 --report_to tensorboard \
       --output_dir ./output_demo --overwrite "${@:2}"
     ;;
   test)

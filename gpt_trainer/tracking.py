@@ -171,17 +171,25 @@ def start_wandb(cfg: TrainConfig, run_name: str, config: dict, tags: list[str], 
     kwargs = dict(
         project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "gpt-training",
         entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
-        name=run_name, tags=tags, config={k: v for k, v in config.items() if k not in sweep_locked_keys()}, id=run_id, resume="allow" if run_id else None,
+        name=run_name, tags=tags, id=run_id, resume="allow" if run_id else None,
+        config={k: v for k, v in config.items() if k not in sweep_locked_keys()},
         dir=os.environ.get("WANDB_DIR") or cfg.output_dir,
     )
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
-    try:
-        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, login_timeout=timeout), **kwargs)
-    except Exception as e:  # unreachable server, rejected key: keep training and keep every metric locally
-        if mode not in ("online", "run"):
-            raise
-        notice(f"wandb: could not reach the server ({type(e).__name__}: {str(e)[:160]}); logging offline instead.")
-        run = wandb.init(mode="offline", **kwargs)
+    settings = wandb.Settings(init_timeout=timeout, login_timeout=timeout)
+    attempts = [mode, "offline"] if mode in ("online", "run") else [mode]
+    for attempt in attempts:
+        try:
+            run = wandb.init(mode=attempt, settings=settings, **kwargs)
+            break
+        except Exception as e:  # unreachable server, rejected key, unwritable folder: training goes on regardless
+            reason = f"{type(e).__name__}: {str(e)[:160]}"
+            if attempt != attempts[-1]:
+                notice(f"wandb: could not reach the server ({reason}); logging offline instead.")
+            else:
+                notice(f"wandb: could not start ({reason}); continuing without wandb (metrics.jsonl and TensorBoard "
+                       f"still record everything).")
+                return None
     return WandbBackend(run, wandb, cfg.wandb_log_model)
 
 

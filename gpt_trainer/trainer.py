@@ -20,6 +20,7 @@ from .model import GPT, GPTConfig
 from .sample import generate_text
 from .tracking import NullTracker
 
+
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to the peak, then cosine decay to min_ratio of it at the last step."""
     if step < warmup:
@@ -132,19 +133,21 @@ class Trainer:
                 tqdm.write(self.progress_line(report, now - started))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
+            paused = time.perf_counter()
             if self.sampler.epoch > epoch:  # this step finished an epoch
                 self.end_epoch()
             if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self.evaluate_and_save()
             elif self.step % cfg.save_interval == 0 or self.stop_signal is not None:
                 self.save(checkpoint.latest_path(cfg.output_dir))
+            window_start += time.perf_counter() - paused  # tokens/s and MFU measure training, not evaluation or saving
         bar.close()
         result.interrupted_by = self.stop_signal
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
 
     def end_epoch(self) -> None:
-        val_loss = self.evaluate()
+        val_loss = self.last_val_loss = self.evaluate()
         self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps), "epoch/val_loss": val_loss,
                           "epoch/val_perplexity": math.exp(min(val_loss, 50.0))}, self.step)
         self.epoch_loss.zero_()
