@@ -93,7 +93,12 @@ def run(cfg: TrainConfig) -> int:
           f"corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab "
           f"{data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
           f"{cfg.tokens_per_step:,} tokens | run {tracker.run_name}", flush=True)
-    exit_code = 1
+    return train_to_end(trainer, tracker, prompts)
+
+
+def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
+    """Train, then sample; whatever happens, flush every tracker and close the wandb run, so no logged row is lost."""
+    cfg, exit_code = trainer.cfg, 1
     try:
         with stop_on_signals(trainer):
             result = trainer.train()
@@ -104,10 +109,10 @@ def run(cfg: TrainConfig) -> int:
             return exit_code
         print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
               f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
-        write_samples(trainer, prompts, out / "samples.txt")
+        write_samples(trainer, prompts, Path(cfg.output_dir) / "samples.txt")
         exit_code = 0
         return exit_code
-    finally:  # also on errors and interrupts: flush every tracker and close the wandb run, so no row is lost
+    finally:
         finished = exit_code == 0
         final = {"final/best_perplexity": math.exp(min(trainer.best_val_loss, 50.0)), "final/total_steps": trainer.step,
                  "final/total_epochs": trainer.sampler.epochs_done} if finished else None
