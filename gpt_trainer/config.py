@@ -9,12 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
+
+
+def notice(message: str) -> None:
+    """A one-line note for the user that is not an error (fallbacks, offline mode); stderr keeps stdout clean."""
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CHINESE_PROMPTS, TrainConfig, UsageError
+from .config import CHINESE_PROMPTS, TrainConfig, UsageError, notice
 
 # chinese-poetry at a fixed commit, so the bytes (and so the token cache) never change under a user.
 CHINESE_POETRY_COMMIT = "8ce34a6414c51ee43771db8a575b3074a6ba2299"
@@ -64,10 +63,6 @@ class Corpus:
 
 class CorpusUnavailable(UsageError):
     """A named corpus cannot be had here (no network, package not installed): the Chinese default falls back."""
-
-
-def notice(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---- reading the user's files ---------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, UsageError
-from .corpora import Corpus, load_corpus, notice
+from .config import TrainConfig, UsageError, notice
+from .corpora import Corpus, load_corpus
 from .tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, notice
 from .hardware import autocast, pick_device, resolve_precision
 from .model import GPT, GPTConfig
 from .tokenizer import tokenizer_from_dict
@@ -21,7 +21,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, device: torch.device, prec
                   temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None) -> str:
     ids, dropped = tokenizer.encode_known(prompt)
     if dropped:
-        print(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.", file=sys.stderr)
+        notice(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.")
     if not ids:
         ids = tokenizer.encode_known("\n")[0] or [0]
     was_training = model.training

@@ -11,18 +11,13 @@ import json
 import math
 import netrc
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import TrainConfig
+from .config import TrainConfig, notice
 
 WANDB_INIT_TIMEOUT_S = 20.0  # how long to wait for a wandb server before going offline (env WANDB_INIT_TIMEOUT wins)
-
-
-def notice(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def is_main_process() -> bool:
