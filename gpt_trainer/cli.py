@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -18,7 +17,7 @@ from .config import TrainConfig, UsageError, parse_args
 from .data import prepare_data
 from .hardware import device_name, pick_device, resolve_precision
 from .tracking import Tracker
-from .trainer import Trainer
+from .trainer import Trainer, perplexity
 
 
 def use_sweep_output_dir(cfg: TrainConfig) -> None:
@@ -114,7 +113,7 @@ def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
         return exit_code
     finally:
         finished = exit_code == 0
-        final = {"final/best_perplexity": math.exp(min(trainer.best_val_loss, 50.0)), "final/total_steps": trainer.step,
+        final = {"final/best_perplexity": perplexity(trainer.best_val_loss), "final/total_steps": trainer.step,
                  "final/total_epochs": trainer.sampler.epochs_done} if finished else None
         tracker.finish(final, trainer.step if finished else 0,
                        [checkpoint.best_path(cfg.output_dir), checkpoint.latest_path(cfg.output_dir)], exit_code)

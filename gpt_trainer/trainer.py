@@ -21,6 +21,10 @@ from .sample import generate_text
 from .tracking import NullTracker
 
 
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: an early, diverging loss must not overflow to inf
+
+
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to the peak, then cosine decay to min_ratio of it at the last step."""
     if step < warmup:
@@ -134,10 +138,13 @@ class Trainer:
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             paused = time.perf_counter()
-            if self.sampler.epoch > epoch:  # this step finished an epoch
-                self.end_epoch()
-            if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
-                self.evaluate_and_save()
+            epoch_done = self.sampler.epoch > epoch
+            eval_due = self.step % cfg.eval_interval == 0 or self.step == self.total_steps
+            val_loss = self.evaluate() if epoch_done or eval_due else None  # once, even when both are due
+            if epoch_done:
+                self.end_epoch(val_loss)
+            if eval_due:
+                self.record_eval_and_save(val_loss)
             elif self.step % cfg.save_interval == 0 or self.stop_signal is not None:
                 self.save(checkpoint.latest_path(cfg.output_dir))
             window_start += time.perf_counter() - paused  # tokens/s and MFU measure training, not evaluation or saving
@@ -146,10 +153,10 @@ class Trainer:
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
 
-    def end_epoch(self) -> None:
-        val_loss = self.last_val_loss = self.evaluate()
+    def end_epoch(self, val_loss: float) -> None:
+        self.last_val_loss = val_loss
         self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps), "epoch/val_loss": val_loss,
-                          "epoch/val_perplexity": math.exp(min(val_loss, 50.0))}, self.step)
+                          "epoch/val_perplexity": perplexity(val_loss)}, self.step)
         self.epoch_loss.zero_()
         self.epoch_steps = 0
 
@@ -157,7 +164,7 @@ class Trainer:
         tokens_per_sec = steps * self.cfg.tokens_per_step / max(seconds, 1e-9)
         metrics = {
             "train/loss": loss,
-            "train/perplexity": math.exp(min(loss, 50.0)),
+            "train/perplexity": perplexity(loss),
             "train/learning_rate": self.scheduler.get_last_lr()[0],
             "train/grad_norm": grad_norm,
             "train/tokens_per_sec": tokens_per_sec,
@@ -179,13 +186,12 @@ class Trainer:
                 f"val {val} | lr {report['train/learning_rate']:.1e} | {report['train/tokens_per_sec']:,.0f} tok/s | "
                 f"{int(minutes)}m {seconds:.1f}s")
 
-    def evaluate_and_save(self) -> None:
-        val_loss = self.evaluate()
+    def record_eval_and_save(self, val_loss: float) -> None:
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        self.tracker.log({"eval/loss": val_loss, "eval/perplexity": math.exp(min(val_loss, 50.0)),
-                          "eval/best_perplexity": math.exp(min(self.best_val_loss, 50.0))}, self.step)
+        self.tracker.log({"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss),
+                          "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
         if self.sample_prompts:
             self.tracker.log_samples({p: self.sample(p) for p in self.sample_prompts}, self.step)
         self.save(checkpoint.latest_path(self.cfg.output_dir))
