@@ -66,6 +66,13 @@ def test_sweep_values_are_left_out_of_our_wandb_config(tmp_path, monkeypatch):
     assert sweep_locked_keys() == {"learning_rate", "batch_size"}
 
 
+def tiny_sweep_params() -> dict:
+    """The tests' tiny model shape as fixed sweep parameters (the runner picks the trackers itself)."""
+    fixed = {a.split("=")[0][2:]: {"value": yaml.safe_load(a.split("=", 1)[1])} for a in TINY_SHAPE if "=" in a}
+    fixed.pop("report_to")
+    return fixed
+
+
 def write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -92,8 +99,7 @@ def test_random_and_bayes_need_a_run_limit(capsys):
 
 
 def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on_restart(tmp_path, cache_dir, capsys):
-    fixed = {a.split("=")[0][2:]: {"value": yaml.safe_load(a.split("=", 1)[1])} for a in TINY_SHAPE if "=" in a}
-    fixed.pop("report_to")
+    fixed = tiny_sweep_params()
     config = {
         "program": str(ROOT / "train_single_gpu.py"), "method": "grid",
         "metric": {"name": "eval/loss", "goal": "minimize"},
@@ -130,8 +136,7 @@ def test_an_interrupted_sweep_resumes_the_running_trial(tmp_path, cache_dir):
     import sys
     import time
 
-    fixed = {a.split("=")[0][2:]: {"value": yaml.safe_load(a.split("=", 1)[1])} for a in TINY_SHAPE if "=" in a}
-    fixed.pop("report_to")
+    fixed = tiny_sweep_params()
     config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
               "metric": {"name": "eval/loss", "goal": "minimize"},
               "parameters": {**fixed, "n_layer": {"value": 1}, "corpus": {"value": "builtin"},
