@@ -1,48 +1,31 @@
 # One image for AMD (ROCm), NVIDIA (CUDA) or CPU: the base image brings PyTorch, this file adds the rest.
 # Build with ./build_docker_image.sh --backend rocm|cuda|cpu (it picks BASE_IMAGE); see README.md.
-ARG BASE_IMAGE=rocm/pytorch:rocm6.3.3_ubuntu22.04_py3.10_pytorch_release_2.4.0
+#
+# Both GPU bases carry torch 2.13.0, the release the test suite runs on:
+#   rocm: rocm/pytorch:rocm10.0_ubuntu24.04_py3.13_pytorch_release_2.13.0 (Ubuntu 24.04 LTS; Python 3.13 rather than
+#         the ubuntu26.04/py3.14 tag, which is newer than what many users' other tools have wheels for)
+#   cuda: pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime (CUDA 12.6 runs on older host drivers than the 13.x variants)
+# `python docker/check_wheels.py` checks that every pinned package has a wheel for Python 3.11 to 3.14.
+# Older drivers: ./build_docker_image.sh --base-image <an older tag>.
+ARG BASE_IMAGE=rocm/pytorch:rocm10.0_ubuntu24.04_py3.13_pytorch_release_2.13.0
 FROM ${BASE_IMAGE}
 
-# PRELOAD_CORPUS bakes a corpus and its token cache in, for clusters with no network (e.g. song_ci, fortunes_zh).
-# TORCH_* are used only when the base has no torch (the plain CPU variant).
-ARG PRELOAD_CORPUS=""
+# TORCH_INSTALL: pip options for installing torch==TORCH_VERSION when the base has none; empty (GPU backends) makes
+# such a base an error. PRELOAD_CORPUS bakes a corpus and its token cache in, for clusters with no network.
+ARG TORCH_INSTALL=""
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=""
+ARG PRELOAD_CORPUS=""
 ARG APP_UID=1000
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-COPY . /opt/gpt-trainer
-
-# One layer: fortunes-zh (Tang 300 + Song 100, so --use_chinese trains with no network), the pinned Python packages
-# under a constraint that holds the base's torch where it is (checked before and after), this package, `python` on
-# PATH (a wandb sweep agent runs the literal `python`), and a non-root user whose folders any UID may write, so
-# `--user $(id -u):$(id -g)` works.
-# hadolint ignore=DL3008,DL3013
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends fortunes-zh \
-    && rm -rf /var/lib/apt/lists/* \
-    && { python3 -c "import torch" 2>/dev/null \
-         || python3 -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"; } \
-    && python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-constraint.txt \
-    && python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.version.hip)" > /tmp/torch-before \
-    && python3 -m pip install --no-cache-dir -c /tmp/torch-constraint.txt -r /opt/gpt-trainer/requirements-image.txt \
-    && python3 -m pip install --no-cache-dir --no-deps /opt/gpt-trainer \
-    && python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.version.hip)" > /tmp/torch-after \
-    && diff /tmp/torch-before /tmp/torch-after \
-    && rm /tmp/torch-* \
-    && { command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python; } \
-    && useradd --create-home --non-unique --uid "${APP_UID}" --shell /bin/bash trainer \
-    && mkdir -p /workspace/output /workspace/cache /home/trainer/.config/wandb \
-    && cp /opt/gpt-trainer/train_single_gpu.py /opt/gpt-trainer/sweep_config.yaml /workspace/ \
-    && cp -r /opt/gpt-trainer/examples /workspace/ \
-    && if [ -n "${PRELOAD_CORPUS}" ]; then \
-         GPT_TRAINER_CACHE=/workspace/cache python3 -m gpt_trainer --corpus "${PRELOAD_CORPUS}" --dry_run \
-           --output_dir /tmp/preload > /dev/null; \
-       fi \
-    && chmod -R a+rwX /workspace/cache \
-    && chmod 1777 /workspace/output /workspace/cache /home/trainer /home/trainer/.config /home/trainer/.config/wandb
-
-ENV HOME=/home/trainer \
+# A UID with no passwd entry (docker run --user 4321:4321) still gets a home, a user name for getpass (torch
+# inductor, wandb) and writable compiler caches. /opt/gpt-env exists only where the base's Python is apt's (PEP 668).
+ENV PATH=/opt/gpt-env/bin:${PATH} \
+    HOME=/home/trainer \
+    USER=trainer \
+    LOGNAME=trainer \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_CACHE_DIR=/tmp/triton \
     GPT_TRAINER_CACHE=/workspace/cache \
     GPT_TRAINER_OUTPUT=/workspace/output \
     WANDB_DIR=/workspace/output \
@@ -50,9 +33,20 @@ ENV HOME=/home/trainer \
     WANDB_DATA_DIR=/workspace/output/.wandb-data \
     WANDB_CONFIG_DIR=/home/trainer/.config/wandb \
     PYTHONUNBUFFERED=1
-USER ${APP_UID}
+
+# Layers in dependency order, so editing Python code rebuilds only the last one.
+COPY docker/setup.sh /usr/local/lib/gpt-trainer/setup.sh
+RUN /usr/local/lib/gpt-trainer/setup.sh system
+
+COPY requirements-image.txt docker/requirements-nodeps.txt /tmp/
+RUN /usr/local/lib/gpt-trainer/setup.sh python && rm /tmp/requirements-*.txt
+
 WORKDIR /workspace
 EXPOSE 6006
 HEALTHCHECK --interval=5m --timeout=60s --start-period=30s CMD ["python3", "-m", "gpt_trainer.doctor", "--quiet"]
 # Starting the container again continues the same run; pass your own command to change anything.
 CMD ["python3", "train_single_gpu.py", "--model_size", "tiny", "--use_chinese", "--output_dir", "/workspace/output/tiny", "--resume"]
+
+COPY . /opt/gpt-trainer
+RUN /usr/local/lib/gpt-trainer/setup.sh package
+USER ${APP_UID}

@@ -3,9 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-ROCM_BASE="rocm/pytorch:rocm6.3.3_ubuntu22.04_py3.10_pytorch_release_2.4.0"
-CUDA_BASE="pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+# Every backend runs torch 2.13.0, the release the tests run on (the Dockerfile says why these tags).
+ROCM_BASE="rocm/pytorch:rocm10.0_ubuntu24.04_py3.13_pytorch_release_2.13.0"
+CUDA_BASE="pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime"
 CPU_BASE="python:3.12-slim-bookworm"
+CPU_TORCH_INDEX="https://download.pytorch.org/whl/cpu"  # CPU-only wheels: the default Linux wheel brings GBs of CUDA
 
 usage() {
   cat <<USAGE
@@ -14,7 +16,8 @@ Usage: ./build_docker_image.sh [--backend rocm|cuda|cpu] [--tag NAME] [--base-im
   --backend     rocm (default), cuda or cpu; picks the base image that already contains PyTorch:
                   rocm: $ROCM_BASE
                   cuda: $CUDA_BASE
-                  cpu:  $CPU_BASE (torch is installed on top)
+                  cpu:  $CPU_BASE (torch 2.13.0 installed on top from $CPU_TORCH_INDEX)
+                A GPU base must already hold torch: the build stops rather than install one
   --tag         image name (default: gpt-trainer:<backend>)
   --base-image  use another base image (a newer vendor tag, or a local one)
   --help        show this help
@@ -39,10 +42,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+torch_install=""
 case "$backend" in
   rocm) default_base="$ROCM_BASE" ;;
   cuda) default_base="$CUDA_BASE" ;;
-  cpu) default_base="$CPU_BASE" ;;
+  cpu) default_base="$CPU_BASE" torch_install="--index-url $CPU_TORCH_INDEX" ;;
   *) fail "--backend must be rocm, cuda or cpu (got '$backend')" ;;
 esac
 base="${base:-$default_base}"
@@ -50,7 +54,7 @@ tag="${tag:-gpt-trainer:$backend}"
 command -v docker >/dev/null || { echo "error: docker is not installed or not on PATH" >&2; exit 1; }
 
 echo "building $tag on $base"
-docker build --build-arg "BASE_IMAGE=$base" -t "$tag" "$@" .
+docker build --build-arg "BASE_IMAGE=$base" --build-arg "TORCH_INSTALL=$torch_install" -t "$tag" "$@" .
 
 mounts='-v "$PWD/output:/workspace/output" -v "$HOME/.netrc:/home/trainer/.netrc:ro" -v "$HOME/.config/wandb:/home/trainer/.config/wandb"'
 user='--user "$(id -u):$(id -g)"'

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt_trainer.config import parse_args
 
@@ -12,6 +13,16 @@ SHARED_SONG_CI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" 
 
 TINY_SHAPE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.0",
               "--eval_steps=2", "--fp32", "--device=cpu", "--sample_tokens=8", "--report_to=none"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where PyTorch sees a CUDA or ROCm GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA or ROCm GPU; none is visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""GPU-only checks, marked `gpu`: skipped where PyTorch sees no CUDA or ROCm GPU, run where it does. In the image:
+
+    docker run --rm --gpus all gpt-trainer:cuda python -m pytest -p no:cacheprovider /opt/gpt-trainer/tests/test_gpu.py
+"""
+
+import math
+
+import pytest
+import torch
+
+from gpt_trainer.data import prepare_data
+from gpt_trainer.doctor import main as doctor
+from gpt_trainer.hardware import autocast, bf16_supported, gpu_memory_metrics, resolve_precision
+from gpt_trainer.model import GPT, GPTConfig
+from gpt_trainer.trainer import Trainer
+
+pytestmark = pytest.mark.gpu
+GPU = torch.device("cuda")
+
+
+def gpu_trainer(tiny_cfg, *flags: str) -> Trainer:
+    cfg = tiny_cfg("--device=cuda", "--fp32=false", *flags)
+    return Trainer(cfg, prepare_data(cfg), GPU, resolve_precision(cfg, GPU))
+
+
+def run_steps(trainer: Trainer, steps: int = 3) -> list[float]:
+    losses = [trainer.train_step()[0].item() for _ in range(steps)]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    return losses
+
+
+def test_one_bf16_step_keeps_fp32_master_weights(tiny_cfg):
+    if not bf16_supported(GPU):
+        pytest.skip("this GPU has no bf16")
+    trainer = gpu_trainer(tiny_cfg, "--bf16")
+    assert trainer.precision == "bf16" and not trainer.scaler.is_enabled()
+    run_steps(trainer)
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in trainer.model.parameters())
+
+
+def test_one_fp16_step_uses_the_gradient_scaler(tiny_cfg):
+    trainer = gpu_trainer(tiny_cfg, "--fp16")
+    assert trainer.scaler.is_enabled()
+    run_steps(trainer)
+    assert math.isfinite(trainer.scaler.get_scale()) and trainer.scaler.get_scale() > 0
+
+
+def test_the_optimizer_is_fused_adamw(tiny_cfg):
+    trainer = gpu_trainer(tiny_cfg)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.defaults["fused"] is True
+
+
+def test_compiled_training_steps(tiny_cfg):
+    trainer = gpu_trainer(tiny_cfg, "--compile")
+    assert isinstance(trainer.forward, torch._dynamo.eval_frame.OptimizedModule)
+    run_steps(trainer)
+
+
+def test_attention_runs_on_the_flash_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    precision = "bf16" if bf16_supported(GPU) else "fp16"
+    model = GPT(GPTConfig(vocab_size=64, block_size=128, n_layer=2, n_head=4, n_embd=256)).to(GPU)
+    idx = torch.randint(0, 64, (4, 128), device=GPU)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast(GPU, precision):  # raises if flash cannot run these inputs
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+def test_gpu_memory_metrics_are_reported(tiny_cfg):
+    trainer = gpu_trainer(tiny_cfg)
+    run_steps(trainer, 1)
+    metrics = gpu_memory_metrics(GPU)
+    assert metrics["system/gpu_memory_allocated_gib"] > 0
+    assert metrics["system/gpu_memory_reserved_gib"] >= metrics["system/gpu_memory_allocated_gib"]
+
+
+def test_doctor_lists_the_gpu(tmp_path, capsys):
+    assert doctor([f"--output_dir={tmp_path}", "--require_gpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"GPU 0:         {torch.cuda.get_device_name(0)}" in out and "bf16:" in out
