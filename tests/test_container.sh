@@ -15,7 +15,7 @@ TEST_UID=4321
 WORK="$(mktemp -d /tmp/gpt-container-test.XXXXXX)"
 chmod 755 "$WORK"  # the unprivileged test user must reach the output folder inside
 started=$(date +%s)
-our_dockerd=""
+our_dockerd="" wheel_server=""
 export DOCKER_BUILDKIT=0  # the classic builder's "Using cache" lines show which layers a rebuild reused
 
 skip() { echo "container stage SKIPPED: $1"; exit 0; }
@@ -28,9 +28,10 @@ stop_our_dockerd() {
   our_dockerd=""
 }
 cleanup() {
+  [ -z "$wheel_server" ] || kill "$wheel_server" 2>/dev/null || true
   if [ -n "$our_dockerd" ] || docker info >/dev/null 2>&1; then
     (cd "$ROOT" && OUTPUT_DIR="$WORK/out" IMAGE="$IMAGE" docker-compose -p gptct down -t 5 >/dev/null 2>&1) || true
-    docker rmi -f "$IMAGE-planted" gpt-trainer:ci-notorch local/notorch-base >/dev/null 2>&1 || true
+    docker rmi -f "$IMAGE-planted" gpt-trainer:ci-notorch gpt-trainer:ci-cpu local/notorch-base >/dev/null 2>&1 || true
   fi
   stop_our_dockerd
   rm -rf "$WORK"
@@ -152,6 +153,25 @@ if build "$WORK/notorch.log" --backend cuda --base-image local/notorch-base --ta
   fail "the image built on a base without torch"
 fi
 grep -q "the base image has no Python that can import torch" "$WORK/notorch.log" || { tail -20 "$WORK/notorch.log"; fail "no clear message for a base without torch"; }
+
+step "the cpu backend on a base without torch whose system Python is apt's: a venv, torch from the given wheel index"
+wheels="$WORK/wheels"
+mkdir -p "$wheels"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+  -d "$wheels" "torch==2.13.0" 2>/dev/null || fail "could not fetch the torch 2.13.0 wheel again"
+wheel_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+python3 -m http.server --bind 127.0.0.1 --directory "$wheels" "$wheel_port" >/dev/null 2>&1 &
+wheel_server=$!
+# the build reaches the wheel server on this machine's loopback through the host network; the CPU wheel index of the
+# real cpu backend is replaced by it (the rest comes from the usual package index)
+build "$WORK/cpu.log" --backend cpu --base-image local/notorch-base --tag gpt-trainer:ci-cpu -- --network host \
+  --build-arg "TORCH_INSTALL=--find-links http://127.0.0.1:$wheel_port/" || fail "the cpu build failed"
+kill "$wheel_server" && wheel_server=""
+cpu_torch=$(docker run --rm gpt-trainer:ci-cpu python -c "import torch, wandb; print(torch.__version__, torch.__file__)")
+[[ "$cpu_torch" == "2.13.0+cpu /opt/gpt-env/"* ]] || fail "the cpu image's torch is not the CPU wheel in /opt/gpt-env ($cpu_torch)"
+! docker run --rm gpt-trainer:ci-cpu /usr/bin/python3 -c "import wandb" 2>/dev/null \
+  || fail "packages went into the system Python that apt owns"
+docker rmi gpt-trainer:ci-cpu >/dev/null
 
 step "the image keeps the stand-in's torch and runs every entry point with it"
 base_torch=$(docker run --rm "$STANDIN" python3 -c "import torch; print(torch.__version__, torch.__file__)")
