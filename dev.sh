@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set-up and everyday commands for a fresh Debian/Ubuntu machine (CPU is fine):
 #   ./dev.sh demo   make .venv, install everything, train the tiny model on the embedded poems, print samples
-#   ./dev.sh test   make .venv, install everything, run the test suite
+#   ./dev.sh test   make .venv, install everything, lint (ruff), run the test suite (extra arguments go to pytest,
+#                   e.g. ./dev.sh test -m "not slow" for the quick loop)
+#   ./dev.sh flags  rewrite the flag tables in README.md and README.zh-CN.md from the parser
 #   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
 # TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's
 # CPU-only wheel index, which is far smaller than the default CUDA build).
@@ -35,14 +37,19 @@ case "${1:-}" in
     ;;
   test)
     setup
+    "$VENV/bin/ruff" check gpt_trainer tests tools docker train_single_gpu.py
     "$VENV/bin/python" -m pytest -q "${@:2}"
+    ;;
+  flags)
+    setup
+    "$VENV/bin/python" tools/readme_flags.py
     ;;
   container-test)
     setup  # hadolint comes with the dev tools
     PATH="$PWD/$VENV/bin:$PATH" bash tests/test_container.sh
     ;;
   *)
-    sed -n '2,7p' "$0" >&2
+    sed -n '2,10p' "$0" >&2
     exit 2
     ;;
 esac

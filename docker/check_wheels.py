@@ -32,7 +32,8 @@ def torch_stand_in(folder: Path, version: str) -> str:
     dist_info = f"torch-{pinned}.dist-info"
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: torch\nVersion: {pinned}\n")
-        wheel.writestr(f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: check_wheels\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{dist_info}/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: check_wheels\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         wheel.writestr(f"{dist_info}/RECORD", "")
     return f"torch=={pinned}"
 
@@ -41,8 +42,8 @@ def resolve(python: str, *requirements: str) -> subprocess.CompletedProcess:
     platforms = [arg for tag in PLATFORMS for arg in ("--platform", tag)]
     with tempfile.TemporaryDirectory() as target:
         return subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--only-binary=:all:",
-             "--python-version", python, *platforms, "--target", target, *requirements],
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+             "--only-binary=:all:", "--python-version", python, *platforms, "--target", target, *requirements],
             capture_output=True, text=True)
 
 
@@ -61,7 +62,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as links, concurrent.futures.ThreadPoolExecutor() as pool:
         pin = torch_stand_in(Path(links), args.torch)
-        results = list(pool.map(lambda python: check(python, links, pin, args.also), args.python))  # network-bound: in parallel
+        # network-bound: in parallel
+        results = list(pool.map(lambda python: check(python, links, pin, args.also), args.python))
     for python, result in zip(args.python, results):
         print(f"python {python}: {'every package has a wheel' if result.returncode == 0 else 'MISSING WHEELS'}")
         if result.returncode:

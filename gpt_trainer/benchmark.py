@@ -18,17 +18,20 @@ import time
 import numpy as np
 import torch
 
-from .config import UsageError, parse_args
+from .config import parse_args
+from .errors import run_cli
 from .data import TokenData
 from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
 from .tokenizer import CharTokenizer
-from .tracking import NullTracker, Tracker
+from .metrics import model_flops_utilisation
+from .tracking import RunSummary, start_tracking
 from .trainer import Trainer
 
 
 def synthetic_data(vocab_size: int, tokens: int, seed: int = 0) -> TokenData:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=tokens, dtype=np.uint32).astype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+    ids = rng.integers(0, vocab_size, size=tokens, dtype=np.uint32).astype(dtype)
     tokenizer = CharTokenizer([chr(0x4E00 + i) for i in range(vocab_size)])
     return TokenData(ids, ids, tokenizer, "random", "")  # the benchmark never evaluates: val may repeat train
 
@@ -44,7 +47,8 @@ def benchmark(argv: list[str]) -> dict:
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     windows = (own.steps + own.warmup) * cfg.batch_size * cfg.gradient_accumulation_steps + 2
-    trainer = Trainer(cfg, synthetic_data(cfg.vocab_size, windows * cfg.block_size + 1), device, precision)
+    data = synthetic_data(cfg.vocab_size, windows * cfg.block_size + 1)
+    trainer = Trainer(cfg, data, device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -56,57 +60,51 @@ def benchmark(argv: list[str]) -> dict:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.tokens_per_step / step_time
-    overhead = tracking_overhead(trainer, cfg, own.steps) if own.tracking_overhead else {}
+    overhead = tracking_overhead(cfg, device, precision, data, own.steps) if own.tracking_overhead else {}
     return {**overhead,
         "model_size": cfg.model_size, "parameters": trainer.model.num_params(), "device": device_name(device),
         "precision": precision, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "compile": cfg.compile,
         "step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
-        "mfu": trainer.model.flops_per_token() * tokens_per_sec / (trainer.peak * 1e12),
+        "mfu": model_flops_utilisation(trainer.model.flops_per_token(), tokens_per_sec, trainer.peak),
         "peak_tflops_assumed": trainer.peak, "peak_source": trainer.peak_source,
         "peak_memory_gib": peak_memory_bytes(device) / 2**30, "timed_steps": own.steps,
     }
 
 
-def timed_loop(trainer: Trainer, steps: int, log_interval: int) -> tuple[float, float]:
-    """(seconds per step, seconds spent reporting) for `steps` steps reporting every log_interval steps, as training does."""
-    synchronize(trainer.device)
-    start = window = time.perf_counter()
-    reporting = 0.0
-    for i in range(1, steps + 1):
+def timed_loop(trainer: Trainer, steps: int) -> tuple[float, float]:
+    """(seconds per step, seconds spent reporting) for `steps` steps, reporting when training would (should_log)."""
+    window = trainer.throughput_window()
+    start, reporting = time.perf_counter(), 0.0
+    for _ in range(steps):
         loss, grad_norm = trainer.train_step()
-        if i % log_interval == 0:
-            synchronize(trainer.device)
-            now = time.perf_counter()
-            trainer.report(loss.item(), grad_norm.item(), log_interval, now - window)
-            window = time.perf_counter()
-            reporting += window - now
+        window.add(loss)
+        if trainer.should_log():
+            synchronize(trainer.device)  # the wait for the GPU is not the logging calls' cost
+            before = time.perf_counter()
+            trainer.report(window, grad_norm)
+            reporting += time.perf_counter() - before
     synchronize(trainer.device)
     return (time.perf_counter() - start) / steps, reporting
 
 
-def tracking_overhead(trainer: Trainer, cfg, steps: int) -> dict:
+def tracking_overhead(cfg, device, precision, data, steps: int) -> dict:
     """Same steps, same reporting cadence: once into nothing, once into metrics.jsonl + TensorBoard + wandb (offline).
     The wall-clock difference is noisy on a busy machine; the time spent inside the logging calls is not."""
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         tracked_cfg = dataclasses.replace(cfg, output_dir=tmp, report_to="all")
-        bare, _ = timed_loop(trainer, steps, cfg.log_interval)
-        trainer.tracker = Tracker(tracked_cfg, {**tracked_cfg.to_dict(), "precision": trainer.precision}, "random")
-        tracked, logging_time = timed_loop(trainer, steps, cfg.log_interval)
-        trainer.tracker.finish()
-        trainer.tracker = NullTracker()
+        bare, _ = timed_loop(Trainer(cfg, data, device, precision), steps)
+        tracker = start_tracking(tracked_cfg, {**tracked_cfg.to_dict(), "precision": precision}, "random")
+        tracked, logging_time = timed_loop(Trainer(cfg, data, device, precision, tracker), steps)
+        tracker.close(RunSummary())
     return {"step_time_untracked_s": bare, "step_time_tracked_s": tracked, "tracking_wall_overhead": tracked / bare - 1,
             "tracking_call_overhead": logging_time / (bare * steps)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        r = benchmark(sys.argv[1:] if argv is None else argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def benchmark_command(argv: list[str] | None) -> int:
+    r = benchmark(sys.argv[1:] if argv is None else argv)
     print(f"{r['model_size']} ({r['parameters'] / 1e6:.1f}M params) on {r['device']}, {r['precision']}, "
           f"batch {r['batch_size']}x{r['block_size']} (accum {r['gradient_accumulation_steps']}):\n"
           f"  step time   {r['step_time_s'] * 1000:.1f} ms (median of {r['timed_steps']})\n"
@@ -115,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
           f"  peak memory {r['peak_memory_gib']:.2f} GiB")
     if "tracking_call_overhead" in r:
         print(f"  tracking    {r['tracking_call_overhead'] * 100:.2f}% of step time spent in the logging calls; wall "
-              f"clock {r['step_time_untracked_s'] * 1000:.1f} ms/step untracked vs {r['step_time_tracked_s'] * 1000:.1f} "
-              f"ms/step with TensorBoard + wandb ({r['tracking_wall_overhead'] * 100:+.1f}%, noisy)")
+              f"clock {r['step_time_untracked_s'] * 1000:.1f} ms/step untracked vs "
+              f"{r['step_time_tracked_s'] * 1000:.1f} ms/step with TensorBoard + wandb "
+              f"({r['tracking_wall_overhead'] * 100:+.1f}%, noisy)")
     print(json.dumps(r))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(benchmark_command, argv)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,32 @@
-"""Checkpoints: everything needed to continue a run exactly (weights, optimizer, schedule, scaler, data position,
-RNG states, config, tokenizer), written atomically so a crash mid-write never leaves a broken file."""
+"""Checkpoints: everything needed to continue a run exactly, assembled in one place from the parts that own it, with
+a format version; written atomically so a crash mid-write never leaves a broken file.
+
+A checkpoint (format 2) holds what the run is (`config`, `vocab_size`, `tokenizer`, `corpus`), the RNG states (`rng`),
+and the `state_dict()` of each part under its name: `model`, `optimizer`, `scheduler`, `scaler`, `sampler` (the data
+position), `trainer` (step, best and last validation loss, the epoch's running loss) and `tracker` (run name, wandb
+id). `load` upgrades older formats, so every reader sees format 2."""
 
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from .config import TrainConfig, UsageError
+from .config import TrainConfig
+from .errors import UsageError
 
+FORMAT_VERSION = 2
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def checkpoint_dir(output_dir: str) -> Path:
@@ -41,12 +55,47 @@ def save_atomic(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def assemble(parts: dict[str, Stateful], about: dict) -> dict:
+    """The whole checkpoint: what the run is, the RNG states, and each part's own state under its name."""
+    return {"format_version": FORMAT_VERSION, **about, "rng": rng_states(),
+            **{name: part.state_dict() for name, part in parts.items()}}
+
+
+def restore(state: dict, parts: dict[str, Stateful]) -> None:
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    restore_rng_states(state["rng"])
+
+
 def load(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
         # our own file: it holds numpy/python RNG states, which the weights-only loader refuses
-        return torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}).") from None
+    return upgrade(state, path)
+
+
+def upgrade(state: dict, path: Path) -> dict:
+    """Bring a checkpoint of any earlier format to the current one."""
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise UsageError(f"{path} is not a checkpoint written by train_single_gpu.py (a file of another program?). "
+                         f"Point at a latest.pt or best.pt from a run's checkpoints folder.")
+    version = state.get("format_version", 1)
+    if version == 1:
+        return _from_format_1(state)
+    if version != FORMAT_VERSION:
+        raise UsageError(f"{path} has checkpoint format {version}, but this gpt-trainer reads formats 1 to "
+                         f"{FORMAT_VERSION}. Upgrade gpt-trainer to read it.")
+    return state
+
+
+def _from_format_1(old: dict) -> dict:
+    """Format 1 (until 2026-11) kept the trainer's counters and the tracker's state as loose top-level keys."""
+    keep = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "vocab_size", "tokenizer", "corpus")
+    return {"format_version": FORMAT_VERSION, **{key: old[key] for key in keep}, "sampler": old["data_position"],
+            "trainer": {key: old[key] for key in ("step", "best_val_loss", "last_val_loss", "epoch_loss")},
+            "tracker": old["tracking"]}
 
 
 def rng_states() -> dict:
@@ -75,7 +124,8 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     if path.is_dir():
         path = latest_path(str(path)) if latest_path(str(path)).exists() else path / "latest.pt"
     if not path.is_file():
-        raise UsageError(f"--resume {cfg.resume}: no checkpoint there. Give a .pt file, a run's output_dir, or plain --resume.")
+        raise UsageError(f"--resume {cfg.resume}: no checkpoint there. Give a .pt file, a run's output_dir, or plain "
+                         f"--resume.")
     return path
 
 

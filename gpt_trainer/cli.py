@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from . import checkpoint
-from .config import TrainConfig, UsageError, parse_args
+from .config import TrainConfig, parse_args
+from .errors import UsageError, run_cli
 from .data import prepare_data
 from .hardware import device_name, pick_device, resolve_precision
-from .tracking import Tracker
+from .tracking import RunSummary, Tracker, start_tracking
 from .trainer import Trainer, perplexity
 
 
@@ -80,14 +81,14 @@ def run(cfg: TrainConfig) -> int:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # the old run's record would mix with the new one
     (out / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
     prompts = (cfg.sample_prompts or data.default_prompts).split(",")
-    trainer = Trainer(cfg, data, device, precision, sample_prompts=prompts)
+    tracker = start_tracking(cfg, resolved, data.corpus, saved["tracker"] if saved else None,
+                             start_step=saved["trainer"]["step"] if saved else 0)
+    trainer = Trainer(cfg, data, device, precision, tracker, sample_prompts=prompts)
     if saved:
-        trainer.load_state_dict(saved)
+        trainer.restore(saved)
         print(f"resumed from {resume_from} at step {trainer.step}")
     elif cfg.resume:
         print(f"--resume: no checkpoint in {out} yet, starting fresh")
-    tracker = trainer.tracker = Tracker(cfg, resolved, data.corpus, saved.get("tracking") if saved else None,
-                                        start_step=trainer.step)
     print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} ({precision}) | "
           f"corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab "
           f"{data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
@@ -112,11 +113,13 @@ def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
         exit_code = 0
         return exit_code
     finally:
-        finished = exit_code == 0
-        final = {"final/best_perplexity": perplexity(trainer.best_val_loss), "final/total_steps": trainer.step,
-                 "final/total_epochs": trainer.sampler.epochs_done} if finished else None
-        tracker.finish(final, trainer.step if finished else 0,
-                       [checkpoint.best_path(cfg.output_dir), checkpoint.latest_path(cfg.output_dir)], exit_code)
+        summary = RunSummary(checkpoints=[checkpoint.best_path(cfg.output_dir), checkpoint.latest_path(cfg.output_dir)],
+                             exit_code=exit_code)
+        if exit_code == 0:
+            summary.final = {"final/best_perplexity": perplexity(trainer.best_val_loss),
+                             "final/total_steps": trainer.step, "final/total_epochs": trainer.sampler.epochs_done}
+            summary.step = trainer.step
+        tracker.close(summary)
 
 
 def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:
@@ -130,11 +133,7 @@ def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda args: run(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one paragraph, exit code 2, no traceback."""
-
-
-def notice(message: str) -> None:
-    """A one-line note for the user that is not an error (fallbacks, offline mode); stderr keeps stdout clean."""
-    print(message, file=sys.stderr, flush=True)
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -39,6 +31,7 @@ MODEL_PRESETS: dict[str, ModelShape] = {
 }
 
 CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
+CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
 ENGLISH_PROMPTS = "ROMEO:,The "
 
@@ -57,10 +50,13 @@ class TrainConfig:
     block_size: int = _flag(256, "Context length in tokens.")
     dropout: float = _flag(0.1, "Dropout probability.")
     # data
-    use_chinese: bool = _flag(False, "Train on the Chinese default corpus (the default when no --data_path is given).")
-    data_path: str | None = _flag(None, "A text file, or a folder of .txt/.json/.jsonl files (chinese-poetry layout too).")
+    use_chinese: bool = _flag(False, "Train on Chinese poetry: --corpus chinese, or the Chinese --corpus named. It is "
+                              "also what runs when neither --data_path nor --corpus is given.")
+    data_path: str | None = _flag(None, "A text file, or a folder of .txt/.json/.jsonl files (chinese-poetry layout "
+                                        "too).")
     corpus: str | None = _flag(None, "A named corpus instead of --data_path.", choices=list(CORPORA))
-    cache_dir: str | None = _flag(None, "Where downloads and token caches live (default: $GPT_TRAINER_CACHE or ~/.cache/gpt_trainer).")
+    cache_dir: str | None = _flag(None, "Where downloads and token caches live (default: $GPT_TRAINER_CACHE or "
+                                        "~/.cache/gpt_trainer).")
     tokenizer: str = _flag("char", "Tokenizer kind.", choices=["char", "sentencepiece"])
     vocab_size: int = _flag(4000, "Vocabulary size for --tokenizer sentencepiece.")
     train_split: float = _flag(0.9, "Fraction of tokens used for training; the rest is validation.")
@@ -89,17 +85,22 @@ class TrainConfig:
     eval_steps: int = _flag(20, "Validation batches per evaluation.")
     log_interval: int = _flag(10, "Print a progress line every N optimizer steps.")
     save_interval: int = _flag(500, "Save the latest checkpoint every N optimizer steps.")
-    resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path.", nargs="?", const="latest")
+    resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path.",
+                               nargs="?", const="latest")
     # experiment tracking
-    report_to: str = _flag("all", "Where metrics go besides metrics.jsonl.", choices=["all", "tensorboard", "wandb", "none"])
+    report_to: str = _flag("all", "Where metrics go besides metrics.jsonl.",
+                           choices=["all", "tensorboard", "wandb", "none"])
     wandb_project: str | None = _flag(None, "wandb project (default: $WANDB_PROJECT, else gpt-training).")
     wandb_entity: str | None = _flag(None, "wandb team or user (default: $WANDB_ENTITY).")
-    wandb_run_name: str | None = _flag(None, "Run name for wandb and the TensorBoard folder (default: size-corpus-lr-bs-time).")
+    wandb_run_name: str | None = _flag(None, "Run name for wandb and the TensorBoard folder (default: "
+                                             "size-corpus-lr-bs-time).")
     wandb_tags: str = _flag("", "Comma-separated tags added to model size, precision and single-gpu.")
-    wandb_mode: str | None = _flag(None, "wandb mode (default: $WANDB_MODE, else online when a key exists).", choices=["online", "offline", "disabled"])
+    wandb_mode: str | None = _flag(None, "wandb mode (default: $WANDB_MODE, else online when a key exists).",
+                                   choices=["online", "offline", "disabled"])
     wandb_log_model: bool = _flag(False, "Upload the best and final checkpoints to wandb as a model artifact.")
     # sampling
-    sample_prompts: str | None = _flag(None, f"Comma-separated prompts sampled at the end (Chinese default: {CHINESE_PROMPTS}).")
+    sample_prompts: str | None = _flag(None, "Comma-separated prompts sampled at the end (Chinese default: "
+                                             f"{CHINESE_PROMPTS}).")
     sample_tokens: int = _flag(120, "Tokens generated per prompt.")
     temperature: float = _flag(0.8, "Sampling temperature.")
     top_k: int = _flag(50, "Sample among the k most likely tokens (0 disables).")
@@ -141,7 +142,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name} must be at least 1 (got {value}).")
     if cfg.n_embd % cfg.n_head:
         raise UsageError(
-            f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share of the width. "
+            f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share of the "
+            f"width. "
             f"Pick --n_embd as a multiple of {cfg.n_head} (e.g. {cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}) "
             f"or change --n_head."
         )
@@ -158,6 +160,11 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)}).")
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
+    other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (
+        f"--corpus {cfg.corpus}" if cfg.corpus and cfg.corpus not in CHINESE_CORPORA else None)
+    if cfg.use_chinese and other_text:
+        raise UsageError(f"--use_chinese asks for the Chinese poetry corpus, but {other_text} names other text. "
+                         f"Drop --use_chinese to train on that text, or drop {other_text.split()[0]}.")
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -207,7 +214,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def config_from_dict(values: dict) -> TrainConfig:
-    """Rebuild a config saved in a checkpoint, ignoring keys a newer/older version does not know."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+def flag_table() -> str:
+    """The Markdown rows of the READMEs' flag tables, generated from the parser: `./dev.sh flags` writes them between
+    the `<!-- flags -->` markers, and a test fails when a README drifts from the parser."""
+    rows = []
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        default = "—" if action.default in (None, "") else f"`{action.default}`"
+        choices = f" One of: {', '.join(action.choices)}." if action.choices else ""
+        rows.append(f"| `{action.option_strings[0]}` | {default} | {action.help}{choices} |")
+    return "\n".join(rows) + "\n"

@@ -12,7 +12,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CHINESE_PROMPTS, TrainConfig, UsageError, notice
+from .config import CHINESE_PROMPTS, TrainConfig
+from .errors import UsageError, notice
 
 # chinese-poetry at a fixed commit, so the bytes (and so the token cache) never change under a user.
 CHINESE_POETRY_COMMIT = "8ce34a6414c51ee43771db8a575b3074a6ba2299"
@@ -97,7 +98,8 @@ def json_records_to_text(records, path: str) -> str:
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):
-        raise UsageError(f"{path}: expected a JSON list of records with `paragraphs` or `text`, found {type(records).__name__}.")
+        raise UsageError(f"{path}: expected a JSON list of records with `paragraphs` or `text`, found "
+                         f"{type(records).__name__}.")
     texts = [t for t in (poem_to_text(r) for r in records if isinstance(r, dict)) if t]
     if records and not texts:
         raise UsageError(
@@ -129,7 +131,8 @@ def read_source_file(path: Path) -> str:
 def read_data_path(data_path: str) -> Corpus:
     path = Path(data_path).expanduser()
     if not path.exists():
-        raise UsageError(f"--data_path {data_path} does not exist. Give a text file or a folder of .txt/.json/.jsonl files.")
+        raise UsageError(f"--data_path {data_path} does not exist. Give a text file or a folder of "
+                         f".txt/.json/.jsonl files.")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file())
         if not files:
@@ -138,7 +141,8 @@ def read_data_path(data_path: str) -> Corpus:
     else:
         text = read_source_file(path)
     if not text.strip():
-        raise UsageError(f"--data_path {data_path} holds no text (it is empty or only whitespace). Point it at your corpus.")
+        raise UsageError(f"--data_path {data_path} holds no text (it is empty or only whitespace). Point it at your "
+                         f"corpus.")
     return Corpus(path.name, text, default_prompts_for(text))
 
 
@@ -158,7 +162,8 @@ def sha256_file(path: Path) -> str:
 
 
 def download(url: str, dest: Path, expected_sha256: str | None, timeout: float = 30.0) -> str:
-    """Fetch url into dest through dest.part, continuing a partial file with an HTTP Range request. Returns the digest."""
+    """Fetch url into dest through dest.part, continuing a partial file with an HTTP Range request; returns the
+    digest."""
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -191,7 +196,8 @@ def fetch_remote_corpus(spec: RemoteCorpus, cache_dir: str) -> Path:
         dest = folder / name.replace("/", "__")
         if dest.exists():
             if name in sums and sha256_file(dest) != sums[name]:
-                raise UsageError(f"cached file {dest} does not match its recorded SHA-256; delete it to download again.")
+                raise UsageError(f"cached file {dest} does not match its recorded SHA-256; delete it to download "
+                                 f"again.")
             continue
         sums[name] = download(f"{spec.url_base()}/{name}", dest, sums.get(name))
         sums_path.write_text(json.dumps(sums, indent=1, sort_keys=True))
@@ -220,7 +226,8 @@ def fortunes_zh() -> Corpus:
     """Tang 300 and Song 100 from Debian/Ubuntu's fortunes-zh package: entries separated by '%' lines, ANSI-coloured."""
     files = [Path(FORTUNES_DIR) / name for name in ("tang300", "song100")]
     if not all(f.exists() for f in files):
-        raise CorpusUnavailable(f"fortunes-zh is not installed (no {files[0]}); `sudo apt-get install fortunes-zh` adds it.")
+        raise CorpusUnavailable(f"fortunes-zh is not installed (no {files[0]}); `sudo apt-get install fortunes-zh` "
+                                f"adds it.")
     entries = []
     for f in files:
         raw = ANSI_ESCAPE.sub("", decode_bytes(f.read_bytes(), str(f)))

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, UsageError, notice
+from .config import TrainConfig
+from .errors import UsageError, notice
 from .corpora import Corpus, load_corpus
 from .tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 
@@ -77,7 +78,8 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
     if len(train) < need or len(val) < need:
         raise UsageError(
             f"the corpus {corpus.name} has {len(train):,} training and {len(val):,} validation tokens, but each split "
-            f"needs at least block_size + 1 = {need}. Use more text, a smaller --block_size, or a different --train_split."
+            f"needs at least block_size + 1 = {need}. Use more text, a smaller --block_size, or a different "
+            f"--train_split."
         )
     return TokenData(train, val, tokenizer, corpus.name, corpus.default_prompts)
 

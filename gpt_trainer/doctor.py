@@ -53,8 +53,8 @@ def gpu_lines(require_gpu: bool) -> tuple[list[str], list[str]]:
     for i in range(torch.cuda.device_count()):
         device = torch.device("cuda", i)
         free, total = torch.cuda.mem_get_info(device)
-        lines.append(f"GPU {i}:         {torch.cuda.get_device_name(device)} | {free / 2**30:.1f} of {total / 2**30:.1f} GiB "
-                     f"free | bf16: {'yes' if bf16_supported(device) else 'no (use --fp16)'}")
+        lines.append(f"GPU {i}:         {torch.cuda.get_device_name(device)} | {free / 2**30:.1f} of "
+                     f"{total / 2**30:.1f} GiB free | bf16: {'yes' if bf16_supported(device) else 'no (use --fp16)'}")
     return lines, problems
 
 
@@ -71,7 +71,7 @@ def diagnose(output_dir: Path, require_gpu: bool = False) -> tuple[list[str], li
         gpu, gpu_problems = gpu_lines(require_gpu)
         lines += gpu
         problems += gpu_problems
-    from .tracking import wandb_key_source
+    from .wandb_backend import wandb_key_source
 
     source = wandb_key_source()
     lines.append(f"wandb key:     {'from ' + source if source else 'none found (runs log offline; wandb sync later)'}")

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from .config import TrainConfig, UsageError
+from .config import TrainConfig
+from .errors import UsageError
 
 # Dense bf16/fp16 tensor throughput in TFLOP/s from vendor data sheets, matched against the device name.
 PEAK_TFLOPS = {
@@ -23,7 +24,8 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             "--device cuda was asked for, but PyTorch sees no GPU (CUDA or ROCm). Check the driver and that the "
-            "container got the GPU (--gpus all for NVIDIA; --device /dev/kfd --device /dev/dri for AMD), or use --device cpu."
+            "container got the GPU (--gpus all for NVIDIA; --device /dev/kfd --device /dev/dri for AMD), or use "
+            "--device cpu."
         )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +91,8 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
         return override, "--peak_tflops"
     if device.type == "cpu":
         threads = torch.get_num_threads()
-        return CPU_TFLOPS_PER_THREAD * threads, f"assumed {CPU_TFLOPS_PER_THREAD * 1000:.0f} GFLOP/s x {threads} CPU threads"
+        source = f"assumed {CPU_TFLOPS_PER_THREAD * 1000:.0f} GFLOP/s x {threads} CPU threads"
+        return CPU_TFLOPS_PER_THREAD * threads, source
     name = device_name(device)
     for key, value in PEAK_TFLOPS.items():
         if key in name:

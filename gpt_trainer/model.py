@@ -101,7 +101,8 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list | None = None, start: int = 0):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list | None = None,
+                start: int = 0):
         T = idx.size(1)
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
@@ -128,8 +129,8 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None):
         """Sample continuations of `idx` (B, T), reusing cached keys/values so each new token costs one position."""
         block = self.cfg.block_size
         idx = idx[:, -block:]

@@ -11,7 +11,8 @@ import sys
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, UsageError, notice
+from .config import TrainConfig
+from .errors import notice, run_cli
 from .hardware import autocast, pick_device, resolve_precision
 from .model import GPT, GPTConfig
 from .tokenizer import tokenizer_from_dict
@@ -39,7 +40,7 @@ def model_from_checkpoint(state: dict, device: torch.device) -> GPT:
     return model.to(device)
 
 
-def main(argv: list[str] | None = None) -> int:
+def sample_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sample", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a .pt file written by training")
     parser.add_argument("--prompts", default="春江,往事", help="comma-separated prompts")
@@ -50,15 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = parser.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        state = checkpoint.load(args.checkpoint, device)
-        model = model_from_checkpoint(state, device)
-        tokenizer = tokenizer_from_dict(state["tokenizer"])
-        precision = resolve_precision(TrainConfig(), device)  # the device's default: fp32 on CPU, bf16/fp16 on GPU
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = pick_device(args.device)
+    state = checkpoint.load(args.checkpoint, device)
+    model = model_from_checkpoint(state, device)
+    tokenizer = tokenizer_from_dict(state["tokenizer"])
+    precision = resolve_precision(TrainConfig(), device)  # the device's default: fp32 on CPU, bf16/fp16 on GPU
     if args.seed is not None:
         torch.manual_seed(args.seed)
     for prompt in args.prompts.split(","):
@@ -66,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                              args.top_p)
         print(f"--- {prompt!r} ---\n{text}\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(sample_command, argv)
 
 
 if __name__ == "__main__":

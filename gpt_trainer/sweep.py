@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import TrainConfig, UsageError
+from .config import TrainConfig
+from .errors import UsageError, run_cli
 
 STATE_FILE = "sweep_state.json"
 FLAGS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -72,7 +73,8 @@ def _numbers_hidden_in_strings(name: str, spec: dict, path: str) -> None:
 def check_sweep(config: dict, path: str) -> None:
     for name, spec in config["parameters"].items():
         if not isinstance(spec, dict):
-            raise UsageError(f"{path}: parameter `{name}` must be a mapping such as {{values: [...]}} or {{value: ...}}.")
+            raise UsageError(f"{path}: parameter `{name}` must be a mapping such as {{values: [...]}} or "
+                             f"{{value: ...}}.")
         _numbers_hidden_in_strings(name, spec, path)
         if name not in FLAGS:
             close = difflib.get_close_matches(name, FLAGS, n=1)
@@ -84,7 +86,8 @@ def check_sweep(config: dict, path: str) -> None:
 
 
 def agent_args(params: dict) -> list[str]:
-    """The argument list a wandb agent builds for ${args}: `--key=value` with str(value) (so booleans are True/False)."""
+    """The argument list a wandb agent builds for ${args}: `--key=value` with str(value), so booleans arrive as
+    True/False."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
@@ -137,7 +140,8 @@ class LocalSweep:
         if unfinished:
             return unfinished[0]  # interrupted last time: resume it
         sweeps = _sweeps()
-        done = [sweeps.SweepRun(config={k: {"value": v} for k, v in t["params"].items()}, state=sweeps.RunState.finished,
+        done = [sweeps.SweepRun(config={k: {"value": v} for k, v in t["params"].items()},
+                                state=sweeps.RunState.finished,
                                 summary_metrics={self.metric: t["metric"]} if t["metric"] is not None else {})
                 for t in self.trials]
         suggestion = sweeps.next_run(self.config, done, validate=False)
@@ -149,8 +153,9 @@ class LocalSweep:
         return trial
 
     def command(self, trial: dict) -> list[str]:
-        return [sys.executable, str(self.program), *agent_args(trial["params"]), f"--output_dir={self.root / trial['name']}",
-                f"--report_to={self.report_to}", f"--wandb_run_name={trial['name']}", "--resume"]
+        return [sys.executable, str(self.program), *agent_args(trial["params"]),
+                f"--output_dir={self.root / trial['name']}", f"--report_to={self.report_to}",
+                f"--wandb_run_name={trial['name']}", "--resume"]
 
     def run(self, max_runs: int | None) -> int:
         while max_runs is None or sum(t["status"] != "running" for t in self.trials) < max_runs:
@@ -200,7 +205,7 @@ class LocalSweep:
         print(f"compare the trials: tensorboard --logdir {self.root}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def sweep_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_file", help="a wandb sweep YAML, e.g. sweep_config.yaml")
     parser.add_argument("--max_runs", type=int, default=None, help="stop after this many trials (grid: all by default)")
@@ -209,17 +214,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="trackers for each trial (wandb logs offline without a key)")
     parser.add_argument("--check", action="store_true", help="only validate the file")
     args = parser.parse_args(argv)
-    try:
-        config = load_sweep(args.sweep_file)
-        if args.max_runs is None and config["method"] != "grid" and not args.check:
-            raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")
-        if args.check:
-            print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}")
-            return 0
-        return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_sweep(args.sweep_file)
+    if args.max_runs is None and config["method"] != "grid" and not args.check:
+        raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")
+    if args.check:
+        print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}")
+        return 0
+    return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(sweep_command, argv)
 
 
 if __name__ == "__main__":

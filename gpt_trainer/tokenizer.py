@@ -3,11 +3,10 @@ every checkpoint, so sampling needs nothing but the checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
-from .config import UsageError
+from .errors import UsageError
 
 
 class CharTokenizer:
@@ -38,9 +37,6 @@ class CharTokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "chars": "".join(self.chars)}
-
-    def fingerprint(self) -> str:
-        return "char-" + hashlib.sha256("".join(self.chars).encode("utf-8")).hexdigest()[:16]
 
 
 class SentencePieceTokenizer:
@@ -102,9 +98,6 @@ class SentencePieceTokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "model_proto": self.model_proto}
-
-    def fingerprint(self) -> str:
-        return "sp-" + hashlib.sha256(self.model_proto).hexdigest()[:16]
 
 
 def tokenizer_from_dict(state: dict):

@@ -1,5 +1,6 @@
 """The training loop: sample a batch, accumulate gradients over micro-batches, clip, step, schedule; evaluate, save
-and report at intervals. Nothing in the per-step path waits for the GPU except the periodic report."""
+and report at intervals (decided in one place: should_log / should_eval / should_save). Nothing in the per-step path
+waits for the GPU except the periodic report."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import TrainConfig
 from .data import EpochSampler, TokenData, gather_windows, steps_for, to_device, validation_windows
-from .hardware import autocast, gpu_memory_metrics, peak_tflops, synchronize
+from .hardware import autocast, gpu_memory_metrics, peak_tflops
+from .metrics import ThroughputWindow
 from .model import GPT, GPTConfig
 from .sample import generate_text
-from .tracking import NullTracker
+from .tracking import Tracker
 
 
 def perplexity(loss: float) -> float:
@@ -42,10 +44,10 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: TokenData, device: torch.device, precision: str, tracker=None,
-                 sample_prompts: list[str] = ()):
+    def __init__(self, cfg: TrainConfig, data: TokenData, device: torch.device, precision: str,
+                 tracker: Tracker | None = None, sample_prompts: list[str] = ()):
         self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
-        self.tracker = tracker or NullTracker()
+        self.tracker = tracker or Tracker()
         self.sample_prompts = list(sample_prompts)  # sampled at every evaluation for the trackers
         torch.manual_seed(cfg.seed)
         self.model = GPT(GPTConfig(data.tokenizer.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
@@ -62,7 +64,8 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, self.total_steps, min_ratio)
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.val_batches = to_device(validation_windows(data.val, cfg.block_size, cfg.eval_steps * cfg.batch_size), device)
+        val_windows = validation_windows(data.val, cfg.block_size, cfg.eval_steps * cfg.batch_size)
+        self.val_batches = to_device(val_windows, device)
         self.step = 0
         self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
@@ -112,66 +115,71 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        cfg = self.cfg
         result = TrainResult(self.step, self.best_val_loss)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not sys.stderr.isatty(), file=sys.stderr)
-        window_loss, window_steps = torch.zeros((), device=self.device), 0
-        started = window_start = time.perf_counter()
+        window, started = self.throughput_window(), time.perf_counter()
         while self.step < self.total_steps and self.stop_signal is None:
             epoch = self.sampler.epoch
             loss, grad_norm = self.train_step()
-            window_loss += loss
+            window.add(loss)
             self.epoch_loss += loss
-            window_steps += 1
             self.epoch_steps += 1
             bar.update(1)
-            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
-                synchronize(self.device)
-                now = time.perf_counter()
-                report = self.report(window_loss.item() / window_steps, grad_norm.item(), window_steps, now - window_start)
+            if self.should_log():
+                report = self.report(window, grad_norm)
                 result.history.append(report)
                 bar.set_postfix(loss=f"{report['train/loss']:.4f}", lr=f"{report['train/learning_rate']:.1e}",
                                 tok_s=f"{report['train/tokens_per_sec']:,.0f}")
-                tqdm.write(self.progress_line(report, now - started))
-                window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            paused = time.perf_counter()
-            epoch_done = self.sampler.epoch > epoch
-            eval_due = self.step % cfg.eval_interval == 0 or self.step == self.total_steps
-            val_loss = self.evaluate() if epoch_done or eval_due else None  # once, even when both are due
-            if epoch_done:
-                self.end_epoch(val_loss)
-            if eval_due:
-                self.record_eval_and_save(val_loss)
-            elif self.step % cfg.save_interval == 0 or self.stop_signal is not None:
-                self.save(checkpoint.latest_path(cfg.output_dir))
-            window_start += time.perf_counter() - paused  # tokens/s and MFU measure training, not evaluation or saving
+                tqdm.write(self.progress_line(report, time.perf_counter() - started))
+            with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
+                epoch_done = self.sampler.epoch > epoch
+                val_loss = self.evaluate() if epoch_done or self.should_eval() else None  # once, even if both are due
+                if epoch_done:
+                    self.end_epoch(val_loss)
+                if self.should_eval():
+                    self.record_eval_and_save(val_loss)
+                elif self.should_save():
+                    self.save(checkpoint.latest_path(self.cfg.output_dir))
         bar.close()
         result.interrupted_by = self.stop_signal
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
 
+    # when to report, evaluate and save: the last step always reports and evaluates; a stop request always saves
+    def should_log(self) -> bool:
+        return self.step % self.cfg.log_interval == 0 or self.step == self.total_steps
+
+    def should_eval(self) -> bool:
+        return self.step % self.cfg.eval_interval == 0 or self.step == self.total_steps
+
+    def should_save(self) -> bool:
+        return self.step % self.cfg.save_interval == 0 or self.stop_signal is not None
+
+    def throughput_window(self) -> ThroughputWindow:
+        return ThroughputWindow(self.device, self.cfg.tokens_per_step, self.model.flops_per_token(), self.peak)
+
     def end_epoch(self, val_loss: float) -> None:
         self.last_val_loss = val_loss
-        self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps), "epoch/val_loss": val_loss,
-                          "epoch/val_perplexity": perplexity(val_loss)}, self.step)
+        self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps),
+                          "epoch/val_loss": val_loss, "epoch/val_perplexity": perplexity(val_loss)}, self.step)
         self.epoch_loss.zero_()
         self.epoch_steps = 0
 
-    def report(self, loss: float, grad_norm: float, steps: int, seconds: float) -> dict:
-        tokens_per_sec = steps * self.cfg.tokens_per_step / max(seconds, 1e-9)
+    def report(self, window: ThroughputWindow, grad_norm: torch.Tensor) -> dict:
+        """Log the window's numbers (this waits for the device) and return them with the step."""
+        numbers = window.read_and_reset()
         metrics = {
-            "train/loss": loss,
-            "train/perplexity": perplexity(loss),
+            "train/loss": numbers["loss"],
+            "train/perplexity": perplexity(numbers["loss"]),
             "train/learning_rate": self.scheduler.get_last_lr()[0],
-            "train/grad_norm": grad_norm,
-            "train/tokens_per_sec": tokens_per_sec,
-            "train/mfu": self.model.flops_per_token() * tokens_per_sec / (self.peak * 1e12),
+            "train/grad_norm": grad_norm.item(),
+            "train/tokens_per_sec": numbers["tokens_per_sec"],
+            "train/mfu": numbers["mfu"],
             "train/epoch": self.sampler.epochs_done,
             "train/tokens_seen": self.step * self.cfg.tokens_per_step,
-            "system/step_time_ms": 1000 * seconds / steps,
+            "system/step_time_ms": numbers["step_time_ms"],
             **gpu_memory_metrics(self.device),
         }
         self.tracker.log(metrics, self.step)
@@ -199,40 +207,30 @@ class Trainer:
             self.save(checkpoint.best_path(self.cfg.output_dir))
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "data_position": self.sampler.state_dict(),
-            "best_val_loss": self.best_val_loss,
-            "last_val_loss": self.last_val_loss,
-            "rng": checkpoint.rng_states(),
-            "config": self.cfg.to_dict(),
-            "vocab_size": self.data.tokenizer.vocab_size,
-            "tokenizer": self.data.tokenizer.to_dict(),
-            "corpus": self.data.corpus,
-            "epoch_loss": (self.epoch_loss.item(), self.epoch_steps),
-            "tracking": self.tracker.state_dict(),
-        }
+    def checkpoint_parts(self) -> dict:
+        """Every part whose state a checkpoint holds, by the name it is saved under."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                "sampler": self.sampler, "trainer": self, "tracker": self.tracker}
+
+    def save(self, path: Path) -> None:
+        about = {"config": self.cfg.to_dict(), "vocab_size": self.data.tokenizer.vocab_size,
+                 "tokenizer": self.data.tokenizer.to_dict(), "corpus": self.data.corpus}
+        checkpoint.save_atomic(checkpoint.assemble(self.checkpoint_parts(), about), path)
+
+    def restore(self, state: dict) -> None:
+        """Continue from a loaded checkpoint. The tracker is not restored here: it was started from its saved state,
+        because it must reopen the same runs before anything is logged."""
+        checkpoint.restore(state, {k: v for k, v in self.checkpoint_parts().items() if k != "tracker"})
+
+    def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state
+        return {"step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+                "epoch_loss": (self.epoch_loss.item(), self.epoch_steps)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["data_position"])
-        self.best_val_loss = state["best_val_loss"]
+        self.step, self.best_val_loss = state["step"], state["best_val_loss"]
         self.last_val_loss = state["last_val_loss"]
         self.epoch_loss.fill_(state["epoch_loss"][0])
         self.epoch_steps = state["epoch_loss"][1]
-        checkpoint.restore_rng_states(state["rng"])
-
-    def save(self, path: Path) -> None:
-        checkpoint.save_atomic(self.state_dict(), path)
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
     def sample(self, prompt: str) -> str:

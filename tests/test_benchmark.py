@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from gpt_trainer.benchmark import main
 
 
@@ -19,6 +21,7 @@ def test_benchmark_rejects_bad_flags(capsys):
     assert "--batch_size must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_benchmark_measures_the_cost_of_tracking(capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     argv = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=100",

@@ -1,17 +1,16 @@
 import hashlib
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpt_trainer.cli import main
-from tests.conftest import TINY_SHAPE
+from tests.conftest import TINY_SHAPE, interrupt_after_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def snapshot(folder: Path) -> dict:
     if folder.is_file():
         return {folder.name: hashlib.sha256(folder.read_bytes()).hexdigest()}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_a_run_leaves_checkpoints_metrics_config_and_samples(finished_run):
     root, _ = finished_run
     out = root / "out"
     assert {"latest.pt", "best.pt"} <= {p.name for p in (out / "checkpoints").iterdir()}
-    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == 3
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "eval/loss" in r] == [3]
@@ -89,6 +89,7 @@ def run_script(*args, **kwargs):
                           cwd=ROOT, timeout=120, **kwargs)
 
 
+@pytest.mark.slow
 def test_the_script_reports_bad_input_without_a_traceback():
     result = run_script("--model_size=huge")
     assert result.returncode == 2
@@ -96,26 +97,21 @@ def test_the_script_reports_bad_input_without_a_traceback():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
     argv = ["--corpus=builtin", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}", *TINY_SHAPE,
             "--max_steps=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
-    assert saved["step"] >= 3 and "--resume" in err
+    code, err = interrupt_after_lines([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], metrics, 3, cwd=ROOT)
+    assert code == 128 + signal.SIGTERM, err
+    stopped_at = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"]
+    assert stopped_at >= 3 and "--resume" in err
 
-    resumed = run_script(*argv, "--resume", f"--max_steps={saved['step'] + 2}")
+    resumed = run_script(*argv, "--resume", f"--max_steps={stopped_at + 2}")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {tmp_path / 'checkpoints' / 'latest.pt'} at step {saved['step']}" in resumed.stdout
+    assert f"resumed from {tmp_path / 'checkpoints' / 'latest.pt'} at step {stopped_at}" in resumed.stdout
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps[-1] == saved["step"] + 2
+    assert steps[-1] == stopped_at + 2
 
 
 def test_overwrite_starts_a_fresh_record(tiny_argv, tmp_path):
@@ -124,3 +120,19 @@ def test_overwrite_starts_a_fresh_record(tiny_argv, tmp_path):
     assert main([*argv, "--overwrite", "--max_steps=1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1]
+
+
+def test_training_resumes_from_a_format_1_checkpoint(tmp_path, cache_dir):
+    """The committed fixture was written before checkpoints had a format version (1 layer, 16 wide, step 3)."""
+    fixtures = ROOT / "tests" / "fixtures"
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(fixtures / "checkpoint_v1.pt", tmp_path / "checkpoints" / "latest.pt")
+    argv = [f"--data_path={fixtures / 'poems.txt'}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}",
+            "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--dropout=0.0",
+            "--eval_steps=1", "--fp32", "--device=cpu", "--sample_tokens=4", "--report_to=none", "--log_interval=1",
+            "--resume", "--max_steps=5"]
+    assert main(argv) == 0
+    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    assert saved["format_version"] == 2 and saved["trainer"]["step"] == 5
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [4, 5]

@@ -1,6 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 
-from gpt_trainer.config import MODEL_PRESETS, UsageError, parse_args
+from gpt_trainer.config import MODEL_PRESETS, parse_args
+from gpt_trainer.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -41,3 +47,22 @@ def test_presets_fill_the_shape_and_overrides_win(size):
 def test_bad_flags_raise_a_usage_error_naming_the_problem(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         parse_args(argv)
+
+
+def test_use_chinese_picks_chinese_poetry_and_refuses_other_text():
+    assert parse_args(["--use_chinese", "--corpus=song_ci"]).corpus == "song_ci"
+    for other in (["--corpus=shakespeare"], ["--data_path=mine.txt"]):
+        named = other[0].replace("=", " ")
+        with pytest.raises(UsageError, match=f"--use_chinese asks for the Chinese poetry corpus, but {named}"):
+            parse_args(["--use_chinese", *other])
+
+
+def test_the_readme_flag_tables_are_the_parser_s():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import readme_flags
+
+    for name in readme_flags.READMES:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert readme_flags.with_current_table(text) == text, f"{name} drifted: run ./dev.sh flags"
+        drifted = text.replace("| `--dropout` | `0.1` |", "| `--dropout` | `0.2` |")  # a hand edit: caught
+        assert readme_flags.with_current_table(drifted) == text

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_script(*args):
-    return subprocess.run(["bash", str(ROOT / "build_docker_image.sh"), *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", str(ROOT / "build_docker_image.sh"), *args], capture_output=True, text=True,
+                          timeout=30)
 
 
 def test_build_script_help_names_bases_that_carry_the_tested_torch():
@@ -20,7 +21,8 @@ def test_build_script_help_names_bases_that_carry_the_tested_torch():
     assert result.returncode == 0 and "--backend" in result.stdout
     assert "rocm/pytorch:rocm10.0_ubuntu24.04_py3.13_pytorch_release_2.13.0" in result.stdout
     assert "pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime" in result.stdout
-    assert "ARG BASE_IMAGE=rocm/pytorch:rocm10.0_ubuntu24.04_py3.13_pytorch_release_2.13.0" in (ROOT / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=rocm/pytorch:rocm10.0_ubuntu24.04_py3.13_pytorch_release_2.13.0" in dockerfile
 
 
 @pytest.mark.parametrize("args, message", [
@@ -91,7 +93,8 @@ def test_gpu_overrides():
 
 
 def test_env_example_lists_every_setting_compose_reads():
-    compose = "".join((ROOT / f).read_text() for f in ("docker-compose.yml", "docker-compose.rocm.yml", "docker-compose.cuda.yml"))
+    files = ("docker-compose.yml", "docker-compose.rocm.yml", "docker-compose.cuda.yml")
+    compose = "".join((ROOT / f).read_text() for f in files)
     used = set(re.findall(r"\$\{(\w+)", compose)) - {"HOME"}
     documented = set(re.findall(r"^(\w+)=", (ROOT / ".env.example").read_text(), re.M))
     assert used - {"TRAIN_COMMAND"} <= documented

@@ -6,7 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from gpt_trainer import corpora
-from gpt_trainer.config import CHINESE_PROMPTS, UsageError, parse_args
+from gpt_trainer.config import CHINESE_PROMPTS, parse_args
+from gpt_trainer.errors import UsageError
 from gpt_trainer.corpora import RemoteCorpus, chinese_default, fetch_remote_corpus, load_corpus, read_data_path
 
 POEMS = [{"rhythmic": "虞美人", "paragraphs": ["春花秋月何时了？", "往事知多少。"]},
@@ -89,7 +90,8 @@ def poetry_files():
 
 
 def spec_for(files, **kwargs):
-    return RemoteCorpus("song_ci", "http://unused.invalid", "TEST_MIRROR_URL", tuple(f.lstrip("/") for f in files), **kwargs)
+    return RemoteCorpus("song_ci", "http://unused.invalid", "TEST_MIRROR_URL", tuple(f.lstrip("/") for f in files),
+                        **kwargs)
 
 
 def test_download_once_through_a_mirror_variable(server, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from gpt_trainer import data as data_module
-from gpt_trainer.config import UsageError
+from gpt_trainer.errors import UsageError
 from gpt_trainer.corpora import Corpus
 from gpt_trainer.data import EpochSampler, prepare_data, validation_windows
 

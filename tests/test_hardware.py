@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gpt_trainer import hardware
-from gpt_trainer.config import UsageError, parse_args
+from gpt_trainer.config import parse_args
+from gpt_trainer.errors import UsageError
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 

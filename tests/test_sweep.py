@@ -1,6 +1,9 @@
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import yaml
 from gpt_trainer import cli, sweep
 from gpt_trainer.config import parse_args
 from gpt_trainer.sweep import agent_args, load_sweep, main
-from tests.conftest import TINY_SHAPE
+from tests.conftest import TINY_SHAPE, interrupt_after_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = [ROOT / "sweep_config.yaml", *sorted((ROOT / "examples" / "sweeps").glob("*.yaml"))]
@@ -59,7 +62,7 @@ def test_under_an_agent_each_run_gets_its_own_output_dir(monkeypatch):
 
 
 def test_sweep_values_are_left_out_of_our_wandb_config(tmp_path, monkeypatch):
-    from gpt_trainer.tracking import sweep_locked_keys
+    from gpt_trainer.wandb_backend import sweep_locked_keys
     params = tmp_path / "params.yaml"
     params.write_text("learning_rate:\n  value: 0.0001\nbatch_size:\n  value: 8\n")
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
@@ -82,9 +85,12 @@ def write(tmp_path, name, text):
 @pytest.mark.parametrize("text, message", [
     ("method: grid\nparameters:\n  batch_size: {values: [8, 16]\n", "not valid YAML at line 4"),
     ("method: sometimes\nparameters:\n  batch_size: {values: [8]}\n", "'sometimes' is not one of"),
-    ("method: grid\nparameters:\n  batch_sise: {values: [8]}\n", "`batch_sise` is not a flag of train_single_gpu.py. Did you mean `batch_size`?"),
-    ("method: grid\nparameters:\n  learning_rate: {values: [1e-5, 1.0e-4]}\n", "`learning_rate` has '1e-5', which YAML reads as a string"),
-    ("method: random\nparameters:\n  learning_rate: {distribution: log_uniform_values, min: 1e-5, max: 1.0e-3}\n", "`learning_rate` has '1e-5'"),
+    ("method: grid\nparameters:\n  batch_sise: {values: [8]}\n",
+     "`batch_sise` is not a flag of train_single_gpu.py. Did you mean `batch_size`?"),
+    ("method: grid\nparameters:\n  learning_rate: {values: [1e-5, 1.0e-4]}\n",
+     "`learning_rate` has '1e-5', which YAML reads as a string"),
+    ("method: random\nparameters:\n  learning_rate: {distribution: log_uniform_values, min: 1e-5, max: 1.0e-3}\n",
+     "`learning_rate` has '1e-5'"),
     ("- just\n- a list\n", "must be a mapping"),
 ])
 def test_bad_sweep_files_exit_2_naming_the_line_or_key(tmp_path, capsys, text, message):
@@ -98,6 +104,7 @@ def test_random_and_bayes_need_a_run_limit(capsys):
     assert "--max_runs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on_restart(tmp_path, cache_dir, capsys):
     fixed = tiny_sweep_params()
     config = {
@@ -130,12 +137,8 @@ def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on
     assert json.loads((out / "sweep_state.json").read_text())["trials"] == state
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_the_running_trial(tmp_path, cache_dir):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     fixed = tiny_sweep_params()
     config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
               "metric": {"name": "eval/loss", "goal": "minimize"},
@@ -146,14 +149,8 @@ def test_an_interrupted_sweep_resumes_the_running_trial(tmp_path, cache_dir):
     sweep_file = write(tmp_path, "grid.yaml", yaml.safe_dump(config))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "gpt_trainer.sweep", sweep_file, f"--output_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "trial-001" / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
-    _, err = proc.communicate(timeout=90)
-    assert proc.returncode == 130, err
+    code, err = interrupt_after_lines(cmd, out / "trial-001" / "metrics.jsonl", 5, signal.SIGINT, group=True, cwd=ROOT)
+    assert code == 130, err
     assert "run the same command again" in err
     state = json.loads((out / "sweep_state.json").read_text())["trials"]
     assert [t["status"] for t in state] == ["running"]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_trainer.config import UsageError
+from gpt_trainer.errors import UsageError
 from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 
 RARE = "𠀀𪚥"  # outside the Basic Multilingual Plane: two UTF-16 units, one Python character each

@@ -1,11 +1,10 @@
-import math
 
 import pytest
 import torch
 
 from gpt_trainer import checkpoint
 from gpt_trainer.data import prepare_data
-from gpt_trainer.tracking import NullTracker
+from gpt_trainer.tracking import Tracker
 from gpt_trainer.trainer import Trainer, lr_multiplier
 
 
@@ -63,7 +62,7 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*flags, f"--output_dir={tmp_path / 'b'}")
     first = make_trainer(cfg)
 
-    class StopAtStep7(NullTracker):  # does what the SIGTERM handler does, at a known step
+    class StopAtStep7(Tracker):  # does what the SIGTERM handler does, at a known step
         def log(self, metrics, step):
             if step == 7:
                 first.stop_signal = 15
@@ -72,7 +71,7 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     assert part_one.interrupted_by == 15 and part_one.steps == 7
 
     second = make_trainer(cfg)
-    second.load_state_dict(checkpoint.load(checkpoint.latest_path(cfg.output_dir)))
+    second.restore(checkpoint.load(checkpoint.latest_path(cfg.output_dir)))
     part_two = second.train()
     resumed = [r["train/loss"] for r in part_one.history + part_two.history]
     assert resumed == [r["train/loss"] for r in straight.history]  # bit for bit

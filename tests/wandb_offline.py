@@ -51,7 +51,8 @@ def history_rows(path: Path) -> list[dict]:
     rows = []
     for record in read_records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item})
+            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                         for item in record.history.item})
     return rows
 
 

@@ -1,0 +1,51 @@
+"""Throughput: the window of training steps between two reports, and what it yields (mean loss, tokens/s, MFU, step
+time). Only training time counts: evaluation, saving and sampling run inside `paused()`. Adding a step never waits
+for the GPU; reading the window does, once per report."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from .hardware import synchronize
+
+
+def model_flops_utilisation(flops_per_token: float, tokens_per_sec: float, peak_tflops: float) -> float:
+    return flops_per_token * tokens_per_sec / (peak_tflops * 1e12)
+
+
+class ThroughputWindow:
+    def __init__(self, device: torch.device, tokens_per_step: int, flops_per_token: float, peak_tflops: float):
+        self.device, self.tokens_per_step = device, tokens_per_step
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - paused_at
+
+    def read_and_reset(self) -> dict:
+        """The window's numbers (it waits for the device to finish), then an empty window starting now."""
+        synchronize(self.device)
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        steps = max(self.steps, 1)
+        tokens_per_sec = self.steps * self.tokens_per_step / seconds
+        reading = {"loss": self.loss_sum.item() / steps, "tokens_per_sec": tokens_per_sec,
+                   "mfu": model_flops_utilisation(self.flops_per_token, tokens_per_sec, self.peak_tflops),
+                   "step_time_ms": 1000 * seconds / steps}
+        self.loss_sum.zero_()
+        self.steps = 0
+        self.started = time.perf_counter()
+        return reading

@@ -1,0 +1,141 @@
+"""wandb: credentials found without reading the key into anything logged, a bounded start-up with an offline
+fallback, and the backend that logs to the run.
+
+wandb never blocks a run: no key means offline (with the `wandb sync` command to upload later), an unreachable
+server means offline after a bounded wait, and a missing package means no wandb. The API key itself is never read
+into anything that is logged or saved; only where it would come from is reported."""
+
+from __future__ import annotations
+
+import configparser
+import netrc
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from .errors import notice
+
+if TYPE_CHECKING:
+    from .tracking import RunInfo, RunSummary
+
+WANDB_INIT_TIMEOUT_S = 20.0  # how long to wait for a wandb server before going offline (env WANDB_INIT_TIMEOUT wins)
+
+
+def wandb_key_source() -> str | None:
+    """Where wandb would find an API key, in wandb's own order, without reading the key into anything."""
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    netrc_path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    if netrc_path.is_file():
+        try:
+            # an explicit path skips the owner/permission check, so a read-only mount from the host works
+            if netrc.netrc(str(netrc_path)).authenticators(host):
+                return str(netrc_path)
+        except PermissionError:
+            notice(f"note: {netrc_path} exists but this user (uid {os.getuid()}) cannot read it; run the container "
+                   f"as the file's owner or pass WANDB_API_KEY instead.")
+        except netrc.NetrcParseError as e:
+            notice(f"note: {netrc_path} could not be parsed (line {e.lineno}); ignoring it.")
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings"
+    if settings.is_file():
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(settings)
+        except (configparser.Error, OSError):
+            return None
+        if parser.get("default", "api_key", fallback=None):
+            return str(settings)
+    return None
+
+
+class WandbBackend:
+    def __init__(self, run, wandb_module, log_model: bool):
+        self.run, self.wandb, self.log_model = run, wandb_module, log_model
+        self.table_rows: list = []
+        # our step is a logged value, not wandb's internal _step, so a resumed run never logs "backwards"
+        run.define_metric("global_step")
+        run.define_metric("*", step_metric="global_step")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({**metrics, "global_step": step})
+
+    def log_samples(self, samples: dict, step: int) -> None:
+        self.table_rows += [[step, prompt, text] for prompt, text in samples.items()]
+        table = self.wandb.Table(columns=["step", "prompt", "text"], data=self.table_rows)
+        self.run.log({"samples": table, "global_step": step})
+
+    def state_dict(self) -> dict:
+        return {"wandb_id": self.run.id}
+
+    def close(self, summary: RunSummary) -> None:
+        if summary.final:
+            self.log(summary.final, summary.step)
+        existing = [p for p in summary.checkpoints if p.exists()]
+        if self.log_model and existing:
+            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=summary.final)
+            for path in existing:
+                artifact.add_file(str(path), name=path.name)
+            self.run.log_artifact(artifact, aliases=["best", "final", "latest"])
+        offline = self.run.settings.mode in ("offline", "dryrun")
+        run_dir = Path(self.run.dir).parent
+        self.run.finish(exit_code=summary.exit_code)
+        if offline:
+            notice(f"wandb: this run was logged offline. Upload it with:  wandb sync {run_dir}")
+
+
+def sweep_locked_keys() -> set[str]:
+    """Parameters a wandb sweep set for this run: wandb locks them, so we leave them out of our config update."""
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    if not path or not Path(path).is_file():
+        return set()
+    import yaml
+
+    params = yaml.safe_load(Path(path).read_text()) or {}
+    return set(params) if isinstance(params, dict) else set()
+
+
+def start(run: RunInfo) -> WandbBackend | None:
+    """Start a wandb run that cannot hang or crash training; None if wandb is off or missing."""
+    cfg, run_id = run.cfg, run.resumed.get("wandb_id")
+    tags = [cfg.model_size, run.hparams.get("precision", ""), "single-gpu", *cfg.wandb_tags.split(",")]
+    tags = [t.strip()[:64] for t in tags if t.strip()]  # wandb rejects empty tags and tags over 64 characters
+    try:
+        import wandb
+    except ImportError:
+        notice("note: wandb is not installed, so metrics go to TensorBoard only (pip install wandb to add it).")
+        return None
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_PROJECT"):
+        if os.environ.get(name) == "":  # compose passes unset settings as empty strings; wandb would reject them
+            del os.environ[name]
+    mode = (cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online").lower()
+    if mode == "disabled":
+        return None
+    if mode in ("online", "run") and not wandb_key_source():
+        notice("wandb: no API key (WANDB_API_KEY, ~/.netrc or ~/.config/wandb/settings), so this run logs offline; "
+               "the command to upload it is printed at the end.")
+        mode = "offline"
+    kwargs = dict(
+        project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "gpt-training",
+        entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
+        name=run.name, tags=tags, id=run_id, resume="allow" if run_id else None,
+        config={k: v for k, v in run.hparams.items() if k not in sweep_locked_keys()},
+        dir=os.environ.get("WANDB_DIR") or cfg.output_dir,
+    )
+    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
+    settings = wandb.Settings(init_timeout=timeout, login_timeout=timeout)
+    attempts = [mode, "offline"] if mode in ("online", "run") else [mode]
+    for attempt in attempts:
+        try:
+            wandb_run = wandb.init(mode=attempt, settings=settings, **kwargs)
+            break
+        except Exception as e:  # unreachable server, rejected key, unwritable folder: training goes on regardless
+            reason = f"{type(e).__name__}: {str(e)[:160]}"
+            if attempt != attempts[-1]:
+                notice(f"wandb: could not reach the server ({reason}); logging offline instead.")
+            else:
+                notice(f"wandb: could not start ({reason}); continuing without wandb (metrics.jsonl and TensorBoard "
+                       f"still record everything).")
+                return None
+    return WandbBackend(wandb_run, wandb, cfg.wandb_log_model)
