@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import parse_args
-from .errors import run_cli
+from .errors import UsageError, run_cli
 from .data import TokenData
 from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
 from .tokenizer import CharTokenizer
@@ -43,6 +43,8 @@ def benchmark(argv: list[str]) -> dict:
     extra.add_argument("--tracking_overhead", action="store_true",
                        help="also time the steps with TensorBoard + wandb (offline) logging every --log_interval steps")
     own, rest = extra.parse_known_args(argv)
+    if own.steps < 1 or own.warmup < 0:
+        raise UsageError(f"--steps must be at least 1 and --warmup at least 0 (got {own.steps} and {own.warmup}).")
     cfg = parse_args(rest)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import RunStopped, UsageError
 
 FORMAT_VERSION = 2
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
@@ -51,6 +51,10 @@ def save_atomic(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk (torch's writer may wrap it), a read-only folder
+        reason = getattr(e, "strerror", None) or e
+        raise RunStopped(f"could not write the checkpoint {path} ({reason}). The previous one is kept. Free some "
+                         f"space or fix the folder, then continue with the same command plus --resume.") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -12,9 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, outdir
 from .config import TrainConfig, parse_args
-from .errors import UsageError, run_cli
+from .errors import notice, run_cli
 from .data import prepare_data
 from .hardware import device_name, pick_device, resolve_precision
 from .tracking import RunSummary, Tracker, start_tracking
@@ -26,20 +26,6 @@ def use_sweep_output_dir(cfg: TrainConfig) -> None:
     sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     if sweep_id and run_id and cfg.output_dir == TrainConfig.output_dir:
         cfg.output_dir = os.path.join("output_sweeps", sweep_id.replace("/", "_"), run_id)
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} is a file, not a folder. Choose another --output_dir.")
-    existing = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output_dir {out} cannot be written ({existing} is not a writable folder). "
-                         f"Fix its permissions or choose another --output_dir.")
-    latest = checkpoint.latest_path(str(out))
-    if latest.exists() and cfg.resume is None and not cfg.overwrite:
-        raise UsageError(f"--output_dir {out} already holds a training run ({latest}). Pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --output_dir.")
 
 
 @contextlib.contextmanager
@@ -60,7 +46,7 @@ def stop_on_signals(trainer: Trainer):
 
 def run(cfg: TrainConfig) -> int:
     use_sweep_output_dir(cfg)
-    check_output_dir(cfg)
+    outdir.check_writable(cfg)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     resume_from = checkpoint.find_resume_checkpoint(cfg)
@@ -75,14 +61,21 @@ def run(cfg: TrainConfig) -> int:
         print(json.dumps(resolved, indent=2, ensure_ascii=False))
         return 0
 
+    # everything is checked: from here on files change, and only while this process holds the folder
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not resume_from:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # the old run's record would mix with the new one
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
+    lock = outdir.hold(out)  # noqa: F841  (held until the process ends)
+    outdir.remove_leftovers(out)
+    start_step = saved["trainer"]["step"] if saved else 0
+    changes = outdir.resume_changes(saved["config"], cfg) if saved else {}
+    if changes:
+        notice(f"--resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}; the new values take "
+               f"effect from step {start_step} (config.json lists the changes of every resumed segment).")
+    # a restart before the first checkpoint continues the same TensorBoard run, from an empty record
+    earlier = outdir.previous_config(out) if not saved and not cfg.overwrite else {}
+    resumed = saved["tracker"] if saved else {"run_name": earlier["run_name"]} if earlier.get("run_name") else None
     prompts = (cfg.sample_prompts or data.default_prompts).split(",")
-    tracker = start_tracking(cfg, resolved, data.corpus, saved["tracker"] if saved else None,
-                             start_step=saved["trainer"]["step"] if saved else 0)
+    tracker = start_tracking(cfg, resolved, data.corpus, resumed, start_step)
+    outdir.write_config(out, {**resolved, "run_name": tracker.run_name}, start_step, changes)
     trainer = Trainer(cfg, data, device, precision, tracker, sample_prompts=prompts)
     if saved:
         trainer.restore(saved)

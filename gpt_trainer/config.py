@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class TrainConfig:
     warmup_steps: int = _flag(100, "Linear warm-up steps before the cosine decay.")
     weight_decay: float = _flag(0.1, "AdamW weight decay (matrices only; not biases, norms or embeddings).")
     grad_clip: float = _flag(1.0, "Clip the global gradient norm to this (0 disables).")
+    max_bad_steps: int = _flag(5, "Stop after this many optimizer steps in a row with a non-finite loss or gradient "
+                                  "(each one is skipped, never applied).")
     seed: int = _flag(1337, "Random seed.")
     # hardware
     device: str = _flag("auto", "Where to train.", choices=["auto", "cuda", "cpu"])
@@ -131,33 +134,52 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric flag's value must lie; every value must also be finite."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_allowed: bool = True  # False: the value must be greater than `low`
+    high_allowed: bool = True
+
+    def holds(self, value: float) -> bool:
+        return (math.isfinite(value) and (value > self.low or (self.low_allowed and value == self.low))
+                and (value < self.high or (self.high_allowed and value == self.high)))
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"at least {self.low:g}" if self.low_allowed else f"a finite number greater than {self.low:g}"
+        return f"in {'[' if self.low_allowed else '('}{self.low:g}, {self.high:g}{']' if self.high_allowed else ')'}"
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_allowed=False)
+FRACTION_OPEN, FRACTION_BELOW_1 = Range(0, 1, False, False), Range(0, 1, True, False)
+# every numeric flag; a test feeds each of them values outside its range
+RANGES = {
+    "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "block_size": AT_LEAST_1,
+    "dropout": FRACTION_BELOW_1, "vocab_size": Range(2), "train_split": FRACTION_OPEN, "batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1, "epochs": POSITIVE, "max_steps": AT_LEAST_1, "learning_rate": POSITIVE,
+    "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+    "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "eval_interval": AT_LEAST_1, "eval_steps": AT_LEAST_1,
+    "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": NON_NEGATIVE, "temperature": POSITIVE,
+    "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_allowed=False), "max_bad_steps": AT_LEAST_1,
+}
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings before anything is read or written."""
     chosen = [name for name in ("bf16", "fp16", "fp32") if getattr(cfg, name)]
     if len(chosen) > 1:
         raise UsageError(f"--{chosen[0]} and --{chosen[1]} contradict each other: choose one precision flag.")
-    for name in ("batch_size", "gradient_accumulation_steps", "block_size", "n_layer", "n_head", "n_embd"):
+    for name, allowed in RANGES.items():
         value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1 (got {value}).")
+        if value is not None and not allowed.holds(value):
+            raise UsageError(f"--{name} must be {allowed.describe()} (got {value}).")
     if cfg.n_embd % cfg.n_head:
-        raise UsageError(
-            f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share of the "
-            f"width. "
-            f"Pick --n_embd as a multiple of {cfg.n_head} (e.g. {cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))}) "
-            f"or change --n_head."
-        )
-    if not 0 < cfg.train_split < 1:
-        raise UsageError(f"--train_split must lie between 0 and 1 (got {cfg.train_split}).")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max_steps must be at least 1 (got {cfg.max_steps}).")
-    if cfg.max_steps is None and cfg.epochs <= 0:
-        raise UsageError(f"--epochs must be positive (got {cfg.epochs}).")
-    if not 0 <= cfg.dropout < 1:
-        raise UsageError(f"--dropout must lie in [0, 1) (got {cfg.dropout}).")
-    for name in ("eval_interval", "eval_steps", "log_interval", "save_interval"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1 (got {getattr(cfg, name)}).")
+        suggestion = cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))
+        raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
+                         f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
+                         f"--n_head.")
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
     other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (
@@ -189,6 +211,7 @@ class _UsageErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _UsageErrorParser(
         prog="train_single_gpu.py",
+        allow_abbrev=False,  # `--learn 1e-3` must not silently mean --learning_rate
         description="Train a small GPT from scratch on one GPU or the CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -3,6 +3,7 @@ by checksum, resumable; or installed locally by Debian's fortunes-zh; or embedde
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -67,19 +68,59 @@ class CorpusUnavailable(UsageError):
 
 
 # ---- reading the user's files ---------------------------------------------------------------------------------------
+WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+             (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def wide_encoding(raw: bytes) -> tuple[str, int] | None:
+    """(codec, BOM length) for UTF-16/32 text, with a BOM or without one (then told by where its zero bytes fall:
+    line breaks and punctuation put them at every other byte, or at two bytes of every four)."""
+    for bom, codec in WIDE_BOMS:  # UTF-32 first: its little-endian BOM begins with UTF-16's
+        if raw.startswith(bom):
+            return codec, len(bom)
+    head = raw[:8192]
+    if b"\0" not in head:
+        return None
+    if len(raw) % 4 == 0 and not any(head[2::4]) and not any(head[3::4]):  # b0 b1 00 00: every code point < 2^16
+        return "utf-32-le", 0
+    if len(raw) % 4 == 0 and not any(head[0::4]) and not any(head[1::4]):
+        return "utf-32-be", 0
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if len(raw) % 2 == 0 and odd > 4 * even:
+        return "utf-16-le", 0
+    if len(raw) % 2 == 0 and even > 4 * odd:
+        return "utf-16-be", 0
+    return None
+
+
 def decode_bytes(raw: bytes, path: str) -> str:
-    """UTF-8 (BOM stripped), else GB18030 (a superset of GBK/GB2312, common for Chinese text) with a notice."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
+    """UTF-8 (BOM stripped); UTF-16/32 (with or without a BOM) with a notice; else GB18030 (a superset of
+    GBK/GB2312, common for Chinese text) with a notice. Text with NUL characters is refused."""
+    wide = wide_encoding(raw)
+    if wide:
+        codec, bom = wide
         try:
-            text = raw.decode("gb18030")
-        except UnicodeDecodeError:
-            raise UsageError(
-                f"{path} is neither UTF-8 nor GB18030/GBK text (first bad byte at offset {e.start}). "
-                f"Convert it, e.g. `iconv -f <encoding> -t UTF-8 {path} > fixed.txt`, and pass the converted file."
-            ) from None
-        notice(f"note: {path} is not UTF-8; decoded it as GB18030/GBK.")
+            text = raw[bom:].decode(codec)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path} looks like {codec.upper()} text but does not decode as it (offset {e.start}). "
+                             f"Convert it to UTF-8, e.g. `iconv -f {codec.upper()} -t UTF-8 {path} > fixed.txt`."
+                             ) from None
+        notice(f"note: {path} is {codec.upper()} text; decoded it as such.")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            try:
+                text = raw.decode("gb18030")
+            except UnicodeDecodeError:
+                raise UsageError(
+                    f"{path} is neither UTF-8, UTF-16/32 nor GB18030/GBK text (first bad byte at offset {e.start}). "
+                    f"Convert it, e.g. `iconv -f <encoding> -t UTF-8 {path} > fixed.txt`, and pass the converted file."
+                ) from None
+            notice(f"note: {path} is not UTF-8; decoded it as GB18030/GBK.")
+    if "\0" in text:
+        raise UsageError(f"{path} contains NUL characters (at character {text.index(chr(0)):,}), so it is not plain "
+                         f"text: a binary file, or text in an encoding that was not recognised. Convert it to UTF-8.")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 

@@ -22,6 +22,10 @@ from .corpora import Corpus, load_corpus
 from .tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 
 
+CACHE_FILES = ("train.bin", "val.bin", "tokenizer.pkl")
+_verified: set = set()  # (file, size) whose digest this process has checked
+
+
 @dataclass
 class TokenData:
     train: np.ndarray  # memory-mapped token ids
@@ -54,7 +58,9 @@ def build_token_cache(text: str, cfg: TrainConfig, folder: Path) -> None:
     with open(staging / "tokenizer.pkl", "wb") as f:
         pickle.dump(tokenizer.to_dict(), f)
     meta = {"dtype": np.dtype(dtype).name, "train_tokens": split, "val_tokens": len(ids) - split,
-            "vocab_size": tokenizer.vocab_size, "characters": len(text)}
+            "vocab_size": tokenizer.vocab_size, "characters": len(text),
+            "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_digest(staging / name)}
+                      for name in CACHE_FILES}}
     (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.rename(staging, folder)
@@ -62,10 +68,40 @@ def build_token_cache(text: str, cfg: TrainConfig, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_damage(folder: Path) -> str | None:
+    """What is wrong with a token cache, or None. Sizes are checked at every load, content digests at the first load
+    in each process (a cache that changes under a running process is beyond this check)."""
+    try:
+        files = json.loads((folder / "meta.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "meta.json is missing, unreadable or from an older version"
+    for name in CACHE_FILES:
+        path, recorded = folder / name, files.get(name, {})
+        if not path.exists() or path.stat().st_size != recorded.get("bytes"):
+            return f"{name} is missing or has the wrong size"
+        if (path, recorded["bytes"]) not in _verified:
+            if file_digest(path) != recorded.get("sha256"):
+                return f"{name} does not match its recorded SHA-256"
+            _verified.add((path, recorded["bytes"]))
+    return None
+
+
 def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
     corpus = corpus or load_corpus(cfg)
     folder = Path(cfg.resolved_cache_dir()) / "tokens" / cache_key(corpus.text, cfg)
-    if not (folder / "meta.json").exists():
+    damage = cache_damage(folder) if folder.exists() else "absent"
+    if damage:
+        if folder.exists():
+            notice(f"note: the token cache {folder} is damaged ({damage}); rebuilding it")
+            shutil.rmtree(folder)
         build_token_cache(corpus.text, cfg, folder)
     meta = json.loads((folder / "meta.json").read_text())
     with open(folder / "tokenizer.pkl", "rb") as f:

@@ -5,6 +5,7 @@ for the GPU; reading the window does, once per report."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -42,7 +43,8 @@ class ThroughputWindow:
         seconds = max(time.perf_counter() - self.started, 1e-9)
         steps = max(self.steps, 1)
         tokens_per_sec = self.steps * self.tokens_per_step / seconds
-        reading = {"loss": self.loss_sum.item() / steps, "tokens_per_sec": tokens_per_sec,
+        loss = self.loss_sum.item() / self.steps if self.steps else math.nan  # every step of the window was skipped
+        reading = {"loss": loss, "tokens_per_sec": tokens_per_sec,
                    "mfu": model_flops_utilisation(self.flops_per_token, tokens_per_sec, self.peak_tflops),
                    "step_time_ms": 1000 * seconds / steps}
         self.loss_sum.zero_()

@@ -37,7 +37,7 @@ class TensorBoardBackend:
 def start(run: RunInfo) -> TensorBoardBackend | None:
     logdir = Path(run.cfg.output_dir) / "logs" / run.name
     try:
-        return TensorBoardBackend(logdir, run.hparams, purge_step=run.start_step + 1 if run.start_step else None)
+        return TensorBoardBackend(logdir, run.hparams, purge_step=run.start_step + 1)
     except ImportError:
         notice("note: tensorboard is not installed, so TensorBoard logs are skipped (pip install tensorboard).")
         return None

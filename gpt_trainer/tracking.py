@@ -66,14 +66,22 @@ def default_run_name(cfg: TrainConfig, corpus: str) -> str:
 
 
 class JsonlBackend:
-    """metrics.jsonl in output_dir: every run keeps a plain record, readable without any tracker installed."""
+    """metrics.jsonl in output_dir: every run keeps a plain record, readable without any tracker installed. It is
+    strict JSON (a non-finite value is written as null) and, like TensorBoard, holds each step once: a resumed run
+    first drops the rows after its checkpoint's step, and a run started afresh starts an empty record."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_through_step: int):
         self.path = path
+        rows = path.read_text(encoding="utf-8").splitlines() if path.exists() and keep_through_step else []
+        kept = [row for row in rows if _step_of(row) is not None and _step_of(row) <= keep_through_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     def log(self, metrics: dict, step: int) -> None:
+        row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
 
     def log_samples(self, samples: dict[str, str], step: int) -> None:
         pass
@@ -81,6 +89,14 @@ class JsonlBackend:
     def close(self, summary: RunSummary) -> None:
         if summary.final:
             self.log(summary.final, summary.step)
+
+
+def _step_of(row: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a line a kill cut short."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Tracker:
@@ -123,6 +139,6 @@ def start_tracking(cfg: TrainConfig, hparams: dict, corpus: str, resumed: dict |
     if not is_main_process():
         return Tracker(run_name=run.name, resumed=resumed)
     wanted = list(BACKENDS) if cfg.report_to == "all" else [cfg.report_to] if cfg.report_to in BACKENDS else []
-    backends = [JsonlBackend(Path(cfg.output_dir) / "metrics.jsonl")]
+    backends = [JsonlBackend(Path(cfg.output_dir) / "metrics.jsonl", keep_through_step=start_step)]
     backends += [b for b in (BACKENDS[name](run) for name in wanted) if b is not None]
     return Tracker(backends, run.name, resumed)

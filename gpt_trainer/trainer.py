@@ -16,6 +16,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import TrainConfig
 from .data import EpochSampler, TokenData, gather_windows, steps_for, to_device, validation_windows
+from .errors import RunStopped
 from .hardware import autocast, gpu_memory_metrics, peak_tflops
 from .metrics import ThroughputWindow
 from .model import GPT, GPTConfig
@@ -70,16 +71,27 @@ class Trainer:
         self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
+        self.step_ok, self.bad_steps, self.bad_in_a_row = True, 0, 0  # non-finite steps: skipped and counted
+        self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
 
     # ---- one optimizer step ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (mean micro-batch loss, gradient norm) as device tensors, without waiting for the GPU."""
+        """One optimizer step; returns (mean micro-batch loss, gradient norm) as device tensors. A step whose loss or
+        gradient norm is not finite is skipped, never applied, and counted (fp16 gradient overflow is the scaler's
+        to skip: it lowers its scale and that is no bad step)."""
         loss = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
-        self.scaler.step(self.optimizer)
+        # one scalar read per step (the fp16 scaler makes the same one): applying a non-finite step ruins the weights
+        finite_loss, finite_norm = torch.stack([loss.isfinite(), grad_norm.isfinite()]).tolist()
+        self.step_ok = finite_loss and (finite_norm or self.precision == "fp16")
+        if self.step_ok:
+            self.scaler.step(self.optimizer)
+            self.bad_in_a_row, self.last_good = 0, (self.step + 1, loss.detach())
+        else:
+            self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -123,9 +135,12 @@ class Trainer:
         while self.step < self.total_steps and self.stop_signal is None:
             epoch = self.sampler.epoch
             loss, grad_norm = self.train_step()
-            window.add(loss)
-            self.epoch_loss += loss
-            self.epoch_steps += 1
+            if self.step_ok:
+                window.add(loss)
+                self.epoch_loss += loss
+                self.epoch_steps += 1
+            elif self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise RunStopped(self.divergence_message())
             bar.update(1)
             if self.should_log():
                 report = self.report(window, grad_norm)
@@ -179,6 +194,7 @@ class Trainer:
             "train/mfu": numbers["mfu"],
             "train/epoch": self.sampler.epochs_done,
             "train/tokens_seen": self.step * self.cfg.tokens_per_step,
+            "train/skipped_steps": self.bad_steps,
             "system/step_time_ms": numbers["step_time_ms"],
             **gpu_memory_metrics(self.device),
         }
@@ -194,7 +210,27 @@ class Trainer:
                 f"val {val} | lr {report['train/learning_rate']:.1e} | {report['train/tokens_per_sec']:,.0f} tok/s | "
                 f"{int(minutes)}m {seconds:.1f}s")
 
+    def divergence_message(self) -> str:
+        cfg, last = self.cfg, self.last_good
+        lr = self.scheduler.get_last_lr()[0]
+        where = f"{last[1].item():.4f} at step {last[0]}" if last else "never seen (it was not finite from the start)"
+        precision = " or use --bf16 / --fp32 instead of fp16 (its range is small)" if self.precision == "fp16" else ""
+        clip = f"tighten --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "enable --grad_clip (e.g. 1.0)"
+        return (f"training diverged: {self.bad_in_a_row} optimizer steps in a row up to step {self.step} had a "
+                f"non-finite loss or gradient norm (each was skipped, none applied). The last finite training loss "
+                f"was {where}. Try a lower --learning_rate (now {cfg.learning_rate:g}, {lr:.2g} at this step), "
+                f"{clip}{precision}. The checkpoints saved so far are untouched: continue from the latest with the "
+                f"same command plus --resume and the changed flags.")
+
+    def check_weights_finite(self) -> None:
+        """Never sample from, or save over a good checkpoint, a model whose weights are not finite."""
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            raise RunStopped(f"the model's weights are no longer finite at step {self.step}, so nothing was saved "
+                             f"over the checkpoints in {checkpoint.checkpoint_dir(self.cfg.output_dir)}. Continue from "
+                             f"the latest with --resume and a lower --learning_rate or a tighter --grad_clip.")
+
     def record_eval_and_save(self, val_loss: float) -> None:
+        self.check_weights_finite()
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
@@ -213,6 +249,7 @@ class Trainer:
                 "sampler": self.sampler, "trainer": self, "tracker": self.tracker}
 
     def save(self, path: Path) -> None:
+        self.check_weights_finite()
         about = {"config": self.cfg.to_dict(), "vocab_size": self.data.tokenizer.vocab_size,
                  "tokenizer": self.data.tokenizer.to_dict(), "corpus": self.data.corpus}
         checkpoint.save_atomic(checkpoint.assemble(self.checkpoint_parts(), about), path)
@@ -221,16 +258,29 @@ class Trainer:
         """Continue from a loaded checkpoint. The tracker is not restored here: it was started from its saved state,
         because it must reopen the same runs before anything is logged."""
         checkpoint.restore(state, {k: v for k, v in self.checkpoint_parts().items() if k != "tracker"})
+        self.use_current_flags()
 
     def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state
         return {"step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
-                "epoch_loss": (self.epoch_loss.item(), self.epoch_steps)}
+                "epoch_loss": (self.epoch_loss.item(), self.epoch_steps), "skipped_steps": self.bad_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_val_loss = state["step"], state["best_val_loss"]
         self.last_val_loss = state["last_val_loss"]
         self.epoch_loss.fill_(state["epoch_loss"][0])
         self.epoch_steps = state["epoch_loss"][1]
+        self.bad_steps = state.get("skipped_steps", 0)  # format 2 checkpoints written before it was counted
+
+    def use_current_flags(self) -> None:
+        """After a resume, this start's flags rule: the restored optimizer and schedule carry the saved peak learning
+        rate and weight decay, so set them (warm-up, decay length and final rate come from the flags already)."""
+        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay  # group 0 holds the decayed matrices
+        lr = self.cfg.learning_rate * lr_multiplier(self.scheduler.last_epoch, self.cfg.warmup_steps, self.total_steps,
+                                                    self.cfg.final_lr / self.cfg.learning_rate)
+        self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = self.cfg.learning_rate, lr
+        self.scheduler._last_lr = [lr] * len(self.optimizer.param_groups)
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
     def sample(self, prompt: str) -> str:

@@ -80,9 +80,11 @@ class WandbBackend:
             self.run.log_artifact(artifact, aliases=["best", "final", "latest"])
         offline = self.run.settings.mode in ("offline", "dryrun")
         run_dir = Path(self.run.dir).parent
+        # offline, every start of a resumed run writes its own folder: all of them make up the run
+        run_dirs = sorted(run_dir.parent.glob(f"offline-run-*-{self.run.id}")) or [run_dir]
         self.run.finish(exit_code=summary.exit_code)
         if offline:
-            notice(f"wandb: this run was logged offline. Upload it with:  wandb sync {run_dir}")
+            notice(f"wandb: this run was logged offline. Upload it with:  wandb sync {' '.join(map(str, run_dirs))}")
 
 
 def sweep_locked_keys() -> set[str]:

@@ -29,3 +29,8 @@ def test_benchmark_measures_the_cost_of_tracking(capsys, monkeypatch):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < result["tracking_call_overhead"] < 1 and result["step_time_tracked_s"] > 0
+
+
+def test_benchmark_needs_a_timed_step(capsys):
+    assert main(["--steps=0", "--device=cpu"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err

@@ -1,15 +1,21 @@
+import errno
 import hashlib
 import json
+import math
 import shutil
 import signal
 import subprocess
 import sys
+import time
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
+from gpt_trainer import checkpoint
 from gpt_trainer.cli import main
+from gpt_trainer.config import TrainConfig
 from tests.conftest import TINY_SHAPE, interrupt_after_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +142,133 @@ def test_training_resumes_from_a_format_1_checkpoint(tmp_path, cache_dir):
     assert saved["format_version"] == 2 and saved["trainer"]["step"] == 5
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps[:2] == [4, 5]
+
+
+ZERO_IS_VALID = {"dropout", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "sample_tokens", "top_k"}
+HINTS = typing.get_type_hints(TrainConfig)
+NUMERIC_FLAGS = [name for name, hint in HINTS.items() if {int, float} & {hint, *typing.get_args(hint)}]
+
+
+def test_every_numeric_flag_is_range_checked_before_anything_is_written(finished_run, capsys):
+    root, argv = finished_run
+    before = snapshot(root / "out")
+    checked = 0
+    for name in NUMERIC_FLAGS:
+        for bad in ["-1", "nan", "inf", "-inf"] + ([] if name in ZERO_IS_VALID else ["0"]):
+            assert main([*argv, "--resume", f"--{name}={bad}"]) == 2, f"--{name}={bad} was accepted"
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1 and f"--{name}" in err, err
+            checked += 1
+    assert snapshot(root / "out") == before
+    assert len(NUMERIC_FLAGS) >= 25 and checked > 100
+
+
+def test_abbreviated_flags_are_refused(tiny_argv, capsys):
+    assert main(tiny_argv("--learn=1e-3")) == 2
+    assert "unrecognized arguments: --learn=1e-3" in capsys.readouterr().err
+
+
+def test_an_output_dir_that_cannot_be_created_is_a_usage_error(tiny_argv, capsys):
+    assert main(tiny_argv("--output_dir=/proc/gpt-trainer-test")) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_a_foreign_file_for_resume_is_a_usage_error(tiny_argv, tmp_path, capsys):
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    assert main(tiny_argv(f"--resume={tmp_path / 'foreign.pt'}")) == 2
+    assert "not a checkpoint written by train_single_gpu.py" in capsys.readouterr().err
+
+
+def test_a_diverging_run_skips_bad_steps_stops_with_advice_and_never_saves_them(tiny_argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = tiny_argv("--learning_rate=1e3", "--grad_clip=0", "--max_steps=60", "--max_bad_steps=3",
+                     "--log_interval=1", "--eval_interval=1000", "--save_interval=2")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: 3 optimizer steps in a row" in err and "--learning_rate (now 1000" in err
+    assert "enable --grad_clip" in err and "Traceback" not in err
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train/skipped_steps"] >= 1
+    latest = out / "checkpoints" / "latest.pt"
+    if latest.exists():  # saved before the run went bad: every weight finite
+        saved = torch.load(latest, weights_only=False)
+        assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_resume_applies_changed_optimisation_flags_and_config_json_records_them(tiny_argv, tmp_path, capsys):
+    argv = tiny_argv("--max_steps=4", "--eval_interval=4", "--log_interval=1", "--warmup_steps=0")
+    assert main(argv) == 0
+    assert main([*argv, "--resume", "--max_steps=6", "--learning_rate=1e-2"]) == 0
+    assert "learning_rate 0.0003 -> 0.01" in capsys.readouterr().err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["learning_rate"] == 1e-2
+    assert [s["from_step"] for s in config["segments"]] == [0, 4]
+    assert config["segments"][1]["changed"] == {"learning_rate": [3e-4, 1e-2], "max_steps": [4, 6]}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    lr_at = {r["step"]: r["train/learning_rate"] for r in rows if "train/learning_rate" in r}
+    final_lr = 1e-3  # learning_rate / 10 at the end of the cosine
+    assert lr_at[5] == pytest.approx(final_lr + (1e-2 - final_lr) * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+def test_stray_temporary_checkpoints_are_removed_on_the_next_start(tiny_argv, tmp_path, capsys):
+    argv = tiny_argv("--max_steps=2", "--eval_interval=2")
+    assert main(argv) == 0
+    stray = tmp_path / "out" / "checkpoints" / ".latest.pt.tmp-99999"
+    stray.write_bytes(b"half a checkpoint")
+    assert main([*argv, "--resume", "--max_steps=3"]) == 0
+    assert not stray.exists() and "removed .latest.pt.tmp-99999" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_argv, tmp_path, monkeypatch, capsys):
+    argv = tiny_argv("--max_steps=4", "--eval_interval=2")
+    real_save = checkpoint.torch.save
+    saves = []
+
+    def save_until_the_disk_fills(state, f):
+        saves.append(state["trainer"]["step"])
+        if len(saves) > 2:  # latest and best at step 2 fit; nothing after does
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, f)
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "The previous one is kept" in err and "Traceback" not in err
+    assert checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")["trainer"]["step"] == 2
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] != []
+    assert not list((tmp_path / "out" / "checkpoints").glob(".*tmp*"))
+
+
+def test_a_restart_before_the_first_checkpoint_continues_one_record(tiny_argv, tmp_path):
+    argv = tiny_argv("--max_steps=3", "--eval_interval=3", "--log_interval=1", "--report_to=tensorboard")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"run_name": "first-attempt"}))  # a start killed before saving
+    (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/lo')
+    assert main(argv) == 0
+    assert [p.name for p in (out / "logs").iterdir()] == ["first-attempt"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [1, 2, 3] and "9.0" not in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_output_dir_stops_at_once_naming_the_first(tmp_path, cache_dir, capsys):
+    argv = ["--corpus=builtin", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}", *TINY_SHAPE,
+            "--max_steps=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        before = (tmp_path / "config.json").read_text()
+        assert main([*argv, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by a training run that is still going (pid {first.pid}" in err
+        assert (tmp_path / "config.json").read_text() == before
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    assert main([*argv, "--resume", "--max_steps=1"]) == 0  # the lock went with the process
+    assert "in use" not in capsys.readouterr().err

@@ -30,9 +30,24 @@ def test_bom_is_stripped(tmp_path):
 
 
 def test_undecodable_file_is_a_clear_error(tmp_path):
-    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00\x81\x30\xff" * 10)
-    with pytest.raises(UsageError, match="neither UTF-8 nor GB18030.*iconv"):
+    (tmp_path / "bad.txt").write_bytes(b"\x81\x30\xff\x7f\x80" * 10)
+    with pytest.raises(UsageError, match="neither UTF-8, UTF-16/32 nor GB18030.*iconv"):
         read_data_path(str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_utf16_and_utf32_are_decoded_with_or_without_a_bom(tmp_path, capsys, codec):
+    text = "静夜思\n床前明月光，疑是地上霜。\nMoonlight\n"
+    (tmp_path / "wide.txt").write_bytes(text.encode(codec))  # "utf-16"/"utf-32" write a BOM, the others none
+    assert read_data_path(str(tmp_path / "wide.txt")).text == text
+    named = {"utf-16": "UTF-16-LE", "utf-32": "UTF-32-LE"}.get(codec, codec.upper())  # with a BOM: x86 byte order
+    assert f"is {named} text" in capsys.readouterr().err
+
+
+def test_text_with_nul_characters_is_refused(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"poems\x00\x01\x02 and then some more bytes")
+    with pytest.raises(UsageError, match="contains NUL characters"):
+        read_data_path(str(tmp_path / "binary.txt"))
 
 
 def test_folder_of_chinese_poetry_json_and_jsonl(tmp_path):

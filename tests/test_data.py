@@ -55,3 +55,37 @@ def test_validation_windows_are_fixed_and_in_range():
     assert windows.shape == (5, 17)
     assert windows[0, 0] == 0 and windows[-1, -1] == 199
     assert np.array_equal(windows, validation_windows(tokens, 16, 5))
+
+
+def damage_truncate(folder):
+    path = folder / "train.bin"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_scramble(folder):  # same size, in-vocabulary ids: only the digest can tell
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    np.random.default_rng(0).permutation(ids).tofile(folder / "train.bin")
+
+
+def damage_pickle(folder):
+    path = folder / "tokenizer.pkl"
+    path.write_bytes(b"\0" * path.stat().st_size)
+
+
+def damage_meta(folder):
+    (folder / "meta.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_scramble, damage_pickle, damage_meta])
+def test_a_damaged_token_cache_is_rebuilt_with_a_notice_never_trained_on(tiny_cfg, tmp_path, monkeypatch, capsys,
+                                                                         damage):
+    cfg = tiny_cfg(f"--cache_dir={tmp_path / 'cache'}")
+    good = prepare_data(cfg)
+    expected = (np.array(good.train), np.array(good.val))
+    [folder] = (tmp_path / "cache" / "tokens").iterdir()
+    damage(folder)
+    monkeypatch.setattr(data_module, "_verified", set())  # a new process: digests are checked at the first load
+    again = prepare_data(cfg)
+    assert "is damaged" in capsys.readouterr().err
+    assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
+    assert data_module.cache_damage(folder) is None

@@ -1,6 +1,7 @@
 """Tracking with the real libraries: TensorBoard event files read back with TensorBoard's own EventAccumulator, and
 wandb offline run files read back record by record (tests/wandb_offline.py)."""
 
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from gpt_trainer import tracking
 from gpt_trainer.cli import main
 from gpt_trainer.config import parse_args
-from gpt_trainer.tracking import RunSummary, start_tracking
+from gpt_trainer.tracking import JsonlBackend, RunSummary, start_tracking
 from tests.conftest import files_containing, interrupt_after_lines, scalars, script_env
 from tests.wandb_offline import history_rows, read_records, run_files
 
@@ -42,9 +43,9 @@ def test_tensorboard_and_wandb_get_the_same_metrics_at_the_same_steps(poems_argv
     wb = wandb_steps(run_file)
     assert tb == wb
     expected = {"train/loss", "train/perplexity", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec",
-                "train/mfu", "train/epoch", "train/tokens_seen", "system/step_time_ms", "eval/loss", "eval/perplexity",
-                "eval/best_perplexity", "epoch/train_loss", "epoch/val_loss", "epoch/val_perplexity",
-                "final/best_perplexity", "final/total_steps", "final/total_epochs"}
+                "train/mfu", "train/epoch", "train/tokens_seen", "train/skipped_steps", "system/step_time_ms",
+                "eval/loss", "eval/perplexity", "eval/best_perplexity", "epoch/train_loss", "epoch/val_loss",
+                "epoch/val_perplexity", "final/best_perplexity", "final/total_steps", "final/total_epochs"}
     assert set(tb) == expected
     assert tb["train/loss"] == list(range(1, 13)) and tb["eval/loss"] == [6, 12] and tb["final/total_steps"] == [12]
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
@@ -76,6 +77,7 @@ def test_sigterm_and_resume_keep_both_trackers_continuous(poems_argv, tmp_path):
     assert first.name == second.name  # the same wandb run id (offline resume writes a second folder)
     steps = wandb_steps(first)["train/loss"] + wandb_steps(second)["train/loss"]
     assert steps == list(range(1, stopped_at + 4))  # every row kept, none twice, none backwards
+    assert f"wandb sync {first.parent} {second.parent}" in resumed.stderr  # both folders make up the run
     assert files_containing(tmp_path / "out", FAKE_KEY) == []
 
 
@@ -89,3 +91,16 @@ def test_only_the_main_process_logs(tmp_path, monkeypatch):
 
 def test_learning_rates_format_compactly_in_run_names():
     assert [tracking.format_lr(x) for x in (3e-4, 1e-3, 2.5e-5, 0.01)] == ["3e-4", "1e-3", "2.5e-5", "1e-2"]
+
+
+def test_metrics_jsonl_keeps_each_step_once_and_stays_strict_json(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "train/loss": {s}.0}}\n' for s in range(1, 7)) + '{"step": 7, "train/lo')
+    backend = JsonlBackend(path, keep_through_step=3)  # resumed from a checkpoint at step 3, after a kill at step 7
+    backend.log({"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/epoch": 0.5}, 4)
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in
+            path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1] == {"step": 4, "train/loss": None, "train/grad_norm": None, "train/epoch": 0.5}
+    JsonlBackend(path, keep_through_step=0)  # a run started afresh
+    assert path.read_text() == ""

@@ -76,3 +76,18 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     resumed = [r["train/loss"] for r in part_one.history + part_two.history]
     assert resumed == [r["train/loss"] for r in straight.history]  # bit for bit
     assert second.step == 12 and second.best_val_loss == straight.best_val_loss
+
+
+def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_cfg):
+    trainer = make_trainer(tiny_cfg("--max_steps=10"))
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    forward = trainer.forward
+    trainer.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(forward(x, y))  # a poisoned batch
+    loss, _ = trainer.train_step()
+    assert not trainer.step_ok and trainer.bad_steps == 1 and trainer.bad_in_a_row == 1 and loss.isnan()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # nothing was applied
+    trainer.forward = forward
+    trainer.train_step()
+    assert trainer.step_ok and trainer.bad_in_a_row == 0 and trainer.step == 3
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
