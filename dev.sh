@@ -4,6 +4,7 @@
 #   ./dev.sh test   make .venv, install everything, lint (ruff), run the test suite (extra arguments go to pytest,
 #                   e.g. ./dev.sh test -m "not slow" for the quick loop)
 #   ./dev.sh flags  rewrite the flag tables in README.md and README.zh-CN.md from the parser
+#   ./dev.sh faults SIGKILL a small run 20 times, resume it each time, check nothing was lost or doubled (~2 minutes)
 #   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
 # TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's
 # CPU-only wheel index, which is far smaller than the default CUDA build).
@@ -40,6 +41,10 @@ case "${1:-}" in
     "$VENV/bin/ruff" check gpt_trainer tests tools docker train_single_gpu.py
     "$VENV/bin/python" -m pytest -q "${@:2}"
     ;;
+  faults)
+    setup
+    "$VENV/bin/python" tools/fault_injection.py "${@:2}"
+    ;;
   flags)
     setup
     "$VENV/bin/python" tools/readme_flags.py
@@ -49,7 +54,7 @@ case "${1:-}" in
     PATH="$PWD/$VENV/bin:$PATH" bash tests/test_container.sh
     ;;
   *)
-    sed -n '2,10p' "$0" >&2
+    sed -n '2,11p' "$0" >&2
     exit 2
     ;;
 esac

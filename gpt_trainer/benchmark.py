@@ -98,7 +98,7 @@ def tracking_overhead(cfg, device, precision, data, steps: int) -> dict:
         os.environ.setdefault("WANDB_SILENT", "true")
         tracked_cfg = dataclasses.replace(cfg, output_dir=tmp, report_to="all")
         bare, _ = timed_loop(Trainer(cfg, data, device, precision), steps)
-        tracker = start_tracking(tracked_cfg, {**tracked_cfg.to_dict(), "precision": precision}, "random")
+        tracker = start_tracking(tracked_cfg, {**tracked_cfg.to_dict(), "precision": precision}, "benchmark")
         tracked, logging_time = timed_loop(Trainer(cfg, data, device, precision, tracker), steps)
         tracker.close(RunSummary())
     return {"step_time_untracked_s": bare, "step_time_tracked_s": tracked, "tracking_wall_overhead": tracked / bare - 1,

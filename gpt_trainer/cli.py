@@ -17,7 +17,7 @@ from .config import TrainConfig, parse_args
 from .errors import notice, run_cli
 from .data import prepare_data
 from .hardware import device_name, pick_device, resolve_precision
-from .tracking import RunSummary, Tracker, start_tracking
+from .tracking import RunSummary, Tracker, default_run_name, start_tracking
 from .trainer import Trainer, perplexity
 
 
@@ -72,10 +72,11 @@ def run(cfg: TrainConfig) -> int:
                f"effect from step {start_step} (config.json lists the changes of every resumed segment).")
     # a restart before the first checkpoint continues the same TensorBoard run, from an empty record
     earlier = outdir.previous_config(out) if not saved and not cfg.overwrite else {}
-    resumed = saved["tracker"] if saved else {"run_name": earlier["run_name"]} if earlier.get("run_name") else None
+    run_name = (saved["tracker"]["run_name"] if saved else earlier.get("run_name")) or cfg.wandb_run_name \
+        or default_run_name(cfg, data.corpus)
+    outdir.write_config(out, {**resolved, "run_name": run_name}, start_step, changes)  # before any tracker writes
+    tracker = start_tracking(cfg, resolved, run_name, saved["tracker"] if saved else None, start_step)
     prompts = (cfg.sample_prompts or data.default_prompts).split(",")
-    tracker = start_tracking(cfg, resolved, data.corpus, resumed, start_step)
-    outdir.write_config(out, {**resolved, "run_name": tracker.run_name}, start_step, changes)
     trainer = Trainer(cfg, data, device, precision, tracker, sample_prompts=prompts)
     if saved:
         trainer.restore(saved)

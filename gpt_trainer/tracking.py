@@ -130,12 +130,10 @@ class Tracker:
         return state
 
 
-def start_tracking(cfg: TrainConfig, hparams: dict, corpus: str, resumed: dict | None = None,
+def start_tracking(cfg: TrainConfig, hparams: dict, run_name: str, resumed: dict | None = None,
                    start_step: int = 0) -> Tracker:
     """metrics.jsonl plus every backend --report_to asks for, on the main process only."""
-    resumed = resumed or {}
-    run = RunInfo(cfg, resumed.get("run_name") or cfg.wandb_run_name or default_run_name(cfg, corpus), hparams,
-                  start_step, resumed)
+    run = RunInfo(cfg, run_name, hparams, start_step, resumed or {})
     if not is_main_process():
         return Tracker(run_name=run.name, resumed=resumed)
     wanted = list(BACKENDS) if cfg.report_to == "all" else [cfg.report_to] if cfg.report_to in BACKENDS else []

@@ -22,3 +22,9 @@ def test_sampling_needs_nothing_but_the_checkpoint(tiny_cfg, tmp_path, capsys):
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path / "none.pt"), "--device=cpu"]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_our_checkpoint_is_a_usage_error(tmp_path, capsys):
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    assert main([str(tmp_path / "foreign.pt"), "--device=cpu"]) == 2
+    assert "not a checkpoint written by train_single_gpu.py" in capsys.readouterr().err

@@ -23,11 +23,11 @@ def test_samples_go_to_tensorboard_text(poems_argv, tmp_path):
 
 def test_resumed_tensorboard_run_purges_steps_after_the_checkpoint(tmp_path):
     cfg = parse_args([f"--output_dir={tmp_path}", "--report_to=tensorboard"])
-    first = start_tracking(cfg, {}, "c")
+    first = start_tracking(cfg, {}, "run")
     for step in range(1, 7):
         first.log({"train/loss": float(step)}, step)
     first.close(RunSummary())
-    second = start_tracking(cfg, {}, "c", resumed=first.state_dict(), start_step=3)  # the checkpoint was at step 3
+    second = start_tracking(cfg, {}, "run", resumed=first.state_dict(), start_step=3)  # the checkpoint was at step 3
     for step in range(4, 7):
         second.log({"train/loss": 100.0 + step}, step)
     second.close(RunSummary())

@@ -83,7 +83,7 @@ def test_sigterm_and_resume_keep_both_trackers_continuous(poems_argv, tmp_path):
 
 def test_only_the_main_process_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    tracker = start_tracking(parse_args([f"--output_dir={tmp_path / 'out'}"]), {}, "c")
+    tracker = start_tracking(parse_args([f"--output_dir={tmp_path / 'out'}"]), {}, "run")
     tracker.log({"train/loss": 1.0}, 1)
     tracker.close(RunSummary())
     assert tracker.backends == [] and not (tmp_path / "out").exists()
