@@ -18,7 +18,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import UsageError, notice
-from .corpora import Corpus, load_corpus
+from .corpora import Corpus, load_corpus, sha256_file
 from .tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 
 
@@ -59,21 +59,13 @@ def build_token_cache(text: str, cfg: TrainConfig, folder: Path) -> None:
         pickle.dump(tokenizer.to_dict(), f)
     meta = {"dtype": np.dtype(dtype).name, "train_tokens": split, "val_tokens": len(ids) - split,
             "vocab_size": tokenizer.vocab_size, "characters": len(text),
-            "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": file_digest(staging / name)}
+            "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
                       for name in CACHE_FILES}}
     (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.rename(staging, folder)
     except OSError:  # another process finished the same cache first
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_damage(folder: Path) -> str | None:
@@ -88,7 +80,7 @@ def cache_damage(folder: Path) -> str | None:
         if not path.exists() or path.stat().st_size != recorded.get("bytes"):
             return f"{name} is missing or has the wrong size"
         if (path, recorded["bytes"]) not in _verified:
-            if file_digest(path) != recorded.get("sha256"):
+            if sha256_file(path) != recorded.get("sha256"):
                 return f"{name} does not match its recorded SHA-256"
             _verified.add((path, recorded["bytes"]))
     return None
