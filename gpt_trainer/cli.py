@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import checkpoint, outdir
+from . import checkpoint, distributed, outdir
 from .config import TrainConfig, parse_args
 from .errors import notice, run_cli
 from .data import prepare_data
@@ -45,65 +45,90 @@ def stop_on_signals(trainer: Trainer):
 
 
 def run(cfg: TrainConfig) -> int:
+    world = distributed.launched_world()
+    try:
+        return run_in(world, cfg)
+    finally:
+        distributed.stop(world)
+
+
+def run_in(world: distributed.World, cfg: TrainConfig) -> int:
+    """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
+    checks the inputs and trains its share; only the main one writes files, logs and prints."""
     use_sweep_output_dir(cfg)
     outdir.check_writable(cfg)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     resume_from = checkpoint.find_resume_checkpoint(cfg)
     saved = checkpoint.load(resume_from) if resume_from else None
+    device = distributed.start(world, device, cfg.dist_timeout)
+    if not world.is_main:
+        distributed.barrier(world)  # the main process builds the token cache, the others then read it
     data = prepare_data(cfg)
+    if world.is_main:
+        distributed.barrier(world)
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
     resolved = {**cfg.to_dict(), "device": str(device), "precision": precision, "corpus": data.corpus,
                 "vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train), "val_tokens": len(data.val),
-                "resume_from": str(resume_from) if resume_from else None}
+                "world_size": world.size, "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps
+                * world.size, "resume_from": str(resume_from) if resume_from else None}
     if cfg.dry_run:
-        print(json.dumps(resolved, indent=2, ensure_ascii=False))
+        if world.is_main:
+            print(json.dumps(resolved, indent=2, ensure_ascii=False))
         return 0
 
-    # everything is checked: from here on files change, and only while this process holds the folder
-    out = Path(cfg.output_dir)
-    lock = outdir.hold(out)  # noqa: F841  (held until the process ends)
-    outdir.remove_leftovers(out)
     start_step = saved["trainer"]["step"] if saved else 0
-    changes = outdir.resume_changes(saved["config"], cfg) if saved else {}
-    if changes:
-        notice(f"--resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}; the new values take "
-               f"effect from step {start_step} (config.json lists the changes of every resumed segment).")
-    # a restart before the first checkpoint continues the same TensorBoard run, from an empty record
-    earlier = outdir.previous_config(out) if not saved and not cfg.overwrite else {}
-    run_name = (saved["tracker"]["run_name"] if saved else earlier.get("run_name")) or cfg.wandb_run_name \
-        or default_run_name(cfg, data.corpus)
-    outdir.write_config(out, {**resolved, "run_name": run_name}, start_step, changes)  # before any tracker writes
-    tracker = start_tracking(cfg, resolved, run_name, saved["tracker"] if saved else None, start_step)
-    prompts = (cfg.sample_prompts or data.default_prompts).split(",")
-    trainer = Trainer(cfg, data, device, precision, tracker, sample_prompts=prompts)
+    prompts = (cfg.sample_prompts or data.default_prompts).split(",") if world.is_main else []
+    if world.is_main:  # everything is checked: from here on files change, and only while this process holds the folder
+        out = Path(cfg.output_dir)
+        lock = outdir.hold(out)  # noqa: F841  (held until the process ends)
+        outdir.remove_leftovers(out)
+        changes = outdir.resume_changes(saved, cfg, world.size) if saved else {}
+        if changes:
+            notice(f"--resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}; the new values take "
+                   f"effect from step {start_step} (config.json lists the changes of every resumed segment).")
+        # a restart before the first checkpoint continues the same TensorBoard run, from an empty record
+        earlier = outdir.previous_config(out) if not saved and not cfg.overwrite else {}
+        run_name = (saved["tracker"]["run_name"] if saved else earlier.get("run_name")) or cfg.wandb_run_name \
+            or default_run_name(cfg, data.corpus)
+        outdir.write_config(out, {**resolved, "run_name": run_name}, start_step, changes)  # before a tracker writes
+        tracker = start_tracking(cfg, resolved, run_name, saved["tracker"] if saved else None, start_step)
+    else:
+        tracker = Tracker(resumed=saved["tracker"] if saved else None)
+    trainer = Trainer(cfg, data, device, precision, tracker, sample_prompts=prompts, world=world)
     if saved:
         trainer.restore(saved)
-        print(f"resumed from {resume_from} at step {trainer.step}")
-    elif cfg.resume:
-        print(f"--resume: no checkpoint in {out} yet, starting fresh")
-    print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} ({precision}) | "
-          f"corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab "
-          f"{data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
-          f"{cfg.tokens_per_step:,} tokens | run {tracker.run_name}", flush=True)
+    if world.is_main:
+        if saved:
+            print(f"resumed from {resume_from} at step {trainer.step}")
+        elif cfg.resume:
+            print(f"--resume: no checkpoint in {cfg.output_dir} yet, starting fresh")
+        processes = f" x {world.size} processes" if world.active else ""
+        print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} "
+              f"({precision}){processes} | corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val "
+              f"tokens, vocab {data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
+              f"{trainer.tokens_per_step:,} tokens (global batch {resolved['global_batch_size']}) | run "
+              f"{tracker.run_name}", flush=True)
     return train_to_end(trainer, tracker, prompts)
 
 
 def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
     """Train, then sample; whatever happens, flush every tracker and close the wandb run, so no logged row is lost."""
-    cfg, exit_code = trainer.cfg, 1
+    cfg, exit_code, main = trainer.cfg, 1, trainer.world.is_main
     try:
         with stop_on_signals(trainer):
             result = trainer.train()
         if result.interrupted_by is not None:
             exit_code = 128 + result.interrupted_by
-            print(f"stopped at step {result.steps}; checkpoint saved to {checkpoint.latest_path(cfg.output_dir)}. "
-                  f"Continue with the same command plus --resume.", file=sys.stderr)
+            if main:
+                print(f"stopped at step {result.steps}; checkpoint saved to {checkpoint.latest_path(cfg.output_dir)}. "
+                      f"Continue with the same command plus --resume.", file=sys.stderr)
             return exit_code
-        print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
-              f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
-        write_samples(trainer, prompts, Path(cfg.output_dir) / "samples.txt")
+        if main:
+            print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
+                  f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
+            write_samples(trainer, prompts, Path(cfg.output_dir) / "samples.txt")
         exit_code = 0
         return exit_code
     finally:

@@ -81,6 +81,8 @@ class TrainConfig:
     fp32: bool = _flag(False, "Full float32 (default on CPU).")
     compile: bool = _flag(False, "torch.compile the model (faster steps after a slow first one).")
     peak_tflops: float | None = _flag(None, "Peak TFLOP/s assumed for MFU (default: looked up from the device name).")
+    dist_timeout: float = _flag(600.0, "Seconds a process waits for the others (torchrun / accelerate launch) before "
+                                       "it stops with an error instead of hanging.")
     # output, evaluation, checkpoints
     output_dir: str = _flag("./output_single", "Where checkpoints, logs and samples go.")
     overwrite: bool = _flag(False, "Start fresh even though output_dir holds a checkpoint (it is replaced).")
@@ -163,6 +165,7 @@ RANGES = {
     "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "eval_interval": AT_LEAST_1, "eval_steps": AT_LEAST_1,
     "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": NON_NEGATIVE, "temperature": POSITIVE,
     "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_allowed=False), "max_bad_steps": AT_LEAST_1,
+    "dist_timeout": POSITIVE,
 }
 
 

@@ -169,8 +169,14 @@ def validation_windows(tokens: np.ndarray, block_size: int, count: int) -> torch
     return gather_windows(tokens, offsets, block_size)
 
 
-def steps_for(cfg: TrainConfig, windows_per_epoch: int) -> int:
+def steps_for(cfg: TrainConfig, windows_per_epoch: int, world_size: int = 1) -> int:
     if cfg.max_steps:
         return cfg.max_steps
-    windows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    windows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     return max(1, math.ceil(cfg.epochs * windows_per_epoch / windows_per_step))
+
+
+def share_of(offsets: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This process's contiguous share of a step's windows: together the processes take each window once, and
+    process r takes what micro-batches r*accum ... (r+1)*accum - 1 of one process would."""
+    return offsets.reshape(world_size, -1)[rank]

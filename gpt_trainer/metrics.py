@@ -1,6 +1,6 @@
 """Throughput: the window of training steps between two reports, and what it yields (mean loss, tokens/s, MFU, step
-time). Only training time counts: evaluation, saving and sampling run inside `paused()`. Adding a step never waits
-for the GPU; reading the window does, once per report."""
+time), for the whole job when several processes train. Only training time counts: evaluation, saving and sampling
+run inside `paused()`. Adding a step never waits for the GPU; reading the window does, once per report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .distributed import World, all_reduce
 from .hardware import synchronize
 
 
@@ -18,8 +19,9 @@ def model_flops_utilisation(flops_per_token: float, tokens_per_sec: float, peak_
 
 
 class ThroughputWindow:
-    def __init__(self, device: torch.device, tokens_per_step: int, flops_per_token: float, peak_tflops: float):
-        self.device, self.tokens_per_step = device, tokens_per_step
+    def __init__(self, device: torch.device, tokens_per_step: int, flops_per_token: float, peak_tflops: float,
+                 world: World = World()):
+        self.device, self.tokens_per_step, self.world = device, tokens_per_step, world
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
@@ -39,6 +41,8 @@ class ThroughputWindow:
 
     def read_and_reset(self) -> dict:
         """The window's numbers (it waits for the device to finish), then an empty window starting now."""
+        all_reduce(self.loss_sum, self.world)  # the mean over every process (they take the same steps)
+        self.loss_sum /= self.world.size
         synchronize(self.device)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         steps = max(self.steps, 1)

@@ -71,10 +71,13 @@ def previous_config(out: Path) -> dict:
         return {}
 
 
-def resume_changes(saved_config: dict, cfg: TrainConfig) -> dict:
-    """The optimisation flags whose value differs from the checkpoint's: {flag: [before, now]}."""
-    return {name: [saved_config.get(name), getattr(cfg, name)] for name in OPTIMISATION_FLAGS
-            if name in saved_config and saved_config[name] != getattr(cfg, name)}
+def resume_changes(saved: dict, cfg: TrainConfig, world_size: int) -> dict:
+    """What differs from the checkpoint among the optimisation flags and the number of processes: {name: [before,
+    now]}."""
+    before = {**saved["config"], "world_size": saved.get("world_size", 1)}
+    now = {**cfg.to_dict(), "world_size": world_size}
+    return {name: [before[name], now[name]] for name in (*OPTIMISATION_FLAGS, "world_size")
+            if name in before and before[name] != now[name]}
 
 
 def write_config(out: Path, resolved: dict, start_step: int, changes: dict) -> None:

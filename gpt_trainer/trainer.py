@@ -4,18 +4,23 @@ waits for the GPU except the periodic report."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import checkpoint
 from .config import TrainConfig
-from .data import EpochSampler, TokenData, gather_windows, steps_for, to_device, validation_windows
+from .data import EpochSampler, TokenData, gather_windows, share_of, steps_for, to_device, validation_windows
+from .distributed import World, all_reduce
 from .errors import RunStopped
 from .hardware import autocast, gpu_memory_metrics, peak_tflops
 from .metrics import ThroughputWindow
@@ -46,20 +51,25 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: TokenData, device: torch.device, precision: str,
-                 tracker: Tracker | None = None, sample_prompts: list[str] = ()):
-        self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
+                 tracker: Tracker | None = None, sample_prompts: list[str] = (), world: World = World()):
+        self.cfg, self.data, self.device, self.precision, self.world = cfg, data, device, precision, world
         self.tracker = tracker or Tracker()
         self.sample_prompts = list(sample_prompts)  # sampled at every evaluation for the trackers
         torch.manual_seed(cfg.seed)
         self.model = GPT(GPTConfig(data.tokenizer.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
                                    cfg.dropout)).to(device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
+            torch.manual_seed(cfg.seed + world.rank)
+        compiled = torch.compile(self.model) if cfg.compile else self.model
+        # several processes: DistributedDataParallel averages the gradients (the shape nanoGPT uses: compile, then DDP)
+        self.forward = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world.active else compiled
         self.optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95),
             fused=device.type == "cuda",  # one kernel for the whole update instead of several per parameter
         )
         self.sampler = EpochSampler(data.train, cfg.block_size, cfg.seed)
-        self.total_steps = steps_for(cfg, self.sampler.windows_per_epoch)
+        self.total_steps = steps_for(cfg, self.sampler.windows_per_epoch, world.size)
         min_ratio = cfg.final_lr / cfg.learning_rate
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, self.total_steps, min_ratio)
@@ -74,6 +84,7 @@ class Trainer:
         self.step_ok, self.bad_steps, self.bad_in_a_row = True, 0, 0  # non-finite steps: skipped and counted
         self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
+        self.tokens_per_step = cfg.tokens_per_step * world.size  # the whole job's
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
 
     # ---- one optimizer step ------------------------------------------------------------------------------------------
@@ -84,8 +95,13 @@ class Trainer:
         loss = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
-        # one scalar read per step (the fp16 scaler makes the same one): applying a non-finite step ruins the weights
-        finite_loss, finite_norm = torch.stack([loss.isfinite(), grad_norm.isfinite()]).tolist()
+        # one scalar read per step (the fp16 scaler makes the same one): applying a non-finite step ruins the weights.
+        # With several processes the same read also makes them agree: every one skips, or stops, at the same step.
+        flags = torch.stack([loss.isfinite(), grad_norm.isfinite(),
+                             torch.tensor(self.stop_signal is None, device=self.device)]).float()
+        finite_loss, finite_norm, go_on = all_reduce(flags, self.world, dist.ReduceOp.MIN).bool().tolist()
+        if not go_on and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another process was asked to stop
         self.step_ok = finite_loss and (finite_norm or self.precision == "fp16")
         if self.step_ok:
             self.scaler.step(self.optimizer)
@@ -102,15 +118,19 @@ class Trainer:
         """Forward and backward over the step's micro-batches; returns their mean loss."""
         cfg = self.cfg
         accum = cfg.gradient_accumulation_steps
-        offsets = self.sampler.next_offsets(cfg.batch_size * accum)
+        offsets = share_of(self.sampler.next_offsets(cfg.batch_size * accum * self.world.size), self.world.rank,
+                           self.world.size)
         batch = to_device(gather_windows(self.data.train, offsets, cfg.block_size), self.device)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in batch.view(accum, cfg.batch_size, cfg.block_size + 1):
-            with autocast(self.device, self.precision):
-                _, loss = self.forward(micro[:, :-1], micro[:, 1:])
-            loss_sum += loss.detach()
-            # the optimizer must see the mean gradient over micro-batches, not their sum
-            self.scaler.scale(loss / accum).backward()
+        for i, micro in enumerate(batch.view(accum, cfg.batch_size, cfg.block_size + 1)):
+            # processes exchange gradients once per optimizer step, on its last micro-batch
+            in_sync = self.forward.no_sync() if self.world.active and i < accum - 1 else contextlib.nullcontext()
+            with in_sync:
+                with autocast(self.device, self.precision):
+                    _, loss = self.forward(micro[:, :-1], micro[:, 1:])
+                loss_sum += loss.detach()
+                # the optimizer must see the mean gradient over micro-batches, not their sum
+                self.scaler.scale(loss / accum).backward()
         return loss_sum / accum
 
     @torch.no_grad()
@@ -130,7 +150,7 @@ class Trainer:
         result = TrainResult(self.step, self.best_val_loss)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not sys.stderr.isatty(), file=sys.stderr)
+                   disable=not (sys.stderr.isatty() and self.world.is_main), file=sys.stderr)
         window, started = self.throughput_window(), time.perf_counter()
         while self.step < self.total_steps and self.stop_signal is None:
             epoch = self.sampler.epoch
@@ -147,7 +167,8 @@ class Trainer:
                 result.history.append(report)
                 bar.set_postfix(loss=f"{report['train/loss']:.4f}", lr=f"{report['train/learning_rate']:.1e}",
                                 tok_s=f"{report['train/tokens_per_sec']:,.0f}")
-                tqdm.write(self.progress_line(report, time.perf_counter() - started))
+                if self.world.is_main:
+                    tqdm.write(self.progress_line(report, time.perf_counter() - started))
             with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
                 epoch_done = self.sampler.epoch > epoch
                 val_loss = self.evaluate() if epoch_done or self.should_eval() else None  # once, even if both are due
@@ -173,7 +194,9 @@ class Trainer:
         return self.step % self.cfg.save_interval == 0 or self.stop_signal is not None
 
     def throughput_window(self) -> ThroughputWindow:
-        return ThroughputWindow(self.device, self.cfg.tokens_per_step, self.model.flops_per_token(), self.peak)
+        # the whole job's tokens against the sum of every process's peak
+        return ThroughputWindow(self.device, self.tokens_per_step, self.model.flops_per_token(),
+                                self.peak * self.world.size, self.world)
 
     def end_epoch(self, val_loss: float) -> None:
         self.last_val_loss = val_loss
@@ -193,7 +216,7 @@ class Trainer:
             "train/tokens_per_sec": numbers["tokens_per_sec"],
             "train/mfu": numbers["mfu"],
             "train/epoch": self.sampler.epochs_done,
-            "train/tokens_seen": self.step * self.cfg.tokens_per_step,
+            "train/tokens_seen": self.step * self.tokens_per_step,
             "train/skipped_steps": self.bad_steps,
             "system/step_time_ms": numbers["step_time_ms"],
             **gpu_memory_metrics(self.device),
@@ -202,7 +225,7 @@ class Trainer:
         return {"step": self.step, **metrics}
 
     def progress_line(self, report: dict, elapsed: float) -> str:
-        epochs_total = math.ceil(self.total_steps * self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+        epochs_total = math.ceil(self.total_steps * self.tokens_per_step / self.cfg.block_size
                                  / self.sampler.windows_per_epoch)
         val = f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "-"
         minutes, seconds = divmod(elapsed, 60)
@@ -236,7 +259,7 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, val_loss)
         self.tracker.log({"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss),
                           "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
-        if self.sample_prompts:
+        if self.sample_prompts and self.world.is_main:
             self.tracker.log_samples({p: self.sample(p) for p in self.sample_prompts}, self.step)
         self.save(checkpoint.latest_path(self.cfg.output_dir))
         if improved:
@@ -249,15 +272,19 @@ class Trainer:
                 "sampler": self.sampler, "trainer": self, "tracker": self.tracker}
 
     def save(self, path: Path) -> None:
+        if not self.world.is_main:  # one writer; every process holds the same weights
+            return
         self.check_weights_finite()
         about = {"config": self.cfg.to_dict(), "vocab_size": self.data.tokenizer.vocab_size,
-                 "tokenizer": self.data.tokenizer.to_dict(), "corpus": self.data.corpus}
+                 "tokenizer": self.data.tokenizer.to_dict(), "corpus": self.data.corpus, "world_size": self.world.size}
         checkpoint.save_atomic(checkpoint.assemble(self.checkpoint_parts(), about), path)
 
     def restore(self, state: dict) -> None:
         """Continue from a loaded checkpoint. The tracker is not restored here: it was started from its saved state,
         because it must reopen the same runs before anything is logged."""
         checkpoint.restore(state, {k: v for k, v in self.checkpoint_parts().items() if k != "tracker"})
+        if self.world.rank:  # the saved RNG states are the main process's: the others draw their own masks again
+            torch.manual_seed(self.cfg.seed + self.world.rank + self.step * self.world.size)
         self.use_current_flags()
 
     def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state

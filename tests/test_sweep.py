@@ -22,7 +22,8 @@ SWEEP_FILES = [ROOT / "sweep_config.yaml", *sorted((ROOT / "examples" / "sweeps"
 def test_every_sweep_file_validates_against_wandbs_schema_and_names_real_flags(path):
     config = load_sweep(str(path))  # raises on a schema violation or an unknown flag
     assert config["metric"] == {"name": "eval/loss", "goal": "minimize"}
-    assert config["command"][1] == "python"  # the agent's interpreter is the literal `python`
+    # the agent runs the command's literal program: `python` (which the image has) or the torchrun launcher
+    assert config["command"][1] in ("python", "torchrun") and "${args}" in config["command"]
     assert set(config["parameters"]) <= sweep.FLAGS
 
 
