@@ -81,6 +81,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
+        self.stop_agreed: int | None = None  # several processes: the stop every one of them saw at the same step
         self.step_ok, self.bad_steps, self.bad_in_a_row = True, 0, 0  # non-finite steps: skipped and counted
         self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
@@ -100,8 +101,8 @@ class Trainer:
         flags = torch.stack([loss.isfinite(), grad_norm.isfinite(),
                              torch.tensor(self.stop_signal is None, device=self.device)]).float()
         finite_loss, finite_norm, go_on = all_reduce(flags, self.world, dist.ReduceOp.MIN).bool().tolist()
-        if not go_on and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM  # another process was asked to stop
+        if not go_on:
+            self.stop_agreed = self.stop_signal or signal.SIGTERM  # this process or another was asked to stop
         self.step_ok = finite_loss and (finite_norm or self.precision == "fp16")
         if self.step_ok:
             self.scaler.step(self.optimizer)
@@ -152,7 +153,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (sys.stderr.isatty() and self.world.is_main), file=sys.stderr)
         window, started = self.throughput_window(), time.perf_counter()
-        while self.step < self.total_steps and self.stop_signal is None:
+        while self.step < self.total_steps and self.stop_requested() is None:
             epoch = self.sampler.epoch
             loss, grad_norm = self.train_step()
             if self.step_ok:
@@ -179,7 +180,7 @@ class Trainer:
                 elif self.should_save():
                     self.save(checkpoint.latest_path(self.cfg.output_dir))
         bar.close()
-        result.interrupted_by = self.stop_signal
+        result.interrupted_by = self.stop_requested()
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
 
@@ -191,7 +192,12 @@ class Trainer:
         return self.step % self.cfg.eval_interval == 0 or self.step == self.total_steps
 
     def should_save(self) -> bool:
-        return self.step % self.cfg.save_interval == 0 or self.stop_signal is not None
+        return self.step % self.cfg.save_interval == 0 or self.stop_requested() is not None
+
+    def stop_requested(self) -> int | None:
+        """One process: the signal as soon as it came. Several: the one agreed at the last step's exchange, so that
+        all of them stop after the same step (a signal can reach them at different moments)."""
+        return self.stop_agreed if self.world.active else self.stop_signal
 
     def throughput_window(self) -> ThroughputWindow:
         # the whole job's tokens against the sum of every process's peak
