@@ -21,6 +21,19 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def launch(cmd: list[str], env: dict = ENV, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a launcher to the end; on a time-out stop it with SIGTERM, which it passes on to its worker processes
+    (they run in sessions of their own, so killing the launcher alone would leave them behind)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def training(out: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [str(ROOT / "train_single_gpu.py"), "--corpus=builtin", f"--cache_dir={cache_dir}", f"--output_dir={out}",
             *TINY_SHAPE, "--log_interval=1", *extra]
@@ -41,8 +54,7 @@ def test_the_processes_share_each_epoch_once_between_them():
 @pytest.mark.slow
 def test_one_step_on_two_processes_equals_two_accumulated_micro_batches_on_one(tmp_path, cache_dir):
     flags = ("--max_steps=1", "--eval_interval=1", "--report_to=none", "--dropout=0.0")
-    two = subprocess.run([*TORCHRUN, *training(tmp_path / "two", cache_dir, *flags)], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    two = launch([*TORCHRUN, *training(tmp_path / "two", cache_dir, *flags)])
     assert two.returncode == 0, two.stderr[-3000:]
     assert "x 2 processes" in two.stdout and "(global batch 8)" in two.stdout
     one = subprocess.run([sys.executable, *training(tmp_path / "one", cache_dir, *flags,
@@ -58,9 +70,8 @@ def test_one_step_on_two_processes_equals_two_accumulated_micro_batches_on_one(t
 def test_only_the_main_process_writes_and_each_step_is_logged_once(tmp_path, cache_dir):
     env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")}
     out = tmp_path / "out"
-    result = subprocess.run([*TORCHRUN, *training(out, cache_dir, "--max_steps=4", "--eval_interval=2",
-                                                  "--report_to=all")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = launch([*TORCHRUN, *training(out, cache_dir, "--max_steps=4", "--eval_interval=2", "--report_to=all")],
+                    env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: 4 steps") == 1 and result.stdout.count("step 4 |") == 1
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -81,8 +92,7 @@ def test_sigterm_stops_every_process_at_one_step_and_resume_continues(tmp_path, 
                                    timeout=120)
     stopped_at = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"]
     assert stopped_at >= 3, err[-2000:]
-    resumed = subprocess.run([*TORCHRUN, *argv, "--resume", f"--max_steps={stopped_at + 2}"], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=300)
+    resumed = launch([*TORCHRUN, *argv, "--resume", f"--max_steps={stopped_at + 2}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
@@ -99,9 +109,7 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, cache_dir):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
                   f"--main_process_port={port}"]
     out = tmp_path / "out"
-    result = subprocess.run([*accelerate, *training(out, cache_dir, "--max_steps=2", "--eval_interval=2",
-                                                    "--report_to=none")],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    result = launch([*accelerate, *training(out, cache_dir, "--max_steps=2", "--eval_interval=2", "--report_to=none")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stdout
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
