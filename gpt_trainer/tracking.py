@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 from . import tensorboard_backend, wandb_backend
 from .config import TrainConfig
+from .distributed import launched_world
 
 
 @dataclass
@@ -51,10 +52,6 @@ BACKENDS: dict[str, Callable[[RunInfo], Backend | None]] = {
 }
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK on every process
-
-
 def format_lr(lr: float) -> str:
     mantissa, exponent = f"{lr:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
@@ -73,7 +70,7 @@ class JsonlBackend:
     def __init__(self, path: Path, keep_through_step: int):
         self.path = path
         rows = path.read_text(encoding="utf-8").splitlines() if path.exists() and keep_through_step else []
-        kept = [row for row in rows if _step_of(row) is not None and _step_of(row) <= keep_through_step]
+        kept = [row for row in rows if (step := _step_of(row)) is not None and step <= keep_through_step]
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
         os.replace(tmp, path)
@@ -134,7 +131,7 @@ def start_tracking(cfg: TrainConfig, hparams: dict, run_name: str, resumed: dict
                    start_step: int = 0) -> Tracker:
     """metrics.jsonl plus every backend --report_to asks for, on the main process only."""
     run = RunInfo(cfg, run_name, hparams, start_step, resumed or {})
-    if not is_main_process():
+    if not launched_world().is_main:
         return Tracker(run_name=run.name, resumed=resumed)
     wanted = list(BACKENDS) if cfg.report_to == "all" else [cfg.report_to] if cfg.report_to in BACKENDS else []
     backends = [JsonlBackend(Path(cfg.output_dir) / "metrics.jsonl", keep_through_step=start_step)]
