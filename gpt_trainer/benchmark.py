@@ -1,8 +1,10 @@
 """Measure training speed: tokens/s, model FLOPs utilisation (with the peak it assumed), step time, peak memory.
 
     python -m gpt_trainer.benchmark --model_size tiny --batch_size 16 --block_size 256 --steps 20 [--bf16 ...]
+    python -m gpt_trainer.benchmark --suite      # the standard matrix as a Markdown table, for BENCHMARKS.md
 
-Takes every training flag; the data are random tokens from a --vocab_size vocabulary, so no corpus is needed."""
+Takes every training flag; the data are random tokens from a --vocab_size vocabulary, so no corpus is needed.
+Compiling happens before the timed steps and is reported on its own."""
 
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ import os
 import tempfile
 import json
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 
-from .config import parse_args
-from .errors import UsageError, run_cli
+from .autobatch import settle_batch
+from .config import TrainConfig, parse_args
+from .distributed import World
+from .errors import RunStopped, UsageError, run_cli
 from .data import TokenData
 from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
 from .tokenizer import CharTokenizer
@@ -36,41 +41,53 @@ def synthetic_data(vocab_size: int, tokens: int, seed: int = 0) -> TokenData:
     return TokenData(ids, ids, tokenizer, "random", "")  # the benchmark never evaluates: val may repeat train
 
 
-def benchmark(argv: list[str]) -> dict:
+def own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The benchmark's own flags, and the training flags that remain."""
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    extra.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, compilation)")
+    extra.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
     extra.add_argument("--tracking_overhead", action="store_true",
                        help="also time the steps with TensorBoard + wandb (offline) logging every --log_interval steps")
+    extra.add_argument("--suite", action="store_true", help="run the standard matrix, print a Markdown table")
     own, rest = extra.parse_known_args(argv)
     if own.steps < 1 or own.warmup < 0:
         raise UsageError(f"--steps must be at least 1 and --warmup at least 0 (got {own.steps} and {own.warmup}).")
-    cfg = parse_args(rest)
+    return own, rest
+
+
+def benchmark(argv: list[str]) -> dict:
+    own, rest = own_flags(argv)
+    return measure(parse_args(rest), own.steps, own.warmup, own.tracking_overhead)
+
+
+def measure(cfg: TrainConfig, steps: int, warmup: int, with_tracking: bool = False) -> dict:
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
-    windows = (own.steps + own.warmup) * cfg.batch_size * cfg.gradient_accumulation_steps + 2
+    settle_batch(cfg, cfg.vocab_size, device, precision, World())
+    windows = (steps + warmup) * cfg.batch_size * cfg.gradient_accumulation_steps + 2
     data = synthetic_data(cfg.vocab_size, windows * cfg.block_size + 1)
     trainer = Trainer(cfg, data, device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(own.warmup + own.steps):
+    for i in range(warmup + steps):
         start = time.perf_counter()
         trainer.train_step()
         synchronize(device)  # timing needs the GPU finished; training itself never waits like this
-        if i >= own.warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     tokens_per_sec = cfg.tokens_per_step / step_time
-    overhead = tracking_overhead(cfg, device, precision, data, own.steps) if own.tracking_overhead else {}
+    overhead = tracking_overhead(cfg, device, precision, data, steps) if with_tracking else {}
     return {**overhead,
         "model_size": cfg.model_size, "parameters": trainer.model.num_params(), "device": device_name(device),
         "precision": precision, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "compile": cfg.compile,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "compile": trainer.compile_seconds is not None, "compile_s": trainer.compile_seconds,
         "step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
         "mfu": model_flops_utilisation(trainer.model.flops_per_token(), tokens_per_sec, trainer.peak),
         "peak_tflops_assumed": trainer.peak, "peak_source": trainer.peak_source,
-        "peak_memory_gib": peak_memory_bytes(device) / 2**30, "timed_steps": own.steps,
+        "peak_memory_gib": peak_memory_bytes(device) / 2**30, "timed_steps": steps,
     }
 
 
@@ -106,8 +123,13 @@ def tracking_overhead(cfg, device, precision, data, steps: int) -> dict:
 
 
 def benchmark_command(argv: list[str] | None) -> int:
-    r = benchmark(sys.argv[1:] if argv is None else argv)
-    print(f"{r['model_size']} ({r['parameters'] / 1e6:.1f}M params) on {r['device']}, {r['precision']}, "
+    argv = sys.argv[1:] if argv is None else argv
+    if "--suite" in argv:
+        print(markdown_table(suite([a for a in argv if a != "--suite"])))
+        return 0
+    r = benchmark(argv)
+    compiled = f", compiled in {r['compile_s']:.1f} s (not timed)" if r["compile"] else ""
+    print(f"{r['model_size']} ({r['parameters'] / 1e6:.1f}M params) on {r['device']}, {r['precision']}{compiled}, "
           f"batch {r['batch_size']}x{r['block_size']} (accum {r['gradient_accumulation_steps']}):\n"
           f"  step time   {r['step_time_s'] * 1000:.1f} ms (median of {r['timed_steps']})\n"
           f"  throughput  {r['tokens_per_sec']:,.0f} tokens/s\n"
@@ -120,6 +142,41 @@ def benchmark_command(argv: list[str] | None) -> int:
               f"({r['tracking_wall_overhead'] * 100:+.1f}%, noisy)")
     print(json.dumps(r))
     return 0
+
+
+# ---- the standard matrix ---------------------------------------------------------------------------------------------
+# Each row runs in its own process, so peak memory is that row's and no compiled code carries over.
+GPU_SUITE = [[f"--model_size={size}", f"--block_size={block}", f"--compile={compiled}", "--batch_size=auto"]
+             for size, block in (("tiny", 256), ("small", 1024)) for compiled in ("false", "true")]
+CPU_SUITE = [["--model_size=tiny", "--block_size=128", f"--compile={compiled}", "--batch_size=auto", "--steps=10"]
+             for compiled in ("false", "true")]  # reduced: the small model takes minutes per step on a few cores
+
+
+def suite(extra: list[str]) -> list[dict]:
+    """Every row of the standard matrix for this machine's device; `extra` flags follow (and win over) each row's."""
+    cfg = parse_args(own_flags(extra)[1])  # bad flags stop here, before the first row
+    rows = GPU_SUITE if pick_device(cfg.device).type == "cuda" else CPU_SUITE
+    results = []
+    for i, row in enumerate(rows, 1):
+        command = [sys.executable, "-m", "gpt_trainer.benchmark", *row, *extra]
+        print(f"[{i}/{len(rows)}] {' '.join(row + extra)}", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RunStopped(f"benchmark row {' '.join(row)} failed (exit {done.returncode}): "
+                             f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| model | device | precision | compile | micro-batch x block | tokens/s | MFU | step time | "
+             "peak memory |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        compiled = f"on ({r['compile_s']:.0f} s)" if r["compile"] else "off"
+        lines.append(f"| {r['model_size']} ({r['parameters'] / 1e6:.1f}M) | {r['device']} | {r['precision']} | "
+                     f"{compiled} | {r['batch_size']} x {r['block_size']} | {r['tokens_per_sec']:,.0f} | "
+                     f"{r['mfu'] * 100:.1f}% | {r['step_time_s'] * 1000:.1f} ms | {r['peak_memory_gib']:.2f} GiB |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from . import checkpoint, distributed, outdir
+from .autobatch import settle_batch
+from .compiling import wants_compile
 from .config import TrainConfig, parse_args
 from .errors import notice, run_cli
 from .data import prepare_data
@@ -69,7 +71,9 @@ def run_in(world: distributed.World, cfg: TrainConfig) -> int:
         distributed.barrier(world)
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
-    resolved = {**cfg.to_dict(), "device": str(device), "precision": precision, "corpus": data.corpus,
+    batch_choice = settle_batch(cfg, data.tokenizer.vocab_size, device, precision, world)
+    resolved = {**cfg.to_dict(), "compile": wants_compile(cfg.compile, device), "batch_size_choice": batch_choice,
+                "device": str(device), "precision": precision, "corpus": data.corpus,
                 "vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train), "val_tokens": len(data.val),
                 "world_size": world.size, "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps
                 * world.size, "resume_from": str(resume_from) if resume_from else None}
@@ -104,6 +108,10 @@ def run_in(world: distributed.World, cfg: TrainConfig) -> int:
             print(f"resumed from {resume_from} at step {trainer.step}")
         elif cfg.resume:
             print(f"--resume: no checkpoint in {cfg.output_dir} yet, starting fresh")
+        if batch_choice:
+            print(f"batch: {batch_choice}")
+        if trainer.compile_seconds is not None:
+            print(f"torch.compile: {trainer.compile_seconds:.1f} s before the first step (not counted in tokens/s)")
         processes = f" x {world.size} processes" if world.active else ""
         print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} "
               f"({precision}){processes} | corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val "

@@ -34,7 +34,22 @@ MODEL_PRESETS: dict[str, ModelShape] = {
 CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
 CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
+CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
 ENGLISH_PROMPTS = "ROMEO:,The "
+
+
+def parse_switch(text: str) -> str:
+    """auto, or a boolean in any form a sweep agent sends; returns "auto", "true" or "false"."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if parse_bool(text) else "false"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}") from None
+
+
+def int_or_auto(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else int(text)
 
 
 def _flag(default, help: str, **argparse_kwargs):
@@ -62,8 +77,14 @@ class TrainConfig:
     vocab_size: int = _flag(4000, "Vocabulary size for --tokenizer sentencepiece.")
     train_split: float = _flag(0.9, "Fraction of tokens used for training; the rest is validation.")
     # optimisation
-    batch_size: int = _flag(16, "Sequences per micro-batch.")
+    batch_size: int | str = _flag(16, "Sequences per micro-batch, or auto: on a GPU the largest power of two whose "
+                                      "training step fits in memory with a margin (on the CPU: "
+                                      f"{CPU_AUTO_BATCH_SIZE}).",
+                                  type=int_or_auto)
     gradient_accumulation_steps: int = _flag(1, "Micro-batches per optimizer step.")
+    global_batch_size: int | None = _flag(None, "Sequences per optimizer step over all processes: sets "
+                                                "--gradient_accumulation_steps (global = micro-batch x accumulation x "
+                                                "processes).")
     epochs: float = _flag(1.0, "Passes over the training tokens (ignored when --max_steps is given).")
     max_steps: int | None = _flag(None, "Optimizer steps to run; wins over --epochs.")
     learning_rate: float = _flag(3e-4, "Peak learning rate.")
@@ -79,7 +100,10 @@ class TrainConfig:
     bf16: bool = _flag(False, "bfloat16 mixed precision (default on GPUs that support it).")
     fp16: bool = _flag(False, "float16 mixed precision with a gradient scaler (GPU only).")
     fp32: bool = _flag(False, "Full float32 (default on CPU).")
-    compile: bool = _flag(False, "torch.compile the model (faster steps after a slow first one).")
+    compile: str = _flag("auto", "torch.compile the model: auto (on for CUDA and ROCm GPUs, off on the CPU), true or "
+                                 "false (--compile alone: true). If compiling fails the run goes on uncompiled.",
+                         type=parse_switch, nargs="?", const="true", metavar="auto|BOOL")
+    no_compile: bool = _flag(False, "Same as --compile=false.")
     peak_tflops: float | None = _flag(None, "Peak TFLOP/s assumed for MFU (default: looked up from the device name).")
     dist_timeout: float = _flag(600.0, "Seconds a process waits for the others (torchrun / accelerate launch) before "
                                        "it stops with an error instead of hanging.")
@@ -165,7 +189,7 @@ RANGES = {
     "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "eval_interval": AT_LEAST_1, "eval_steps": AT_LEAST_1,
     "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": NON_NEGATIVE, "temperature": POSITIVE,
     "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_allowed=False), "max_bad_steps": AT_LEAST_1,
-    "dist_timeout": POSITIVE,
+    "dist_timeout": POSITIVE, "global_batch_size": AT_LEAST_1,
 }
 
 
@@ -176,7 +200,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--{chosen[0]} and --{chosen[1]} contradict each other: choose one precision flag.")
     for name, allowed in RANGES.items():
         value = getattr(cfg, name)
-        if value is not None and not allowed.holds(value):
+        if value not in (None, "auto") and not allowed.holds(value):
             raise UsageError(f"--{name} must be {allowed.describe()} (got {value}).")
     if cfg.n_embd % cfg.n_head:
         suggestion = cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))
@@ -226,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         if inner[0] is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif "const" not in kwargs:
-            kwargs["type"] = inner[0]
+            kwargs.setdefault("type", inner[0])
         parser.add_argument(f"--{f.name}", default=f.default, **kwargs)
     return parser
 
@@ -234,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     namespace = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(namespace))
+    if cfg.no_compile:
+        if cfg.compile == "true":
+            raise UsageError("--compile and --no_compile contradict each other: give one.")
+        cfg.compile, cfg.no_compile = "false", False
     cfg.output_dir = os.path.expanduser(cfg.output_dir)
     cfg.resolve_model_shape()
     validate(cfg)

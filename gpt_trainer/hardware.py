@@ -3,20 +3,59 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from .config import TrainConfig
 from .errors import UsageError
 
-# Dense bf16/fp16 tensor throughput in TFLOP/s from vendor data sheets, matched against the device name.
-PEAK_TFLOPS = {
-    "H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0, "4090": 165.0,
-    "3090": 71.0, "V100": 125.0, "T4": 65.0, "MI300X": 1307.0, "MI250X": 383.0, "MI250": 362.0, "MI210": 181.0,
-    "MI100": 92.0, "7900 XTX": 123.0,
-}
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A part's dense (no sparsity) peak TFLOP/s from its vendor's data sheet or whitepaper, for MFU."""
+    name: str
+    pattern: str  # a regular expression for the names the part reports (torch.cuda.get_device_name), any case
+    half: float  # bf16 tensor cores with fp32 accumulation (fp16 on parts without bf16)
+    fp32: float  # float32 matmuls: the TF32 tensor-core rate where the part has TF32 (allow_tf32 turns it on)
+    tf32: bool = True  # False: the part has no TF32 and fp32 is its plain FP32 (matrix) rate
+
+
+# Most specific first: the first pattern that matches wins (GH200 before H200, H100 NVL before H100, L40S before L4).
+# tests/test_hardware.py holds the names real parts report and checks that each finds its row.
+PEAKS = [
+    Peak("GB200", r"\bGB200\b", 2500.0, 1250.0),
+    Peak("B200", r"\bB200\b", 2250.0, 1125.0),
+    Peak("GH200", r"\bGH200\b", 989.4, 494.7),
+    Peak("H200 NVL", r"\bH200 NVL\b", 835.5, 417.5),
+    Peak("H200", r"\bH200\b", 989.4, 494.7),
+    Peak("H100 NVL", r"\bH100 NVL\b", 835.5, 417.5),
+    Peak("H100 PCIe", r"\bH100 PCIe\b", 756.5, 378.0),
+    Peak("H100", r"\bH100\b", 989.4, 494.7),  # SXM
+    Peak("A100", r"\bA100\b", 312.0, 156.0),
+    Peak("A10", r"\bA10G?\b", 125.0, 62.5),  # A10G: AWS's A10, no separate data sheet
+    Peak("L40S", r"\bL40S\b", 362.0, 183.0),
+    Peak("L4", r"\bL4\b", 121.0, 60.0),
+    Peak("RTX 4090", r"\bRTX 4090\b", 165.2, 82.6),
+    Peak("RTX 3090", r"\bRTX 3090\b", 71.0, 35.6),
+    Peak("V100", r"\bV100\b", 125.0, 15.7, tf32=False),
+    Peak("T4", r"\bT4\b", 65.0, 8.1, tf32=False),
+    Peak("MI355X", r"\bMI355X\b", 2516.6, 157.3, tf32=False),  # CDNA4 has no TF32 hardware
+    Peak("MI350X", r"\bMI350X\b", 2307.0, 144.2, tf32=False),
+    Peak("MI325X", r"\bMI325X\b", 1307.4, 653.7),
+    Peak("MI300X", r"\bMI300X\b", 1307.4, 653.7),
+    Peak("MI300A", r"\bMI300A\b", 980.6, 490.3),
+    Peak("MI250X", r"\bMI250X\b", 191.5, 47.9, tf32=False),  # per GCD: PyTorch sees each half as one device
+    Peak("MI250", r"\bMI250\b", 181.0, 45.3, tf32=False),  # per GCD
+    Peak("MI210", r"\bMI210\b", 181.0, 45.3, tf32=False),
+    Peak("MI100", r"\bMI100\b", 92.3, 46.1, tf32=False),
+    Peak("RX 7900 XTX", r"\b7900 XTX\b", 122.8, 61.4, tf32=False),
+]
+UNKNOWN_DEVICE_TFLOPS = 100.0
 CPU_TFLOPS_PER_THREAD = 0.08  # ~2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); pass --peak_tflops to be exact
 
 
@@ -85,8 +124,12 @@ def device_name(device: torch.device) -> str:
     return "the CPU"
 
 
+def find_peak(name: str) -> Peak | None:
+    return next((peak for peak in PEAKS if re.search(peak.pattern, name, re.IGNORECASE)), None)
+
+
 def peak_tflops(device: torch.device, precision: str, override: float | None) -> tuple[float, str]:
-    """The peak assumed for MFU and where the number came from."""
+    """The peak assumed for MFU (for the precision that actually runs) and where the number came from."""
     if override:
         return override, "--peak_tflops"
     if device.type == "cpu":
@@ -94,11 +137,22 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
         source = f"assumed {CPU_TFLOPS_PER_THREAD * 1000:.0f} GFLOP/s x {threads} CPU threads"
         return CPU_TFLOPS_PER_THREAD * threads, source
     name = device_name(device)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            # fp32 without tensor cores is far slower; TF32 is about half the bf16 rate on recent parts
-            return (value / 2 if precision == "fp32" else value), f"data sheet of {key}"
-    return 100.0, f"unknown device {name!r}; pass --peak_tflops"
+    peak = find_peak(name)
+    if peak is None:
+        return UNKNOWN_DEVICE_TFLOPS, f"unknown device {name!r}; pass --peak_tflops"
+    if precision != "fp32":
+        return peak.half, f"data sheet of {peak.name}, dense {precision}"
+    return peak.fp32, f"data sheet of {peak.name}, dense {'TF32' if peak.tf32 else 'FP32'}"
+
+
+def allow_tf32(device: torch.device) -> None:
+    """float32 matmuls on TF32 tensor cores (10-bit mantissa, fp32 range): the fp32 path and everything outside
+    autocast run up to 8x faster on Ampere and later (and on MI300, through hipBLASLt), at a precision training does
+    not notice. Convolutions already default to TF32. This call, unlike the newer fp32_precision flags, keeps
+    PyTorch's old and new TF32 settings consistent, so code reading either works."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -118,3 +172,18 @@ def gpu_memory_metrics(device: torch.device) -> dict:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_in_use(device: torch.device) -> str:
+    """For an out-of-memory message: what this process holds and what the device has."""
+    if device.type != "cuda":
+        return f"peak resident memory of this process {peak_memory_bytes(device) / 2**30:.1f} GiB"
+    free, total = torch.cuda.mem_get_info(device)
+    return (f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated by PyTorch "
+            f"({torch.cuda.memory_reserved(device) / 2**30:.1f} GiB reserved), {free / 2**30:.1f} of "
+            f"{total / 2**30:.1f} GiB free on {device_name(device)}")

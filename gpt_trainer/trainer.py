@@ -22,7 +22,8 @@ from .config import TrainConfig
 from .data import EpochSampler, TokenData, gather_windows, share_of, steps_for, to_device, validation_windows
 from .distributed import World, all_reduce
 from .errors import RunStopped
-from .hardware import autocast, gpu_memory_metrics, peak_tflops
+from .compiling import compile_or_eager, wants_compile
+from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, memory_in_use, peak_tflops
 from .metrics import ThroughputWindow
 from .model import GPT, GPTConfig
 from .sample import generate_text
@@ -60,7 +61,10 @@ class Trainer:
                                    cfg.dropout)).to(device)
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
-        compiled = torch.compile(self.model) if cfg.compile else self.model
+        allow_tf32(device)
+        compiled, self.compile_seconds = self.model, None  # seconds compiling took, when it did
+        if wants_compile(cfg.compile, device):
+            compiled, self.compile_seconds = compile_or_eager(self.model, self.warm_up, device, world.is_main)
         # several processes: DistributedDataParallel averages the gradients (the shape nanoGPT uses: compile, then DDP)
         self.forward = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) \
             if world.active else compiled
@@ -83,6 +87,7 @@ class Trainer:
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
         self.stop_agreed: int | None = None  # several processes: the stop every one of them saw at the same step
         self.step_ok, self.bad_steps, self.bad_in_a_row = True, 0, 0  # non-finite steps: skipped and counted
+        self.updating = False  # True while the optimizer changes the weights
         self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
         self.tokens_per_step = cfg.tokens_per_step * world.size  # the whole job's
@@ -105,6 +110,7 @@ class Trainer:
             self.stop_agreed = self.stop_signal or signal.SIGTERM  # this process or another was asked to stop
         self.step_ok = finite_loss and (finite_norm or self.precision == "fp16")
         if self.step_ok:
+            self.updating = True  # from here until the step ends, the weights may be half updated
             self.scaler.step(self.optimizer)
             self.bad_in_a_row, self.last_good = 0, (self.step + 1, loss.detach())
         else:
@@ -113,6 +119,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        self.updating = False
         return loss, grad_norm
 
     def accumulate_gradients(self) -> torch.Tensor:
@@ -134,6 +141,17 @@ class Trainer:
                 self.scaler.scale(loss / accum).backward()
         return loss_sum / accum
 
+    def warm_up(self, module: torch.nn.Module) -> None:
+        """Run `module` as training will: a forward and backward on a micro-batch, and an evaluation forward."""
+        batch = torch.zeros((self.cfg.batch_size, self.cfg.block_size + 1), dtype=torch.long, device=self.device)
+        with autocast(self.device, self.precision):
+            _, loss = module(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            module(batch[:, :-1], batch[:, 1:])
+        self.model.train()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
@@ -154,8 +172,13 @@ class Trainer:
                    disable=not (sys.stderr.isatty() and self.world.is_main), file=sys.stderr)
         window, started = self.throughput_window(), time.perf_counter()
         while self.step < self.total_steps and self.stop_requested() is None:
-            epoch = self.sampler.epoch
-            loss, grad_norm = self.train_step()
+            epoch, sampler_state = self.sampler.epoch, self.sampler.state_dict()
+            try:
+                loss, grad_norm = self.train_step()
+            except torch.OutOfMemoryError:
+                loss = None  # handled below, once the error and the tensors its frames hold are gone
+            if loss is None:
+                raise RunStopped(self.out_of_memory(sampler_state))
             if self.step_ok:
                 window.add(loss)
                 self.epoch_loss += loss
@@ -250,6 +273,26 @@ class Trainer:
                 f"was {where}. Try a lower --learning_rate (now {cfg.learning_rate:g}, {lr:.2g} at this step), "
                 f"{clip}{precision}. The checkpoints saved so far are untouched: continue from the latest with the "
                 f"same command plus --resume and the changed flags.")
+
+    def out_of_memory(self, sampler_state: dict) -> str:
+        """After a training step ran out of memory: free what it held, save the state it started from when that is
+        intact (the error came before the weights changed), and say what to change."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        empty_cache(self.device)
+        if self.updating or self.step == 0 or not self.world.is_main:
+            kept = f"Nothing was saved; the checkpoints in {checkpoint.checkpoint_dir(cfg.output_dir)} are untouched"
+        else:
+            self.sampler.load_state_dict(sampler_state)  # the failed step's windows are drawn again after a resume
+            self.save(checkpoint.latest_path(cfg.output_dir))
+            kept = f"The state after step {self.step} was saved to {checkpoint.latest_path(cfg.output_dir)}"
+        return (f"out of memory in training step {self.step + 1}: model {cfg.model_size} "
+                f"({self.model.num_params() / 1e6:.1f}M parameters, {self.precision}), micro-batch {cfg.batch_size} x "
+                f"block {cfg.block_size} tokens, {cfg.gradient_accumulation_steps} accumulation step(s); "
+                f"{memory_in_use(self.device)}. Fixes: --batch_size auto (the largest micro-batch that fits), or the "
+                f"same batch per step in smaller pieces (--batch_size {max(1, cfg.batch_size // 2)} "
+                f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2}), a shorter --block_size, or a "
+                f"smaller --model_size. {kept}: continue with the same command plus --resume and the changed flags.")
 
     def check_weights_finite(self) -> None:
         """Never sample from, or save over a good checkpoint, a model whose weights are not finite."""

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gpt_trainer.benchmark import main
+from gpt_trainer.benchmark import CPU_SUITE, main
 
 
 def test_benchmark_prints_throughput_mfu_step_time_and_memory(capsys):
@@ -34,3 +34,29 @@ def test_benchmark_measures_the_cost_of_tracking(capsys, monkeypatch):
 def test_benchmark_needs_a_timed_step(capsys):
     assert main(["--steps=0", "--device=cpu"]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_the_suite_prints_a_markdown_table_of_the_standard_matrix(capsys, monkeypatch):
+    # Each row runs in its own process. Inductor needs about a minute per compiled row on two CPU cores, so here
+    # PyTorch's own switch turns torch.compile into a pass-through; tests/test_compiling.py covers compiling.
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--vocab_size=100", "--device=cpu",
+            "--steps=2", "--warmup=1"]
+    assert main(["--suite", *tiny]) == 0
+    captured = capsys.readouterr()
+    header, rule, *rows = captured.out.strip().splitlines()
+    assert header.split("|")[1:-1] == [" model ", " device ", " precision ", " compile ", " micro-batch x block ",
+                                       " tokens/s ", " MFU ", " step time ", " peak memory "]
+    assert len(rows) == len(CPU_SUITE) == 2 and rule.startswith("|---")
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
+    assert [c[3].split()[0] for c in cells] == ["off", "on"]
+    for c in cells:
+        assert c[4] == "16 x 16"  # --batch_size auto on the CPU, and the block size given after the row's own
+        assert float(c[5].replace(",", "")) > 0 and float(c[6].rstrip("%")) > 0 and float(c[8].split()[0]) > 0
+    assert "[1/2]" in captured.err and "[2/2]" in captured.err
+
+
+def test_the_suite_checks_its_flags_before_the_first_row(capsys):
+    assert main(["--suite", "--block_size=0"]) == 2
+    captured = capsys.readouterr()
+    assert "--block_size must be at least 1" in captured.err and "[1/" not in captured.err

@@ -131,7 +131,8 @@ echo "first build: $(( $(date +%s) - t0 ))s"
 grep -q "docker run --rm -it --device /dev/kfd" "$WORK/build.log" || fail "build_docker_image.sh did not print the docker run line"
 
 step "rebuilding after editing one .py file: only the last layer may be rebuilt"
-echo "# edited" >> "$context/gpt_trainer/__init__.py"
+# a unique edit: the same edit made by an earlier run would find its layers in the daemon's build cache
+echo "# edited $(date +%s%N) $$" >> "$context/gpt_trainer/__init__.py"
 t0=$(date +%s)
 build "$WORK/rebuild.log" --backend rocm --base-image "$STANDIN" --tag "$IMAGE" -- --build-arg PRELOAD_CORPUS=fortunes_zh \
   || fail "the rebuild failed"

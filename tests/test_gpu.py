@@ -80,3 +80,37 @@ def test_doctor_lists_the_gpu(tmp_path, capsys):
     assert doctor([f"--output_dir={tmp_path}", "--require_gpu"]) == 0
     out = capsys.readouterr().out
     assert f"GPU 0:         {torch.cuda.get_device_name(0)}" in out and "bf16:" in out
+
+
+def test_compile_auto_compiles_on_a_gpu(tiny_cfg):
+    trainer = gpu_trainer(tiny_cfg, "--compile=auto")
+    assert trainer.compile_seconds is not None and isinstance(trainer.forward, torch._dynamo.eval_frame.OptimizedModule)
+    run_steps(trainer)
+
+
+def test_float32_matmuls_use_tf32_on_a_gpu(tiny_cfg):
+    trainer = gpu_trainer(tiny_cfg, "--fp32", "--compile=false")
+    assert trainer.precision == "fp32" and torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_batch_size_auto_finds_a_micro_batch_that_trains(tiny_cfg):
+    from gpt_trainer.autobatch import settle_batch
+    from gpt_trainer.distributed import World
+
+    cfg = tiny_cfg("--device=cuda", "--fp32=false", "--batch_size=auto", "--global_batch_size=2048")
+    precision = resolve_precision(cfg, GPU)
+    chosen = settle_batch(cfg, prepare_data(cfg).tokenizer.vocab_size, GPU, precision, World())
+    assert cfg.batch_size & (cfg.batch_size - 1) == 0 and cfg.batch_size * cfg.gradient_accumulation_steps == 2048
+    assert "fits in" in chosen
+    run_steps(Trainer(cfg, prepare_data(cfg), GPU, precision), 1)
+
+
+def test_a_real_out_of_memory_stops_with_the_fixes(tiny_cfg):
+    from gpt_trainer.errors import RunStopped
+
+    # ~25 GB of activations per layer: more than any GPU holds
+    trainer = gpu_trainer(tiny_cfg, "--batch_size=65536", "--block_size=256", "--n_embd=384", "--n_head=6",
+                          "--compile=false", "--max_steps=2")
+    with pytest.raises(RunStopped, match="out of memory in training step 1: .*--batch_size auto.*Nothing was saved"):
+        trainer.train()
+    assert torch.cuda.memory_allocated(GPU) < 2**30  # what the failed step held is released

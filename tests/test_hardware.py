@@ -52,9 +52,55 @@ def test_rocm_bf16_depends_on_the_architecture(monkeypatch, arch, expected):
 
 def test_mfu_peak_is_looked_up_by_name_or_overridden(monkeypatch):
     monkeypatch.setattr(hardware, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert hardware.peak_tflops(GPU, "bf16", None) == (989.0, "data sheet of H100")
+    assert hardware.peak_tflops(GPU, "bf16", None) == (989.4, "data sheet of H100, dense bf16")
+    assert hardware.peak_tflops(GPU, "fp32", None) == (494.7, "data sheet of H100, dense TF32")  # allow_tf32 is on
     assert hardware.peak_tflops(GPU, "bf16", 123.0) == (123.0, "--peak_tflops")
     assert hardware.peak_tflops(CPU, "fp32", None)[0] == pytest.approx(0.08 * torch.get_num_threads())
+    monkeypatch.setattr(hardware, "device_name", lambda device: "Tesla V100-SXM2-16GB")
+    assert hardware.peak_tflops(GPU, "fp32", None) == (15.7, "data sheet of V100, dense FP32")  # no TF32 on Volta
+    monkeypatch.setattr(hardware, "device_name", lambda device: "Some Future GPU")
+    assert hardware.peak_tflops(GPU, "bf16", None) == (100.0, "unknown device 'Some Future GPU'; pass --peak_tflops")
+
+
+# What torch.cuda.get_device_name() returns on real parts (from public nvidia-smi output, PyTorch collect_env reports
+# and issue threads; on ROCm the marketing names come from libdrm's amdgpu.ids), and the row each must find.
+REPORTED_NAMES = {
+    "NVIDIA GB200": "GB200", "NVIDIA B200": "B200", "NVIDIA GH200 480GB": "GH200", "NVIDIA H200 NVL": "H200 NVL",
+    "NVIDIA H200": "H200", "NVIDIA H100 NVL": "H100 NVL", "NVIDIA H100 PCIe": "H100 PCIe",
+    "NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100": "H100", "NVIDIA A100-SXM4-80GB": "A100",
+    "NVIDIA A100-SXM4-40GB": "A100", "NVIDIA A100-PCIE-40GB": "A100", "NVIDIA A100 80GB PCIe": "A100",
+    "NVIDIA A10G": "A10", "NVIDIA A10": "A10", "NVIDIA L40S": "L40S", "NVIDIA L4": "L4",
+    "NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA GeForce RTX 3090": "RTX 3090", "Tesla V100-SXM2-16GB": "V100",
+    "Tesla V100-PCIE-32GB": "V100", "Tesla T4": "T4", "AMD Instinct MI355X": "MI355X", "AMD Instinct MI350X": "MI350X",
+    "AMD Instinct MI325X": "MI325X", "AMD Instinct MI300X": "MI300X", "AMD Instinct MI300X VF": "MI300X",
+    "AMD Instinct MI300A": "MI300A", "AMD Instinct MI250X/MI250": "MI250X", "AMD Instinct MI250X / MI250": "MI250X",
+    "AMD Instinct MI250": "MI250", "AMD Instinct MI210": "MI210", "AMD Instinct MI100": "MI100",
+    "AMD Radeon RX 7900 XTX": "RX 7900 XTX",
+}
+
+
+@pytest.mark.parametrize("reported, row", REPORTED_NAMES.items())
+def test_each_reported_device_name_finds_its_row(reported, row):
+    assert hardware.find_peak(reported).name == row
+
+
+def test_every_row_of_the_peak_table_is_found_by_a_real_name():
+    assert {peak.name for peak in hardware.PEAKS} == set(REPORTED_NAMES.values())
+    for peak in hardware.PEAKS:
+        assert 0 < peak.fp32 < peak.half, peak  # the 16-bit tensor rate is always the higher one
+
+
+def test_tf32_is_allowed_for_float32_matmuls_on_a_gpu_only():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        hardware.allow_tf32(CPU)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        hardware.allow_tf32(GPU)  # sets PyTorch's flags; no GPU is needed for that
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # PyTorch's default for convolutions
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_cuda_device_without_a_gpu_is_a_usage_error(monkeypatch):

@@ -1,3 +1,6 @@
+"""The training loop: accumulation, the schedule, exact resume, skipped non-finite steps, out-of-memory stops."""
+
+import json
 
 import pytest
 import torch
@@ -91,3 +94,56 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_cfg):
     trainer.train_step()
     assert trainer.step_ok and trainer.bad_in_a_row == 0 and trainer.step == 3
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+# ---- out of memory: PyTorch's own OutOfMemoryError, raised where a GPU would raise it (no GPU runs here) ------------
+def run_out_of_memory_at(monkeypatch, target, name: str, call: int) -> None:
+    """Make target.name raise torch.OutOfMemoryError on its `call`-th call in training (not evaluation)."""
+    original, calls = getattr(target, name), []
+
+    def failing(self, *args, **kwargs):
+        if getattr(self, "training", True):
+            calls.append(1)
+            if len(calls) == call:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(target, name, failing)
+
+
+def losses_by_step(out) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_out_of_memory_saves_the_last_good_state_and_says_what_to_change(tiny_argv, tmp_path, monkeypatch, capsys):
+    from gpt_trainer.cli import main
+    from gpt_trainer.model import GPT
+
+    argv = tiny_argv("--max_steps=6", "--log_interval=1", "--eval_interval=100", "--save_interval=100")
+    reference = tiny_argv("--max_steps=6", "--log_interval=1", "--eval_interval=100", "--save_interval=100",
+                          f"--output_dir={tmp_path / 'reference'}")
+    assert main(reference) == 0
+    with monkeypatch.context() as patch:
+        run_out_of_memory_at(patch, GPT, "forward", 4)
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "out of memory in training step 4: model tiny" in err and "micro-batch 4 x block 16 tokens" in err
+    for fix in ("--batch_size auto", "--batch_size 2 --gradient_accumulation_steps 2", "--block_size",
+                "--model_size", "--resume"):
+        assert fix in err
+    assert "Traceback" not in err
+    out = tmp_path / "out"
+    saved = checkpoint.load(checkpoint.latest_path(str(out)))
+    assert saved["trainer"]["step"] == 3 and saved["sampler"]["position"] == 3 * 4  # the failed step's windows unused
+    assert main([*argv, "--resume"]) == 0
+    assert losses_by_step(out) == pytest.approx(losses_by_step(tmp_path / "reference"), abs=1e-6)
+
+
+def test_out_of_memory_while_the_weights_change_saves_nothing(tiny_argv, tmp_path, monkeypatch, capsys):
+    from gpt_trainer.cli import main
+
+    run_out_of_memory_at(monkeypatch, torch.optim.AdamW, "step", 2)
+    assert main(tiny_argv("--max_steps=6", "--save_interval=100", "--eval_interval=100")) == 1
+    err = capsys.readouterr().err
+    assert "out of memory in training step 2" in err and "Nothing was saved" in err
+    assert not checkpoint.latest_path(str(tmp_path / "out")).exists()

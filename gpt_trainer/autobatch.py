@@ -1,0 +1,109 @@
+"""The batch per optimizer step: `--batch_size auto` finds the largest micro-batch whose training step fits in GPU
+memory, and `--global_batch_size` sets the gradient accumulation that reaches a target batch over all processes."""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .config import CPU_AUTO_BATCH_SIZE, TrainConfig
+from .distributed import World, all_reduce
+from .errors import UsageError
+from .hardware import autocast
+from .model import GPT, GPTConfig
+
+LARGEST_TRIED = 1024
+MEMORY_MARGIN = 0.10  # of the free memory, kept for evaluation, sampling and the allocator's fragmentation
+
+
+def largest_that_fits(peak_bytes_of: Callable[[int], int], memory_limit: int, largest: int = LARGEST_TRIED) -> int:
+    """The largest power of two b <= largest whose training step, `peak_bytes_of(b)`, stays under memory_limit and
+    does not run out of memory; 0 when not even 1 does."""
+    fits, batch = 0, 1
+    while batch <= largest:
+        try:
+            if peak_bytes_of(batch) > memory_limit:
+                break
+        except torch.OutOfMemoryError:
+            break
+        fits, batch = batch, batch * 2
+    return fits
+
+
+def step_peak_bytes(cfg: TrainConfig, vocab_size: int, device: torch.device,
+                    precision: str) -> tuple[Callable[[int], int], int]:
+    """(a function of the micro-batch size: the memory the allocator reserved at the peak of one real training step
+    of this model - forward, backward, AdamW step -, the model's parameter bytes). Eager steps are measured: compiled
+    ones need less, so the answer errs on the safe side."""
+    model = GPT(GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=True)
+
+    def peak_bytes_of(batch_size: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            tokens = torch.randint(vocab_size, (batch_size, cfg.block_size + 1), device=device)
+            with autocast(device, precision):
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            optimizer.step()
+            return torch.cuda.max_memory_reserved(device)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+    return peak_bytes_of, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def search(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, world: World) -> tuple[int, str]:
+    """(the largest micro-batch that fits on every process's GPU, how it was found)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    limit = int(free * (1 - MEMORY_MARGIN))
+    measure, parameter_bytes = step_peak_bytes(cfg, vocab_size, device, precision)
+    if world.active:  # DistributedDataParallel keeps a second copy of the gradients in its buckets
+        limit -= parameter_bytes
+    fits = largest_that_fits(measure, limit)
+    del measure
+    gc.collect()  # the trial model, its optimizer and the tensors of an out-of-memory trial
+    torch.cuda.empty_cache()
+    if world.active:  # every process must use the same micro-batch: the smallest GPU decides
+        fits = int(all_reduce(torch.tensor(fits, device=device), world, dist.ReduceOp.MIN).item())
+    if fits == 0:
+        raise UsageError(f"--batch_size auto: not even one sequence of --block_size {cfg.block_size} fits in "
+                         f"{limit / 2**30:.1f} GiB of GPU memory with model {cfg.model_size}. Use a smaller "
+                         f"--model_size or --block_size.")
+    return fits, (f"the largest power of two whose training step fits in {limit / 2**30:.1f} GiB, "
+                  f"{1 - MEMORY_MARGIN:.0%} of the free GPU memory")
+
+
+def settle_batch(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, world: World) -> str | None:
+    """Resolve --batch_size auto and --global_batch_size into cfg.batch_size and cfg.gradient_accumulation_steps;
+    returns what was chosen and why, for the log and config.json (None when the flags were plain numbers)."""
+    if cfg.batch_size != "auto" and cfg.global_batch_size is None:
+        return None
+    if cfg.global_batch_size is not None and cfg.gradient_accumulation_steps != 1:
+        raise UsageError("--global_batch_size sets --gradient_accumulation_steps: give one of them, not both.")
+    how = "given"
+    largest = cfg.batch_size
+    if cfg.batch_size == "auto":
+        if device.type == "cpu":
+            largest, how = CPU_AUTO_BATCH_SIZE, "the CPU default"
+        else:
+            largest, how = search(cfg, vocab_size, device, precision, world)
+    if cfg.global_batch_size is None:
+        cfg.batch_size = largest
+        return f"micro-batch {largest} ({how})"
+    per_process, left_over = divmod(cfg.global_batch_size, world.size)
+    if left_over:
+        raise UsageError(f"--global_batch_size {cfg.global_batch_size} does not divide among {world.size} processes: "
+                         f"use a multiple of {world.size}.")
+    micro = max(b for b in range(1, min(largest, per_process) + 1) if per_process % b == 0)
+    if cfg.batch_size != "auto" and micro != cfg.batch_size:
+        raise UsageError(f"--global_batch_size {cfg.global_batch_size} is not a multiple of --batch_size "
+                         f"{cfg.batch_size} x {world.size} process(es): use a multiple of "
+                         f"{cfg.batch_size * world.size}, or --batch_size auto to pick a micro-batch that divides it.")
+    cfg.batch_size, cfg.gradient_accumulation_steps = micro, per_process // micro
+    lowered = "" if micro == largest else f"; {largest} lowered to divide the global batch"
+    return (f"micro-batch {micro} ({how}{lowered}) x {cfg.gradient_accumulation_steps} accumulation steps x "
+            f"{world.size} process(es) = global batch {cfg.global_batch_size}")

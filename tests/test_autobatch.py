@@ -1,0 +1,110 @@
+"""--batch_size auto and --global_batch_size. No GPU runs here, so the GPU's memory is simulated: a step's peak memory
+grows with the micro-batch and the "GPU" raises PyTorch's own OutOfMemoryError past its capacity. The real search on
+a GPU is in tests/test_gpu.py."""
+
+import json
+
+import pytest
+import torch
+
+from gpt_trainer import autobatch
+from gpt_trainer.autobatch import largest_that_fits, settle_batch
+from gpt_trainer.cli import main
+from gpt_trainer.config import CPU_AUTO_BATCH_SIZE
+from gpt_trainer.distributed import World
+from gpt_trainer.errors import UsageError
+
+GIB = 2**30
+CPU, GPU = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU until a tensor uses it
+
+
+def simulated_gpu(capacity: int, base: int, per_sequence: int, tried: list):
+    """A step's peak memory: `base` (weights, optimizer) + `per_sequence` per sequence; beyond `capacity`, OOM."""
+    def peak_bytes_of(batch: int) -> int:
+        tried.append(batch)
+        peak = base + batch * per_sequence
+        if peak > capacity:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated): tried to allocate {peak} bytes")
+        return peak
+    return peak_bytes_of
+
+
+@pytest.mark.parametrize("limit, capacity, expected", [
+    (9 * GIB, 16 * GIB, 16),  # 1 + 16 x 0.5 = 9 GiB fits the limit; 32 needs 17
+    (40 * GIB, 12 * GIB, 16),  # the margin would allow 64, but 32 already runs out of memory
+    (0.5 * GIB, 16 * GIB, 0),  # not even one sequence
+    (1000 * GIB, 1000 * GIB, autobatch.LARGEST_TRIED),
+])
+def test_the_search_picks_the_largest_power_of_two_under_the_limit(limit, capacity, expected):
+    tried = []
+    fits = largest_that_fits(simulated_gpu(capacity, GIB, GIB // 2, tried), limit)
+    assert fits == expected
+    assert tried == [2**i for i in range(len(tried))]  # powers of two from 1, stopping at the first that fails
+    assert max(tried) <= autobatch.LARGEST_TRIED
+
+
+def on_simulated_gpu(monkeypatch, free: int, capacity: int, per_sequence: int = GIB // 2) -> list:
+    tried = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GIB))
+    monkeypatch.setattr(autobatch, "step_peak_bytes", lambda *args: (
+        simulated_gpu(capacity, GIB, per_sequence, tried), 0))
+    return tried
+
+
+def test_auto_on_a_gpu_keeps_a_margin_and_derives_the_accumulation(tiny_cfg, monkeypatch):
+    tried = on_simulated_gpu(monkeypatch, free=20 * GIB, capacity=20 * GIB)  # limit 18 GiB: 32 sequences (17 GiB)
+    cfg = tiny_cfg("--batch_size=auto", "--global_batch_size=256")
+    chosen = settle_batch(cfg, 100, GPU, "bf16", World())
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (32, 8)
+    assert tried == [1, 2, 4, 8, 16, 32, 64]
+    assert "micro-batch 32" in chosen and "8 accumulation steps" in chosen and "18.0 GiB" in chosen
+
+
+def test_auto_lowers_the_micro_batch_to_divide_the_global_batch(tiny_cfg, monkeypatch):
+    on_simulated_gpu(monkeypatch, free=20 * GIB, capacity=20 * GIB)
+    cfg = tiny_cfg("--batch_size=auto", "--global_batch_size=48")
+    assert "32 lowered" in settle_batch(cfg, 100, GPU, "bf16", World())
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (24, 2)
+
+
+def test_auto_refuses_a_gpu_where_nothing_fits(tiny_cfg, monkeypatch):
+    on_simulated_gpu(monkeypatch, free=GIB, capacity=GIB)
+    with pytest.raises(UsageError, match="not even one sequence .* smaller --model_size or --block_size"):
+        settle_batch(tiny_cfg("--batch_size=auto"), 100, GPU, "bf16", World())
+
+
+@pytest.mark.parametrize("flags, world, expected", [
+    (["--batch_size=auto"], 1, (CPU_AUTO_BATCH_SIZE, 1)),
+    (["--batch_size=auto", "--global_batch_size=64"], 1, (16, 4)),
+    (["--batch_size=8", "--global_batch_size=48"], 1, (8, 6)),
+    (["--batch_size=auto", "--global_batch_size=64"], 2, (16, 2)),  # 32 per process
+    (["--batch_size=4"], 1, (4, 1)),  # plain numbers stay as given
+])
+def test_settle_batch_on_the_cpu(tiny_cfg, flags, world, expected):
+    cfg = tiny_cfg(*flags)
+    settle_batch(cfg, 100, CPU, "fp32", World(0, 0, world))
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == expected
+
+
+@pytest.mark.parametrize("flags, world, message", [
+    (["--batch_size=16", "--global_batch_size=40"], 1, "not a multiple of --batch_size 16 x 1 process"),
+    (["--global_batch_size=63"], 2, "does not divide among 2 processes"),
+    (["--global_batch_size=64", "--gradient_accumulation_steps=2"], 1, "give one of them, not both"),
+])
+def test_contradicting_batch_flags_are_refused(tiny_cfg, flags, world, message):
+    with pytest.raises(UsageError, match=message):
+        settle_batch(tiny_cfg(*flags), 100, CPU, "fp32", World(0, 0, world))
+
+
+def test_the_chosen_batch_is_printed_and_stored_in_config_json(tiny_argv, tmp_path, capsys):
+    assert main(tiny_argv("--batch_size=auto", "--global_batch_size=32", "--max_steps=2")) == 0
+    assert "batch: micro-batch 16 (the CPU default) x 2 accumulation steps" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["batch_size"], saved["gradient_accumulation_steps"], saved["global_batch_size"]) == (16, 2, 32)
+    assert saved["batch_size_choice"].startswith("micro-batch 16")
+
+
+def test_a_bad_global_batch_changes_no_file(tiny_argv, tmp_path, capsys):
+    assert main(tiny_argv("--batch_size=16", "--global_batch_size=40")) == 2
+    assert "--global_batch_size 40 is not a multiple" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
