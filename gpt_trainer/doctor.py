@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +39,7 @@ def writable(folder: Path) -> bool:
 def gpu_lines(require_gpu: bool) -> tuple[list[str], list[str]]:
     import torch
 
-    from .hardware import bf16_supported, cpu_has_bf16
+    from .hardware import bf16_supported, cpu_has_bf16, find_peak
 
     lines, problems = [], []
     backend = f"ROCm/HIP {torch.version.hip}" if torch.version.hip else (
@@ -53,9 +54,20 @@ def gpu_lines(require_gpu: bool) -> tuple[list[str], list[str]]:
     for i in range(torch.cuda.device_count()):
         device = torch.device("cuda", i)
         free, total = torch.cuda.mem_get_info(device)
+        peak = find_peak(torch.cuda.get_device_name(device))
         lines.append(f"GPU {i}:         {torch.cuda.get_device_name(device)} | {free / 2**30:.1f} of "
-                     f"{total / 2**30:.1f} GiB free | bf16: {'yes' if bf16_supported(device) else 'no (use --fp16)'}")
+                     f"{total / 2**30:.1f} GiB free | bf16: {'yes' if bf16_supported(device) else 'no (use --fp16)'} | "
+                     + (f"MFU peak: {peak.name} data sheet" if peak else "MFU peak: unknown part, pass --peak_tflops"))
     return lines, problems
+
+
+def compiler_line() -> str:
+    """torch.compile builds kernels at run time: inductor needs a C++ compiler on the CPU, Triton a C compiler."""
+    found = [shutil.which(name) for name in ("cc", "gcc", "c++", "g++", "clang")]
+    found = [path for path in found if path]
+    if found:
+        return f"C compiler:    {found[0]} (torch.compile can build its kernels)"
+    return "C compiler:    none found (--compile falls back to running uncompiled; install gcc and g++)"
 
 
 def diagnose(output_dir: Path, require_gpu: bool = False) -> tuple[list[str], list[str]]:
@@ -71,6 +83,7 @@ def diagnose(output_dir: Path, require_gpu: bool = False) -> tuple[list[str], li
         gpu, gpu_problems = gpu_lines(require_gpu)
         lines += gpu
         problems += gpu_problems
+    lines.append(compiler_line())
     from .wandb_backend import wandb_key_source
 
     source = wandb_key_source()

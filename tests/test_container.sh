@@ -205,6 +205,8 @@ docker run --rm --user "$TEST_UID:$TEST_UID" -e WANDB_MODE=offline -v "$out:/wor
 echo "30 compiled steps as uid $TEST_UID: $(( $(date +%s) - t0 ))s including compilation"
 grep -q "step 30 |" "$WORK/train.log" || fail "training did not reach step 30"
 grep -q '"compile": true' "$out/run/config.json" || fail "the run did not record --compile"
+grep -q '^torch.compile: .* before the first step' "$WORK/train.log" && ! grep -q 'torch.compile failed' "$WORK/train.log" \
+  || { grep -i compile "$WORK/train.log"; fail "the model was not compiled inside the image (it fell back to eager)"; }
 grep -q "wandb sync /workspace/output/wandb/offline-run-" "$WORK/train.log" || fail "no wandb sync hint"
 ls "$out"/run/logs/*/events.out.tfevents.* >/dev/null 2>&1 || fail "no TensorBoard events in the mounted folder"
 [ -f "$out/run/checkpoints/latest.pt" ] || fail "no checkpoint in the mounted folder"

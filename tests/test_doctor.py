@@ -42,3 +42,16 @@ def test_doctor_can_require_a_gpu(tmp_path, capsys):
     else:
         assert main([f"--output_dir={tmp_path}", "--require_gpu"]) == 1
         assert "no GPU is visible" in capsys.readouterr().err
+
+
+def test_doctor_says_whether_torch_compile_can_build_kernels(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcc").write_text("#!/bin/sh\n")
+    (bin_dir / "gcc").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert main([f"--output_dir={tmp_path}"]) == 0
+    assert f"C compiler:    {bin_dir / 'gcc'} (torch.compile can build its kernels)" in capsys.readouterr().out
+    (bin_dir / "gcc").unlink()  # now no compiler is on PATH
+    assert main([f"--output_dir={tmp_path}"]) == 0  # running uncompiled is a slowdown, not a problem
+    assert "C compiler:    none found (--compile falls back to running uncompiled" in capsys.readouterr().out
