@@ -34,6 +34,7 @@ MODEL_PRESETS: dict[str, ModelShape] = {
 CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
 CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
+TRACKERS = ("tensorboard", "wandb", "swanlab")  # what --report_to can name; tracking.BACKENDS starts each
 CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
 ENGLISH_PROMPTS = "ROMEO:,The "
 
@@ -117,8 +118,8 @@ class TrainConfig:
     resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path.",
                                nargs="?", const="latest")
     # experiment tracking
-    report_to: str = _flag("all", "Where metrics go besides metrics.jsonl.",
-                           choices=["all", "tensorboard", "wandb", "none"])
+    report_to: str = _flag("all", "Where metrics go besides metrics.jsonl: a comma-separated list of "
+                                  f"{', '.join(TRACKERS)}; all (= tensorboard,wandb) or none.")
     wandb_project: str | None = _flag(None, "wandb project (default: $WANDB_PROJECT, else gpt-training).")
     wandb_entity: str | None = _flag(None, "wandb team or user (default: $WANDB_ENTITY).")
     wandb_run_name: str | None = _flag(None, "Run name for wandb and the TensorBoard folder (default: "
@@ -147,6 +148,9 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps * self.block_size
+
+    def trackers(self) -> list[str]:
+        return tracker_names(self.report_to)
 
     @property
     def final_lr(self) -> float:
@@ -193,6 +197,19 @@ RANGES = {
 }
 
 
+def tracker_names(report_to: str) -> list[str]:
+    """--report_to as a list of tracker names: `tensorboard,swanlab`, or all (= tensorboard,wandb), or none."""
+    names = [name.strip().lower() for name in report_to.split(",") if name.strip()]
+    if names in (["all"], ["none"]):
+        return ["tensorboard", "wandb"] if names == ["all"] else []
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown or not names:
+        raise UsageError(f"--report_to {report_to!r} is not a list of trackers ({', '.join(map(repr, unknown))}). "
+                         f"Give a comma-separated list of {', '.join(TRACKERS)}, or all (= tensorboard,wandb), or "
+                         f"none; all and none stand alone.")
+    return list(dict.fromkeys(names))
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings before anything is read or written."""
     chosen = [name for name in ("bf16", "fp16", "fp32") if getattr(cfg, name)]
@@ -207,6 +224,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
                          f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
                          f"--n_head.")
+    tracker_names(cfg.report_to)
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
     other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import TrainConfig
+from .config import TRACKERS, TrainConfig, tracker_names
 from .errors import UsageError, run_cli
 
 STATE_FILE = "sweep_state.json"
@@ -210,10 +210,12 @@ def sweep_command(argv: list[str] | None) -> int:
     parser.add_argument("sweep_file", help="a wandb sweep YAML, e.g. sweep_config.yaml")
     parser.add_argument("--max_runs", type=int, default=None, help="stop after this many trials (grid: all by default)")
     parser.add_argument("--output_dir", default="output_sweep", help="one folder per trial below this")
-    parser.add_argument("--report_to", default="tensorboard", choices=["all", "tensorboard", "wandb", "none"],
-                        help="trackers for each trial (wandb logs offline without a key)")
+    parser.add_argument("--report_to", default="tensorboard",
+                        help="trackers for each trial, as for training: a comma-separated list of "
+                             f"{', '.join(TRACKERS)}, or all, or none (wandb and swanlab log offline without a key)")
     parser.add_argument("--check", action="store_true", help="only validate the file")
     args = parser.parse_args(argv)
+    tracker_names(args.report_to)  # a bad list stops here, before the first trial
     config = load_sweep(args.sweep_file)
     if args.max_runs is None and config["method"] != "grid" and not args.check:
         raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")

@@ -133,7 +133,6 @@ def start_tracking(cfg: TrainConfig, hparams: dict, run_name: str, resumed: dict
     run = RunInfo(cfg, run_name, hparams, start_step, resumed or {})
     if not launched_world().is_main:
         return Tracker(run_name=run.name, resumed=resumed)
-    wanted = list(BACKENDS) if cfg.report_to == "all" else [cfg.report_to] if cfg.report_to in BACKENDS else []
     backends = [JsonlBackend(Path(cfg.output_dir) / "metrics.jsonl", keep_through_step=start_step)]
-    backends += [b for b in (BACKENDS[name](run) for name in wanted) if b is not None]
+    backends += [b for b in (BACKENDS[name](run) for name in cfg.trackers()) if b is not None]
     return Tracker(backends, run.name, resumed)

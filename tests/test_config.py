@@ -67,3 +67,19 @@ def test_the_readme_flag_tables_are_the_parser_s():
         assert readme_flags.with_current_table(text) == text, f"{name} drifted: run ./dev.sh flags"
         drifted = text.replace("| `--dropout` | `0.1` |", "| `--dropout` | `0.2` |")  # a hand edit: caught
         assert readme_flags.with_current_table(drifted) == text
+
+
+@pytest.mark.parametrize("report_to, trackers", [
+    ("all", ["tensorboard", "wandb"]), ("none", []), ("tensorboard,swanlab", ["tensorboard", "swanlab"]),
+    ("TensorBoard, wandb ,swanlab", ["tensorboard", "wandb", "swanlab"]), ("wandb,wandb", ["wandb"]),
+])
+def test_report_to_is_a_list_of_trackers(report_to, trackers):
+    assert parse_args([f"--report_to={report_to}"]).trackers() == trackers
+
+
+@pytest.mark.parametrize("report_to, named", [("tensorbord", "'tensorbord'"), ("all,swanlab", "'all'"),
+                                              ("none,wandb", "'none'"), (",", "")])
+def test_report_to_refuses_unknown_names_with_the_known_ones(report_to, named):
+    with pytest.raises(UsageError, match=f"is not a list of trackers \\({named}\\). Give a comma-separated list of "
+                                         f"tensorboard, wandb, swanlab, or all"):
+        parse_args([f"--report_to={report_to}"])
