@@ -47,10 +47,27 @@ def resolve(python: str, *requirements: str) -> subprocess.CompletedProcess:
             capture_output=True, text=True)
 
 
+def requirements_for(python: str, path: Path) -> list[str]:
+    """The file's requirements whose environment markers hold on `python`: pip evaluates markers such as
+    `; python_version < "3.14"` for the interpreter running it, not for --python-version."""
+    try:
+        from packaging.markers import Marker
+    except ImportError:
+        from pip._vendor.packaging.markers import Marker
+    kept = []
+    for line in path.read_text().splitlines():
+        requirement, _, marker = line.split("#")[0].partition(";")
+        if requirement.strip() and (not marker.strip() or Marker(marker).evaluate(
+                {"python_version": python, "python_full_version": f"{python}.0"})):
+            kept.append(requirement.strip())
+    return kept
+
+
 def check(python: str, links: str, torch_pin: str, also: list[str]) -> subprocess.CompletedProcess:
-    result = resolve(python, "--find-links", links, "-r", str(ROOT / "requirements-image.txt"), torch_pin, *also)
+    image = requirements_for(python, ROOT / "requirements-image.txt")
+    result = resolve(python, "--find-links", links, *image, torch_pin, *also)
     if result.returncode == 0:
-        result = resolve(python, "--no-deps", "-r", str(ROOT / "docker" / "requirements-nodeps.txt"))
+        result = resolve(python, "--no-deps", *requirements_for(python, ROOT / "docker" / "requirements-nodeps.txt"))
     return result
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -128,6 +129,11 @@ class TrainConfig:
     wandb_mode: str | None = _flag(None, "wandb mode (default: $WANDB_MODE, else online when a key exists).",
                                    choices=["online", "offline", "disabled"])
     wandb_log_model: bool = _flag(False, "Upload the best and final checkpoints to wandb as a model artifact.")
+    swanlab_project: str | None = _flag(None, "SwanLab project (default: $SWANLAB_PROJECT, else gpt-training).")
+    swanlab_workspace: str | None = _flag(None, "SwanLab workspace, a user or organisation (default: "
+                                                "$SWANLAB_WORKSPACE, else the key's user).")
+    swanlab_mode: str | None = _flag(None, "SwanLab mode (default: $SWANLAB_MODE, else cloud when a key exists, "
+                                           "offline otherwise).", choices=["cloud", "offline", "disabled"])
     # sampling
     sample_prompts: str | None = _flag(None, "Comma-separated prompts sampled at the end (Chinese default: "
                                              f"{CHINESE_PROMPTS}).")
@@ -224,7 +230,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
                          f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
                          f"--n_head.")
-    tracker_names(cfg.report_to)
+    project = cfg.swanlab_project or os.environ.get("SWANLAB_PROJECT")
+    if "swanlab" in tracker_names(cfg.report_to) and project and not re.fullmatch(r"[0-9A-Za-z_+.\-]{1,100}", project):
+        raise UsageError(f"SwanLab project {project!r} (--swanlab_project or $SWANLAB_PROJECT): SwanLab accepts 1 to "
+                         f"100 letters, digits and _ - + . only. Choose a name such as gpt-training.")
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
     other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (

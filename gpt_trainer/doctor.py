@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 REQUIRED = ("torch", "numpy", "sentencepiece", "tqdm")
-OPTIONAL = ("tensorboard", "wandb", "accelerate")
+OPTIONAL = ("tensorboard", "wandb", "swanlab", "accelerate")
 
 
 def version_of(package: str) -> str | None:
@@ -89,6 +89,10 @@ def diagnose(output_dir: Path, require_gpu: bool = False) -> tuple[list[str], li
     source = wandb_key_source()
     lines.append(f"wandb key:     {'from ' + source if source else 'none found (runs log offline; wandb sync later)'}")
     lines.append(f"wandb mode:    {os.environ.get('WANDB_MODE') or 'online when a key exists'}")
+    from .swanlab_backend import swanlab_key_source
+
+    source = swanlab_key_source()
+    lines.append(f"swanlab key:   {'from ' + source if source else 'none found (runs log offline; swanlab sync)'}")
     wandb_dir = Path(os.environ.get("WANDB_DIR") or output_dir)
     for label, folder in (("output dir", output_dir), ("wandb dir", wandb_dir)):
         ok = writable(folder)

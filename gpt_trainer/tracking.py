@@ -1,7 +1,7 @@
 """Experiment tracking: the same metrics, under the same names and steps, to metrics.jsonl and every tracker asked
-for (TensorBoard, wandb). Each tracker is a backend behind one small protocol, started from its own module; adding a
-tracker is one new module and one line in BACKENDS. A `Tracker` with no backends logs nothing (library use, tests,
-and every process but the main one)."""
+for (TensorBoard, wandb, SwanLab). Each tracker is a backend behind one small protocol, started from its own module;
+adding a tracker is one new module and one line in BACKENDS. A `Tracker` with no backends logs nothing (library use,
+tests, and every process but the main one)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import tensorboard_backend, wandb_backend
+from . import swanlab_backend, tensorboard_backend, wandb_backend
 from .config import TrainConfig
 from .distributed import launched_world
 
@@ -49,6 +49,7 @@ class Backend(Protocol):
 BACKENDS: dict[str, Callable[[RunInfo], Backend | None]] = {
     "tensorboard": tensorboard_backend.start,
     "wandb": wandb_backend.start,
+    "swanlab": swanlab_backend.start,
 }
 
 
@@ -121,7 +122,7 @@ class Tracker:
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the same runs: the name, and each backend's own state (wandb: its
         id)."""
-        state = {"wandb_id": None, **self.resumed, "run_name": self.run_name}
+        state = {"wandb_id": None, "swanlab_id": None, **self.resumed, "run_name": self.run_name}
         for backend in self.backends:
             state.update(getattr(backend, "state_dict", dict)())
         return state

@@ -53,9 +53,9 @@ def tiny_cfg(tiny_argv):
 
 @pytest.fixture
 def clean_wandb_env(monkeypatch, tmp_path):
-    """No credentials or modes leak in from the machine running the tests."""
+    """No credentials or modes (wandb's or SwanLab's) leak in from the machine running the tests."""
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL", "NETRC", "WANDB_PROJECT",
-                 "WANDB_ENTITY"):
+                 "WANDB_ENTITY", *(name for name in os.environ if name.startswith("SWANLAB_"))):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "home"
     home.mkdir()

@@ -187,7 +187,7 @@ docker run --rm --user "$TEST_UID:$TEST_UID" "$IMAGE" python -m pytest -p no:cac
 tail -1 "$WORK/pytest.log"
 grep -qE "passed.*skipped" "$WORK/pytest.log" || fail "the GPU tests did not skip (no GPU here) or the model tests did not run"
 
-step "training as uid $TEST_UID with --compile, a read-only .netrc with a key, WANDB_MODE=offline, mounted output"
+step "training as uid $TEST_UID with --compile, a read-only .netrc with a key, WANDB_MODE=offline, a SwanLab key with no server, mounted output"
 out="$WORK/out"
 mkdir -p "$out" && chown "$TEST_UID:$TEST_UID" "$out"
 netrc="$WORK/netrc"
@@ -198,10 +198,12 @@ docker run --rm --user "$TEST_UID:$TEST_UID" -e WANDB_MODE=offline -v "$out:/wor
   || { cat "$WORK/doctor.log"; fail "doctor found a problem in the container"; }
 grep -q "wandb key:     from /home/trainer/.netrc" "$WORK/doctor.log" || { cat "$WORK/doctor.log"; fail "doctor did not see the mounted .netrc"; }
 t0=$(date +%s)
-docker run --rm --user "$TEST_UID:$TEST_UID" -e WANDB_MODE=offline -v "$out:/workspace/output" \
-  -v "$netrc:/home/trainer/.netrc:ro" "$IMAGE" python train_single_gpu.py --model_size tiny --corpus fortunes_zh \
-  --n_layer 2 --block_size 64 --batch_size 8 --max_steps 30 --eval_interval 15 --eval_steps 4 --log_interval 5 \
-  --sample_tokens 30 --compile --output_dir /workspace/output/run > "$WORK/train.log" 2>&1 || { tail -30 "$WORK/train.log"; fail "training in the container failed"; }
+# --network none: SwanLab has a key but no server, as behind a blocked network
+docker run --rm --user "$TEST_UID:$TEST_UID" --network none -e WANDB_MODE=offline -e "SWANLAB_API_KEY=$FAKE_KEY" \
+  -v "$out:/workspace/output" -v "$netrc:/home/trainer/.netrc:ro" "$IMAGE" python train_single_gpu.py \
+  --model_size tiny --corpus fortunes_zh --n_layer 2 --block_size 64 --batch_size 8 --max_steps 30 --eval_interval 15 \
+  --eval_steps 4 --log_interval 5 --sample_tokens 30 --compile --report_to tensorboard,wandb,swanlab \
+  --output_dir /workspace/output/run > "$WORK/train.log" 2>&1 || { tail -30 "$WORK/train.log"; fail "training in the container failed"; }
 echo "30 compiled steps as uid $TEST_UID: $(( $(date +%s) - t0 ))s including compilation"
 grep -q "step 30 |" "$WORK/train.log" || fail "training did not reach step 30"
 grep -q '"compile": true' "$out/run/config.json" || fail "the run did not record --compile"
@@ -211,6 +213,8 @@ grep -q "wandb sync /workspace/output/wandb/offline-run-" "$WORK/train.log" || f
 ls "$out"/run/logs/*/events.out.tfevents.* >/dev/null 2>&1 || fail "no TensorBoard events in the mounted folder"
 [ -f "$out/run/checkpoints/latest.pt" ] || fail "no checkpoint in the mounted folder"
 ls "$out"/wandb/offline-run-*/run-*.wandb >/dev/null 2>&1 || fail "no wandb offline run in the mounted folder"
+grep -q "swanlab sync -i " "$WORK/train.log" && ls "$out"/run/swanlog/run-*/run-*.swanlab >/dev/null 2>&1 \
+  || { grep -i swanlab "$WORK/train.log"; fail "no offline SwanLab record or sync hint"; }
 [ -z "$(find "$out" ! -user "$TEST_UID")" ] || fail "files in the output folder are not owned by the host user"
 
 step "no layer, log or output file holds the key; each check first finds a planted key"
@@ -232,7 +236,7 @@ echo "no leak: image history, every layer, the output folder and the logs are fr
 
 step "serving TensorBoard with docker-compose and reading a scalar over HTTP"
 port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-mkdir -p "$WORK/home/.config/wandb"; : > "$WORK/home/.netrc"
+mkdir -p "$WORK/home/.config/wandb" "$WORK/home/.swanlab"; : > "$WORK/home/.netrc"
 (cd "$ROOT" && HOME="$WORK/home" OUTPUT_DIR="$out" IMAGE="$IMAGE" HOST_UID=$TEST_UID HOST_GID=$TEST_UID \
    TENSORBOARD_PORT=$port docker-compose -p gptct up -d tensorboard) > "$WORK/compose.log" 2>&1 \
   || { cat "$WORK/compose.log"; fail "docker-compose could not start tensorboard"; }

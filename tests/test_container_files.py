@@ -98,3 +98,14 @@ def test_env_example_lists_every_setting_compose_reads():
     used = set(re.findall(r"\$\{(\w+)", compose)) - {"HOME"}
     documented = set(re.findall(r"^(\w+)=", (ROOT / ".env.example").read_text(), re.M))
     assert used - {"TRAIN_COMMAND"} <= documented
+
+
+def test_every_image_package_is_pinned_and_the_trackers_are_there():
+    pins = {}
+    for path in (ROOT / "requirements-image.txt", ROOT / "docker" / "requirements-nodeps.txt"):
+        for line in path.read_text().splitlines():
+            requirement = line.split("#")[0].split(";")[0].strip()
+            if requirement:
+                assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.]*", requirement), f"{path.name}: {line}"
+                pins[requirement.split("==")[0].lower()] = requirement
+    assert {"wandb", "tensorboard", "swanlab", "accelerate", "sentencepiece"} <= set(pins)

@@ -7,10 +7,12 @@ FAKE_KEY = "FAKEKEY_" + "d0" * 20
 
 def test_doctor_reports_versions_backend_and_key_source_but_never_the_key(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("SWANLAB_API_KEY", FAKE_KEY)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     assert main([f"--output_dir={tmp_path / 'out'}"]) == 0
     out = capsys.readouterr().out
     assert "torch:" in out and "torch build:" in out and "tensorboard:" in out and "wandb:" in out
+    assert "swanlab key:   from SWANLAB_API_KEY" in out and "swanlab:" in out
     if torch.cuda.is_available():
         assert f"GPU 0:         {torch.cuda.get_device_name(0)}" in out
     else:

@@ -13,6 +13,7 @@ from gpt_trainer import cli, sweep
 from gpt_trainer.config import parse_args
 from gpt_trainer.sweep import agent_args, load_sweep, main
 from tests.conftest import TINY_SHAPE, interrupt_after_lines
+from tests.swanlab_offline import run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = [ROOT / "sweep_config.yaml", *sorted((ROOT / "examples" / "sweeps").glob("*.yaml"))]
@@ -100,13 +101,19 @@ def test_bad_sweep_files_exit_2_naming_the_line_or_key(tmp_path, capsys, text, m
     assert err.startswith("error: ") and message in err
 
 
+def test_the_trials_trackers_are_checked_before_the_first_trial(capsys):
+    assert main([str(ROOT / "sweep_config.yaml"), "--report_to=tensorboard,swanlob"]) == 2
+    assert "'swanlob'" in capsys.readouterr().err
+
+
 def test_random_and_bayes_need_a_run_limit(capsys):
     assert main([str(ROOT / "examples" / "sweeps" / "random_tiny.yaml")]) == 2
     assert "--max_runs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on_restart(tmp_path, cache_dir, capsys):
+def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on_restart(tmp_path, cache_dir, capsys,
+                                                                                         clean_wandb_env):
     fixed = tiny_sweep_params()
     config = {
         "program": str(ROOT / "train_single_gpu.py"), "method": "grid",
@@ -118,7 +125,7 @@ def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on
     config["parameters"]["n_layer"] = {"value": 1}
     sweep_file = write(tmp_path, "grid.yaml", yaml.safe_dump(config))
     out = tmp_path / "sweep"
-    assert main([sweep_file, f"--output_dir={out}"]) == 0
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=tensorboard,swanlab"]) == 0
     printed = capsys.readouterr().out
     state = json.loads((out / "sweep_state.json").read_text())["trials"]
     assert [t["status"] for t in state] == ["finished"] * 4
@@ -128,6 +135,7 @@ def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on
         rows = [json.loads(line) for line in (out / t["name"] / "metrics.jsonl").read_text().splitlines()]
         assert t["metric"] == min(r["eval/loss"] for r in rows if "eval/loss" in r)
         assert list((out / t["name"] / "logs").glob(f"{t['name']}/events.out.tfevents.*"))
+        assert run_folders(out / t["name"] / "swanlog")  # and its own SwanLab record (offline: no key here)
     ranking = [line.split()[1] for line in printed.splitlines() if line[:1].isdigit()]
     assert ranking == [t["name"] for t in sorted(state, key=lambda t: t["metric"])]
     best = min(state, key=lambda t: t["metric"])

@@ -15,6 +15,8 @@ from gpt_trainer.cli import main
 from gpt_trainer.config import parse_args
 from gpt_trainer.tracking import JsonlBackend, RunSummary, start_tracking
 from tests.conftest import files_containing, interrupt_after_lines, scalars, script_env
+from tests.swanlab_offline import read_records as read_swanlab
+from tests.swanlab_offline import finish_states, run_folders, scalar_steps
 from tests.wandb_offline import history_rows, read_records, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +61,10 @@ def test_tensorboard_and_wandb_get_the_same_metrics_at_the_same_steps(poems_argv
 
 
 @pytest.mark.slow
-def test_sigterm_and_resume_keep_both_trackers_continuous(poems_argv, tmp_path):
+def test_sigterm_and_resume_keep_every_tracker_continuous(poems_argv, tmp_path):
     env = script_env(WANDB_MODE="offline", WANDB_API_KEY=FAKE_KEY, HOME=os.environ["HOME"])
-    args = poems_argv("--max_steps=100000", "--eval_interval=100000", "--save_interval=100000")
+    args = poems_argv("--max_steps=100000", "--eval_interval=100000", "--save_interval=100000",
+                      "--report_to=tensorboard,wandb,swanlab")
     metrics = tmp_path / "out" / "metrics.jsonl"
     code, err = interrupt_after_lines([sys.executable, str(ROOT / "train_single_gpu.py"), *args], metrics, 4, cwd=ROOT,
                                       env=env)
@@ -78,6 +81,10 @@ def test_sigterm_and_resume_keep_both_trackers_continuous(poems_argv, tmp_path):
     steps = wandb_steps(first)["train/loss"] + wandb_steps(second)["train/loss"]
     assert steps == list(range(1, stopped_at + 4))  # every row kept, none twice, none backwards
     assert f"wandb sync {first.parent} {second.parent}" in resumed.stderr  # both folders make up the run
+    first, second = (read_swanlab(folder) for folder in run_folders(tmp_path / "out" / "swanlog"))
+    assert finish_states(first) == ["RUN_STATE_ABORTED"]  # SIGTERM flushed it and marked it
+    steps = scalar_steps(first)["train/loss"] + scalar_steps(second)["train/loss"]
+    assert steps == list(range(1, stopped_at + 4))
     assert files_containing(tmp_path / "out", FAKE_KEY) == []
 
 
@@ -104,3 +111,9 @@ def test_metrics_jsonl_keeps_each_step_once_and_stays_strict_json(tmp_path):
     assert rows[-1] == {"step": 4, "train/loss": None, "train/grad_norm": None, "train/epoch": 0.5}
     JsonlBackend(path, keep_through_step=0)  # a run started afresh
     assert path.read_text() == ""
+
+
+def test_every_tracker_report_to_accepts_has_a_backend():
+    from gpt_trainer.config import TRACKERS
+
+    assert tuple(tracking.BACKENDS) == TRACKERS
