@@ -17,10 +17,10 @@ from .autobatch import settle_batch
 from .compiling import wants_compile
 from .config import TrainConfig, parse_args
 from .errors import notice, run_cli
-from .data import prepare_data
+from .data import prepare_data, steps_for
 from .hardware import device_name, pick_device, resolve_precision
 from .tracking import RunSummary, Tracker, default_run_name, start_tracking
-from .trainer import Trainer, perplexity
+from .trainer import Trainer, fit_warmup, perplexity
 
 
 def use_sweep_output_dir(cfg: TrainConfig) -> None:
@@ -72,6 +72,9 @@ def run_in(world: distributed.World, cfg: TrainConfig) -> int:
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
     batch_choice = settle_batch(cfg, data.tokenizer.vocab_size, device, precision, world)
+    warmup_note = fit_warmup(cfg, steps_for(cfg, (len(data.train) - 1) // cfg.block_size, world.size))
+    if warmup_note and world.is_main:
+        notice(warmup_note)
     resolved = {**cfg.to_dict(), "compile": wants_compile(cfg.compile, device), "batch_size_choice": batch_choice,
                 "device": str(device), "precision": precision, "corpus": data.corpus,
                 "vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train), "val_tokens": len(data.val),

@@ -4,6 +4,7 @@ every checkpoint, so sampling needs nothing but the checkpoint."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 from .errors import UsageError
@@ -75,11 +76,7 @@ class SentencePieceTokenizer:
                     minloglevel=2,
                 )
             except RuntimeError as e:
-                raise UsageError(
-                    f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus ({e}). "
-                    f"Choose a --vocab_size that fits it (above its distinct characters plus 259 special and byte "
-                    f"tokens, below what its text can fill), or use --tokenizer char."
-                ) from None
+                raise UsageError(vocab_size_problem(str(e), vocab_size)) from None
             with open(prefix + ".model", "rb") as f:
                 return cls(f.read())
 
@@ -94,7 +91,9 @@ class SentencePieceTokenizer:
         return self.encode(text), ""
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        # byte-fallback pieces of a character cut off (at the end of a sample, or generated out of order) decode to
+        # U+FFFD: leave them out rather than show replacement marks
+        return self.sp.decode([int(i) for i in ids]).replace("\ufffd", "")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "model_proto": self.model_proto}
@@ -106,3 +105,20 @@ def tokenizer_from_dict(state: dict):
     if state["kind"] == "sentencepiece":
         return SentencePieceTokenizer(state["model_proto"])
     raise ValueError(f"unknown tokenizer kind {state['kind']!r}")
+
+
+def vocab_size_problem(error: str, vocab_size: int) -> str:
+    """Our message for sentencepiece's vocabulary-size errors, naming the sizes that work (its own advice names
+    options of its command line, not flags of ours)."""
+    too_high = re.search(r"value <= (\d+)", error)
+    if too_high:
+        return (f"--vocab_size {vocab_size} is more than this corpus can fill: the largest sentencepiece vocabulary "
+                f"it supports is {too_high.group(1)}. Use --vocab_size {too_high.group(1)} or less, or --tokenizer "
+                f"char.")
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", error)
+    if too_low:
+        return (f"--vocab_size {vocab_size} is too small for this corpus: its characters (after the rarest 0.05 %) "
+                f"and the special tokens need at least {too_low.group(1)}. Use --vocab_size {too_low.group(1)} or "
+                f"more, or --tokenizer char.")
+    return (f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus ({error.splitlines()[0]}). "
+            f"Try another --vocab_size, or --tokenizer char.")

@@ -9,6 +9,7 @@ import math
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_warmup(cfg: TrainConfig, total_steps: int) -> str | None:
+    """A warm-up as long as the run never reaches the peak learning rate: shorten it to a tenth of the run (the one
+    rule, documented in the README) and return the note saying so."""
+    if cfg.warmup_steps < total_steps:
+        return None
+    asked, cfg.warmup_steps = cfg.warmup_steps, total_steps // 10
+    return (f"note: --warmup_steps {asked} is not shorter than the run ({total_steps} steps), so the peak learning "
+            f"rate would never be reached; warming up over {cfg.warmup_steps} steps (a tenth of the run) instead.")
 
 
 @dataclass
@@ -88,6 +99,7 @@ class Trainer:
         self.stop_agreed: int | None = None  # several processes: the stop every one of them saw at the same step
         self.step_ok, self.bad_steps, self.bad_in_a_row = True, 0, 0  # non-finite steps: skipped and counted
         self.updating = False  # True while the optimizer changes the weights
+        self.saved_at: int | None = None  # the step latest.pt was last written at
         self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, precision, cfg.peak_tflops)
         self.tokens_per_step = cfg.tokens_per_step * world.size  # the whole job's
@@ -186,23 +198,26 @@ class Trainer:
             elif self.bad_in_a_row >= self.cfg.max_bad_steps:
                 raise RunStopped(self.divergence_message())
             bar.update(1)
-            if self.should_log():
+            improved = False
+            with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
+                epoch_done = self.sampler.epoch > epoch
+                if epoch_done or self.should_eval():  # one evaluation, even when both are due
+                    improved = self.record_eval(self.evaluate(), epoch_done)
+            if self.should_log():  # after the evaluation, so the line shows this step's
                 report = self.report(window, grad_norm)
                 result.history.append(report)
                 bar.set_postfix(loss=f"{report['train/loss']:.4f}", lr=f"{report['train/learning_rate']:.1e}",
                                 tok_s=f"{report['train/tokens_per_sec']:,.0f}")
                 if self.world.is_main:
                     tqdm.write(self.progress_line(report, time.perf_counter() - started))
-            with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
-                epoch_done = self.sampler.epoch > epoch
-                val_loss = self.evaluate() if epoch_done or self.should_eval() else None  # once, even if both are due
-                if epoch_done:
-                    self.end_epoch(val_loss)
-                if self.should_eval():
-                    self.record_eval_and_save(val_loss)
-                elif self.should_save():
+            with window.paused():  # saved after the step's rows are logged: a resume never misses one
+                if self.should_eval() or self.should_save():
                     self.save(checkpoint.latest_path(self.cfg.output_dir))
+                if improved:
+                    self.save(checkpoint.best_path(self.cfg.output_dir))
         bar.close()
+        if self.stop_requested() is not None and self.saved_at != self.step:  # the stop came after this step's save
+            self.save(checkpoint.latest_path(self.cfg.output_dir))
         result.interrupted_by = self.stop_requested()
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
@@ -228,7 +243,6 @@ class Trainer:
                                 self.peak * self.world.size, self.world)
 
     def end_epoch(self, val_loss: float) -> None:
-        self.last_val_loss = val_loss
         self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps),
                           "epoch/val_loss": val_loss, "epoch/val_perplexity": perplexity(val_loss)}, self.step)
         self.epoch_loss.zero_()
@@ -301,18 +315,21 @@ class Trainer:
                              f"over the checkpoints in {checkpoint.checkpoint_dir(self.cfg.output_dir)}. Continue from "
                              f"the latest with --resume and a lower --learning_rate or a tighter --grad_clip.")
 
-    def record_eval_and_save(self, val_loss: float) -> None:
+    def record_eval(self, val_loss: float, epoch_done: bool) -> bool:
+        """Every evaluation, at --eval_interval or at an epoch's end, is one kind: it sets `val` and `best` (and so
+        best.pt); interval evaluations also sample, epoch ends also log the epoch's numbers. Returns whether the
+        loss is the best so far."""
         self.check_weights_finite()
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
         self.tracker.log({"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss),
                           "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
-        if self.sample_prompts and self.world.is_main:
+        if epoch_done:
+            self.end_epoch(val_loss)
+        if self.should_eval() and self.sample_prompts and self.world.is_main:
             self.tracker.log_samples({p: self.sample(p) for p in self.sample_prompts}, self.step)
-        self.save(checkpoint.latest_path(self.cfg.output_dir))
-        if improved:
-            self.save(checkpoint.best_path(self.cfg.output_dir))
+        return improved
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict:
@@ -327,6 +344,8 @@ class Trainer:
         about = {"config": self.cfg.to_dict(), "vocab_size": self.data.tokenizer.vocab_size,
                  "tokenizer": self.data.tokenizer.to_dict(), "corpus": self.data.corpus, "world_size": self.world.size}
         checkpoint.save_atomic(checkpoint.assemble(self.checkpoint_parts(), about), path)
+        if path == checkpoint.latest_path(self.cfg.output_dir):
+            self.saved_at = self.step
 
     def restore(self, state: dict) -> None:
         """Continue from a loaded checkpoint. The tracker is not restored here: it was started from its saved state,
@@ -360,8 +379,10 @@ class Trainer:
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
     def sample(self, prompt: str) -> str:
-        """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched."""
+        """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched;
+        each prompt gets its own stream, so a weak model does not continue every prompt with the same draws."""
         cfg = self.cfg
-        generator = torch.Generator(self.device).manual_seed(cfg.seed + self.step)
+        seed = (cfg.seed * 1_000_003 + self.step) ^ zlib.crc32(prompt.encode("utf-8"))
+        generator = torch.Generator(self.device).manual_seed(seed)
         return generate_text(self.model, self.data.tokenizer, prompt, self.device, self.precision, cfg.sample_tokens,
                              cfg.temperature, cfg.top_k, cfg.top_p, generator)

@@ -52,7 +52,8 @@ def test_the_suite_prints_a_markdown_table_of_the_standard_matrix(capsys, monkey
     assert [c[3].split()[0] for c in cells] == ["off", "on"]
     for c in cells:
         assert c[4] == "16 x 16"  # --batch_size auto on the CPU, and the block size given after the row's own
-        assert float(c[5].replace(",", "")) > 0 and float(c[6].rstrip("%")) > 0 and float(c[8].split()[0]) > 0
+        assert float(c[5].replace(",", "")) > 0 and float(c[8].split()[0]) > 0
+        assert float(c[6].rstrip("%")) >= 0 and c[7].endswith(" ms")  # a tiny model on a busy CPU may round to 0.0%
     assert "[1/2]" in captured.err and "[2/2]" in captured.err
 
 

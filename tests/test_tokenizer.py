@@ -1,9 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 
 from gpt_trainer.errors import UsageError
 from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+from tests.conftest import POEMS
 
 RARE = "𠀀𪚥"  # outside the Basic Multilingual Plane: two UTF-16 units, one Python character each
 TEXT = "春江潮水连海平，海上明月共潮生。\n往事知多少？" + RARE + "\nHello,  world!\r\n\n"
@@ -33,6 +35,22 @@ def test_sentencepiece_round_trips_and_is_rebuilt_from_its_dict():
     assert tokenizer_from_dict(tok.to_dict()).encode(TEXT) == ids
 
 
-def test_sentencepiece_vocabulary_too_small_for_the_characters_is_a_usage_error():
-    with pytest.raises(UsageError, match="--vocab_size"):
-        SentencePieceTokenizer.train(TEXT * 50, vocab_size=30)
+def test_sentencepiece_vocabulary_sizes_that_cannot_work_name_the_ones_that_do():
+    text = POEMS * 3
+    with pytest.raises(UsageError) as too_small:
+        SentencePieceTokenizer.train(text, vocab_size=30)
+    smallest = int(re.search(r"need at least (\d+)", str(too_small.value)).group(1))
+    with pytest.raises(UsageError) as too_large:
+        SentencePieceTokenizer.train(text, vocab_size=5000)
+    largest = int(re.search(r"vocabulary it supports is (\d+)", str(too_large.value)).group(1))
+    for message in (str(too_small.value), str(too_large.value)):
+        assert "--tokenizer char" in message and "character_coverage" not in message  # not a flag of ours
+    assert SentencePieceTokenizer.train(text, vocab_size=largest).vocab_size == largest  # the sizes named work
+    assert SentencePieceTokenizer.train(text, vocab_size=smallest).vocab_size == smallest
+
+
+def test_sentencepiece_samples_never_show_replacement_characters():
+    tok = SentencePieceTokenizer.train(TEXT * 50, vocab_size=300)
+    ids = tok.encode("𠀀春")  # a character only byte pieces can spell
+    assert tok.decode(ids) == "𠀀春"
+    assert tok.decode(ids[1:]) == "春"  # its first byte cut off: the rest of it is left out, not shown as U+FFFD

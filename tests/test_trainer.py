@@ -1,6 +1,7 @@
 """The training loop: accumulation, the schedule, exact resume, skipped non-finite steps, out-of-memory stops."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,3 +148,45 @@ def test_out_of_memory_while_the_weights_change_saves_nothing(tiny_argv, tmp_pat
     err = capsys.readouterr().err
     assert "out of memory in training step 2" in err and "Nothing was saved" in err
     assert not checkpoint.latest_path(str(tmp_path / "out")).exists()
+
+
+def test_each_prompt_samples_from_its_own_seeded_stream(tiny_cfg):
+    trainer = make_trainer(tiny_cfg("--sample_tokens=12"))
+    with torch.no_grad():  # the weakest model: the same uniform distribution after any context
+        for p in trainer.model.parameters():
+            p.zero_()
+    rng_before = torch.get_rng_state()
+    first, second = trainer.sample("春江"), trainer.sample("往事")
+    assert first[2:] != second[2:]  # a weak model once continued every prompt with the same draws
+    assert trainer.sample("春江") == first  # still seeded: the same prompt at the same step gives the same text
+    assert torch.equal(torch.get_rng_state(), rng_before)  # and the training random stream is untouched
+
+
+def test_a_warmup_as_long_as_the_run_is_shortened_to_a_tenth_with_a_note(tiny_argv, tmp_path, capsys):
+    from gpt_trainer.cli import main
+
+    assert main(tiny_argv("--max_steps=40", "--warmup_steps=100", "--log_interval=1")) == 0
+    err = capsys.readouterr().err
+    assert "--warmup_steps 100 is not shorter than the run (40 steps)" in err and "over 4 steps" in err
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["warmup_steps"] == 4
+    rates = [json.loads(row)["train/learning_rate"] for row in (tmp_path / "out" / "metrics.jsonl").read_text()
+             .splitlines() if "train/learning_rate" in row]
+    assert max(rates) == pytest.approx(3e-4, rel=1e-3)  # the peak learning rate is reached
+
+
+def test_every_evaluation_sets_val_best_and_best_pt_and_the_line_shows_it(tiny_argv, tmp_path, capsys):
+    from gpt_trainer.cli import main
+
+    # --eval_interval beyond the run: only epoch ends evaluate, and they alone must drive val, best and best.pt
+    assert main(tiny_argv("--epochs=3", "--eval_interval=100000", "--log_interval=1", "--learning_rate=3e-3")) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    assert len(evals) >= 3 and set(evals) >= {r["step"] for r in rows if "epoch/val_loss" in r}
+    for step, loss in evals.items():  # the progress line of an evaluation step shows that evaluation
+        assert re.search(rf"^step {step} \| .* \| val {loss:.4f} \|", out, re.M), step
+    best = min(evals.values())
+    assert f"best val loss {best:.4f}" in out
+    saved = checkpoint.load(checkpoint.best_path(str(tmp_path / "out")))
+    assert saved["trainer"]["best_val_loss"] == pytest.approx(best) and evals[saved["trainer"]["step"]] == best
