@@ -3,6 +3,7 @@
 #   ./dev.sh demo   make .venv, install everything, train the tiny model on the embedded poems, print samples
 #   ./dev.sh test   make .venv, install everything, lint (ruff), run the test suite (extra arguments go to pytest,
 #                   e.g. ./dev.sh test -m "not slow" for the quick loop)
+#   ./dev.sh tensorboard [LOGDIR]   serve TensorBoard from .venv on http://localhost:6006 (default: output_demo/logs)
 #   ./dev.sh flags  rewrite the flag tables in README.md and README.zh-CN.md from the parser
 #   ./dev.sh faults SIGKILL a small run 20 times, resume it each time, check nothing was lost or doubled (~2 minutes)
 #   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
@@ -34,7 +35,11 @@ case "${1:-}" in
     "$VENV/bin/python" train_single_gpu.py --model_size tiny --use_chinese --corpus builtin --block_size 64 \
       --batch_size 16 --max_steps 150 --learning_rate 1e-3 --warmup_steps 30 --eval_interval 50 --eval_steps 4 \
       --log_interval 10 --report_to tensorboard \
-      --output_dir ./output_demo --overwrite "${@:2}"
+      --output_dir ./output_demo --cache_dir ./output_demo/cache --overwrite "${@:2}"
+    ;;
+  tensorboard)
+    setup
+    "$VENV/bin/tensorboard" --logdir "${2:-output_demo/logs}" --port 6006
     ;;
   test)
     setup

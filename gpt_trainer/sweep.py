@@ -220,6 +220,11 @@ def sweep_command(argv: list[str] | None) -> int:
     if args.max_runs is None and config["method"] != "grid" and not args.check:
         raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")
     if args.check:
+        program = config.get("program", "train_single_gpu.py")
+        if not Path(program).is_file():  # `wandb agent` runs the program from the folder it is started in
+            raise UsageError(f"the sweep's program {program} is not found from {Path.cwd()}, and `wandb agent` runs "
+                             f"it from the folder it is started in. Start the agent (and this check) where "
+                             f"{program} is, or give its path in the sweep file's `program:`.")
         print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}")
         return 0
     return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs)

@@ -101,6 +101,14 @@ def test_bad_sweep_files_exit_2_naming_the_line_or_key(tmp_path, capsys, text, m
     assert err.startswith("error: ") and message in err
 
 
+def test_check_fails_where_the_agent_would_not_find_the_program(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["sweep_config.yaml", "--check"]) == 0
+    monkeypatch.chdir(tmp_path)  # the file is valid, but an agent started here would not find train_single_gpu.py
+    assert main([str(ROOT / "sweep_config.yaml"), "--check"]) == 2
+    assert f"program train_single_gpu.py is not found from {tmp_path}" in capsys.readouterr().err
+
+
 def test_the_trials_trackers_are_checked_before_the_first_trial(capsys):
     assert main([str(ROOT / "sweep_config.yaml"), "--report_to=tensorboard,swanlob"]) == 2
     assert "'swanlob'" in capsys.readouterr().err
