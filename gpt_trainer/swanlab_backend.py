@@ -128,20 +128,13 @@ def start(run: RunInfo) -> SwanLabBackend | None:
             probe=swanlab.Settings.Probe(monitor=False),  # the trainer logs its own system/ metrics
         ),
     )
-    attempts = [mode, "offline"] if mode == "online" else [mode]
-    for attempt in attempts:
-        try:
-            with quiet(attempt == "offline"):
-                swanlab_run = swanlab.init(mode=attempt, **kwargs)
-            return SwanLabBackend(swanlab_run, swanlab, logdir, offline=attempt == "offline")
-        except Exception as e:  # a rejected key, an unwritable folder: training goes on regardless
-            reason = f"{type(e).__name__}: {str(e)[:160]}"
-            if attempt != attempts[-1]:
-                notice(f"swanlab: could not start online ({reason}); logging offline instead.")
-            else:
-                notice(f"swanlab: could not start ({reason}); continuing without SwanLab (metrics.jsonl and the "
-                       f"other trackers still record everything).")
-    return None
+    from .tracking import start_in_first_mode
+
+    def start_in(attempt: str) -> SwanLabBackend:
+        with quiet(attempt == "offline"):
+            swanlab_run = swanlab.init(mode=attempt, **kwargs)
+        return SwanLabBackend(swanlab_run, swanlab, logdir, offline=attempt == "offline")
+    return start_in_first_mode("swanlab", [mode, "offline"] if mode == "online" else [mode], start_in)
 
 
 def choose_cloud_or_offline(swanlab) -> str:

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 from . import swanlab_backend, tensorboard_backend, wandb_backend
 from .config import TrainConfig
 from .distributed import launched_world
+from .errors import notice
 
 
 @dataclass
@@ -51,6 +52,22 @@ BACKENDS: dict[str, Callable[[RunInfo], Backend | None]] = {
     "wandb": wandb_backend.start,
     "swanlab": swanlab_backend.start,
 }
+
+
+def start_in_first_mode(tracker: str, modes: list[str], start: Callable[[str], Backend]) -> Backend | None:
+    """`start(mode)` for each mode in turn (online, then offline) until one works; None, said in one line, when none
+    does: an unreachable server, a rejected key or an unwritable folder never stops training."""
+    for mode in modes:
+        try:
+            return start(mode)
+        except Exception as e:  # noqa: BLE001 - whatever the tracker raises, training goes on
+            reason = f"{type(e).__name__}: {str(e)[:160]}"
+            if mode != modes[-1]:
+                notice(f"{tracker}: could not start {mode} ({reason}); logging offline instead.")
+            else:
+                notice(f"{tracker}: could not start ({reason}); continuing without {tracker} (metrics.jsonl and the "
+                       f"other trackers still record everything).")
+    return None
 
 
 def format_lr(lr: float) -> str:

@@ -19,11 +19,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import checkpoint
+from .compiling import compile_or_eager, wants_compile
 from .config import TrainConfig
 from .data import EpochSampler, TokenData, gather_windows, share_of, steps_for, to_device, validation_windows
 from .distributed import World, all_reduce
 from .errors import RunStopped
-from .compiling import compile_or_eager, wants_compile
 from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, memory_in_use, peak_tflops
 from .metrics import ThroughputWindow
 from .model import GPT, GPTConfig

@@ -127,17 +127,8 @@ def start(run: RunInfo) -> WandbBackend | None:
     )
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
     settings = wandb.Settings(init_timeout=timeout, login_timeout=timeout)
-    attempts = [mode, "offline"] if mode in ("online", "run") else [mode]
-    for attempt in attempts:
-        try:
-            wandb_run = wandb.init(mode=attempt, settings=settings, **kwargs)
-            break
-        except Exception as e:  # unreachable server, rejected key, unwritable folder: training goes on regardless
-            reason = f"{type(e).__name__}: {str(e)[:160]}"
-            if attempt != attempts[-1]:
-                notice(f"wandb: could not reach the server ({reason}); logging offline instead.")
-            else:
-                notice(f"wandb: could not start ({reason}); continuing without wandb (metrics.jsonl and TensorBoard "
-                       f"still record everything).")
-                return None
-    return WandbBackend(wandb_run, wandb, cfg.wandb_log_model)
+    from .tracking import start_in_first_mode
+
+    def start_in(attempt: str) -> WandbBackend:
+        return WandbBackend(wandb.init(mode=attempt, settings=settings, **kwargs), wandb, cfg.wandb_log_model)
+    return start_in_first_mode("wandb", [mode, "offline"] if mode in ("online", "run") else [mode], start_in)
