@@ -17,7 +17,7 @@ from .autobatch import settle_batch
 from .compiling import wants_compile
 from .config import TrainConfig, parse_args
 from .errors import notice, run_cli
-from .data import prepare_data, steps_for
+from .data import prepare_data, steps_for, windows_in
 from .hardware import device_name, pick_device, resolve_precision
 from .tracking import RunSummary, Tracker, default_run_name, start_tracking
 from .trainer import Trainer, fit_warmup, perplexity
@@ -72,7 +72,7 @@ def run_in(world: distributed.World, cfg: TrainConfig) -> int:
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
     batch_choice = settle_batch(cfg, data.tokenizer.vocab_size, device, precision, world)
-    warmup_note = fit_warmup(cfg, steps_for(cfg, (len(data.train) - 1) // cfg.block_size, world.size))
+    warmup_note = fit_warmup(cfg, steps_for(cfg, windows_in(data.train, cfg.block_size), world.size))
     if warmup_note and world.is_main:
         notice(warmup_note)
     resolved = {**cfg.to_dict(), "compile": wants_compile(cfg.compile, device), "batch_size_choice": batch_choice,

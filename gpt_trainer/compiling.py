@@ -15,7 +15,7 @@ BACKEND = "inductor"  # tests swap in a backend that fails, to exercise the fall
 
 def wants_compile(setting: str, device: torch.device) -> bool:
     """--compile auto: on for CUDA and ROCm, where fused kernels cut step time; off on the CPU, where compiling took
-    minutes and gained nothing here (BENCHMARKS.md)."""
+    about a minute for a few percent (BENCHMARKS.md), more than short CPU runs earn back."""
     return device.type == "cuda" if setting == "auto" else setting == "true"
 
 

@@ -112,13 +112,18 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
     return TokenData(train, val, tokenizer, corpus.name, corpus.default_prompts)
 
 
+def windows_in(tokens: np.ndarray, block_size: int) -> int:
+    """How many non-overlapping training windows (block_size + 1 tokens, sharing one at the seams) the tokens hold."""
+    return (len(tokens) - 1) // block_size
+
+
 class EpochSampler:
     """Hands out training windows: each epoch is a fresh, seeded permutation of non-overlapping windows (with a
     random shift, so epochs see different boundaries). Its whole state is (epoch, position): resume is exact."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
         self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        self.windows_per_epoch = (len(tokens) - 1) // block_size
+        self.windows_per_epoch = windows_in(tokens, block_size)
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
 

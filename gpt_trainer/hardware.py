@@ -14,7 +14,6 @@ from .config import TrainConfig
 from .errors import UsageError
 
 
-
 @dataclass(frozen=True)
 class Peak:
     """A part's dense (no sparsity) peak TFLOP/s from its vendor's data sheet or whitepaper, for MFU."""
@@ -152,7 +151,6 @@ def allow_tf32(device: torch.device) -> None:
     PyTorch's old and new TF32 settings consistent, so code reading either works."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-
 
 
 def peak_memory_bytes(device: torch.device) -> int:

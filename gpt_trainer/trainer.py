@@ -216,13 +216,13 @@ class Trainer:
                 if improved:
                     self.save(checkpoint.best_path(self.cfg.output_dir))
         bar.close()
-        if self.stop_requested() is not None and self.saved_at != self.step:  # the stop came after this step's save
+        if self.stop_requested() is not None and self.saved_at != self.step:  # a stop request always saves
             self.save(checkpoint.latest_path(self.cfg.output_dir))
         result.interrupted_by = self.stop_requested()
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         return result
 
-    # when to report, evaluate and save: the last step always reports and evaluates; a stop request always saves
+    # when to report, evaluate and save: the last step always reports and evaluates (a stop saves after the loop)
     def should_log(self) -> bool:
         return self.step % self.cfg.log_interval == 0 or self.step == self.total_steps
 
@@ -230,7 +230,7 @@ class Trainer:
         return self.step % self.cfg.eval_interval == 0 or self.step == self.total_steps
 
     def should_save(self) -> bool:
-        return self.step % self.cfg.save_interval == 0 or self.stop_requested() is not None
+        return self.step % self.cfg.save_interval == 0
 
     def stop_requested(self) -> int | None:
         """One process: the signal as soon as it came. Several: the one agreed at the last step's exchange, so that

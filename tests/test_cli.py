@@ -272,3 +272,10 @@ def test_a_second_run_into_a_busy_output_dir_stops_at_once_naming_the_first(tmp_
         first.wait(timeout=60)
     assert main([*argv, "--resume", "--max_steps=1"]) == 0  # the lock went with the process
     assert "in use" not in capsys.readouterr().err
+
+
+def test_an_unknown_tracker_is_refused_with_the_known_ones_and_nothing_written(tiny_argv, tmp_path, capsys):
+    assert main(tiny_argv("--report_to=tensorboard,swanlob")) == 2
+    err = capsys.readouterr().err
+    assert "--report_to 'tensorboard,swanlob' is not a list of trackers ('swanlob')" in err
+    assert "tensorboard, wandb, swanlab" in err and not (tmp_path / "out").exists()
