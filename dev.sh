@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up and everyday commands for a fresh Debian/Ubuntu machine (CPU is fine):
-#   ./dev.sh demo   make .venv, install everything, train the tiny model on the embedded poems, print samples
+#   ./dev.sh demo   make .venv, install everything, train a small model on Chinese poems (~3 minutes), print samples
 #   ./dev.sh test   make .venv, install everything, lint (ruff), run the test suite (extra arguments go to pytest,
 #                   e.g. ./dev.sh test -m "not slow" for the quick loop)
 #   ./dev.sh tensorboard [LOGDIR]   serve TensorBoard from .venv on http://localhost:6006 (default: output_demo/logs)
@@ -32,10 +32,7 @@ setup() {
 case "${1:-}" in
   demo)
     setup
-    "$VENV/bin/python" train_single_gpu.py --model_size tiny --use_chinese --corpus builtin --block_size 64 \
-      --batch_size 16 --max_steps 150 --learning_rate 1e-3 --warmup_steps 30 --eval_interval 50 --eval_steps 4 \
-      --log_interval 10 --report_to tensorboard \
-      --output_dir ./output_demo --cache_dir ./output_demo/cache --overwrite "${@:2}"
+    "$VENV/bin/python" -m gpt_trainer.demo "${@:2}"  # its flags are in gpt_trainer/demo.py
     ;;
   tensorboard)
     setup

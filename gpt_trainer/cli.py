@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from .errors import notice, run_cli
 from .data import prepare_data, steps_for, windows_in
 from .hardware import device_name, pick_device, resolve_precision
 from .tracking import RunSummary, Tracker, default_run_name, start_tracking
-from .trainer import Trainer, fit_warmup, perplexity
+from .trainer import Trainer, TrainResult, fit_warmup, perplexity
 
 
 def use_sweep_output_dir(cfg: TrainConfig) -> None:
@@ -137,9 +139,8 @@ def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
                       f"Continue with the same command plus --resume.", file=sys.stderr)
             return exit_code
         if main:
-            print(f"done: {result.steps} steps, best val loss {result.best_val_loss:.4f}; checkpoints in "
-                  f"{checkpoint.checkpoint_dir(cfg.output_dir)}")
             write_samples(trainer, prompts, Path(cfg.output_dir) / "samples.txt")
+            print("\n".join(what_happened(result, cfg, trainer.data.tokenizer.vocab_size)))
         exit_code = 0
         return exit_code
     finally:
@@ -152,6 +153,36 @@ def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
         tracker.close(summary)
 
 
+def what_happened(result: TrainResult, cfg: TrainConfig, vocab_size: int) -> list[str]:
+    """The end of a run in two lines (three when validation loss rose at the end: memorising, said plainly)."""
+    minutes, seconds = divmod(round(result.seconds), 60)
+    losses = []
+    if result.history:
+        losses.append(f"train loss {result.history[0]['train/loss']:.4f} -> {result.history[-1]['train/loss']:.4f}")
+    if result.evals:
+        (first_step, first), (last_step, last) = result.evals[0], result.evals[-1]
+        losses.append(f"val loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}), best val loss "
+                      f"{result.best_val_loss:.4f} (guessing uniformly among the {vocab_size:,} tokens scores "
+                      f"{math.log(vocab_size):.4f})")
+    lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s; {'; '.join(losses)}."]
+    out = Path(cfg.output_dir)
+    where = [f"samples in {out / 'samples.txt'}", f"checkpoints in {checkpoint.checkpoint_dir(out)}"]
+    if "tensorboard" in cfg.trackers():
+        where.append(f"curves: {tensorboard_command()} --logdir {out / 'logs'}")
+    lines.append("; ".join(where))
+    if result.evals and result.evals[-1][1] > result.best_val_loss * 1.02:  # 2 %: more than evaluation noise
+        lines.append(f"warning: validation loss rose from its best, {result.best_val_loss:.4f}, to "
+                     f"{result.evals[-1][1]:.4f}: the model is memorising its training text. Train on more text, for "
+                     f"fewer steps or with more --dropout; best.pt holds the weights with the best validation loss.")
+    return lines
+
+
+def tensorboard_command() -> str:
+    """`tensorboard` when it is on PATH, else the one beside this Python (a virtual environment not activated)."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    return "tensorboard" if shutil.which("tensorboard") or not beside.exists() else str(beside)
+
+
 def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== step {trainer.step} ===\n")
@@ -159,7 +190,6 @@ def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:
             text = trainer.sample(prompt)
             print(f"--- sample ({prompt!r}) ---\n{text}\n")
             f.write(f"--- {prompt!r} ---\n{text}\n\n")
-    print(f"samples saved to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,9 @@ class TrainResult:
     steps: int
     best_val_loss: float
     history: list[dict] = field(default_factory=list)  # one entry per report: step, loss, lr, ...
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) of every evaluation
     interrupted_by: int | None = None  # signal number when a signal stopped the run
+    seconds: float = 0.0  # wall time of the loop (evaluations and saving included)
 
 
 class Trainer:
@@ -202,7 +204,8 @@ class Trainer:
             with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
                 epoch_done = self.sampler.epoch > epoch
                 if epoch_done or self.should_eval():  # one evaluation, even when both are due
-                    improved = self.record_eval(self.evaluate(), epoch_done)
+                    result.evals.append((self.step, self.evaluate()))
+                    improved = self.record_eval(result.evals[-1][1], epoch_done)
             if self.should_log():  # after the evaluation, so the line shows this step's
                 report = self.report(window, grad_norm)
                 result.history.append(report)
@@ -220,6 +223,7 @@ class Trainer:
             self.save(checkpoint.latest_path(self.cfg.output_dir))
         result.interrupted_by = self.stop_requested()
         result.steps, result.best_val_loss = self.step, self.best_val_loss
+        result.seconds = time.perf_counter() - started
         return result
 
     # when to report, evaluate and save: the last step always reports and evaluates (a stop saves after the loop)

@@ -16,6 +16,8 @@ from gpt_trainer.config import parse_args
 
 POEMS = ("静夜思\n床前明月光，疑是地上霜。举头望明月，低头思故乡。\n\n"
          "春晓\n春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n\n") * 8
+# the tests' own small corpus (about 80 classic poems): the embedded one is sized for the demo, not for tests
+CLASSIC_POEMS = Path(__file__).parent / "fixtures" / "classic_poems.txt"
 TINY_SHAPE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.0",
               "--eval_steps=2", "--fp32", "--device=cpu", "--sample_tokens=8", "--report_to=none"]
 
@@ -37,9 +39,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_argv(tmp_path, cache_dir):
-    """argv for a tiny run on the embedded corpus; extra flags are appended (later flags win in argparse)."""
+    """argv for a tiny run on the classic poems; extra flags are appended (later flags win in argparse)."""
     def make(*extra: str) -> list[str]:
-        source = [] if any(e.startswith(("--data_path", "--corpus")) for e in extra) else ["--corpus=builtin"]
+        own_source = any(e.startswith(("--data_path", "--corpus")) for e in extra)
+        source = [] if own_source else [f"--data_path={CLASSIC_POEMS}"]
         return [*source, f"--cache_dir={cache_dir}", f"--output_dir={tmp_path / 'out'}", *TINY_SHAPE, *extra]
     return make
 

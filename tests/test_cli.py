@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from gpt_trainer import checkpoint
-from gpt_trainer.cli import main
-from gpt_trainer.config import TrainConfig
-from tests.conftest import TINY_SHAPE, interrupt_after_lines
+from gpt_trainer.cli import main, what_happened
+from gpt_trainer.config import TrainConfig, parse_args
+from gpt_trainer.trainer import TrainResult
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,8 @@ def snapshot(folder: Path) -> dict:
 def finished_run(tmp_path_factory):
     """A complete tiny run: its files must survive every bad command pointed at it."""
     root = tmp_path_factory.mktemp("run")
-    argv = ["--corpus=builtin", f"--cache_dir={root / 'cache'}", f"--output_dir={root / 'out'}", *TINY_SHAPE,
-            "--max_steps=3", "--eval_interval=3", "--log_interval=1"]
+    argv = [f"--data_path={CLASSIC_POEMS}", f"--cache_dir={root / 'cache'}", f"--output_dir={root / 'out'}",
+            *TINY_SHAPE, "--max_steps=3", "--eval_interval=3", "--log_interval=1"]
     assert main(argv) == 0
     return root, argv
 
@@ -55,7 +56,7 @@ def test_a_run_leaves_checkpoints_metrics_config_and_samples(finished_run):
 def test_dry_run_prints_the_resolved_config_and_writes_nothing(tiny_argv, tmp_path, capsys):
     assert main(tiny_argv("--dry_run", "--model_size=small", "--n_layer=2", "--n_head=2", "--n_embd=32")) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert resolved["n_layer"] == 2 and resolved["device"] == "cpu" and resolved["corpus"] == "builtin"
+    assert resolved["n_layer"] == 2 and resolved["device"] == "cpu" and resolved["corpus"] == CLASSIC_POEMS.name
     assert not (tmp_path / "out").exists()
 
 
@@ -105,7 +106,7 @@ def test_the_script_reports_bad_input_without_a_traceback():
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
-    argv = ["--corpus=builtin", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}", *TINY_SHAPE,
+    argv = [f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}", *TINY_SHAPE,
             "--max_steps=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
     metrics = tmp_path / "metrics.jsonl"
     code, err = interrupt_after_lines([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], metrics, 3, cwd=ROOT)
@@ -254,7 +255,7 @@ def test_a_restart_before_the_first_checkpoint_continues_one_record(tiny_argv, t
 
 @pytest.mark.slow
 def test_a_second_run_into_a_busy_output_dir_stops_at_once_naming_the_first(tmp_path, cache_dir, capsys):
-    argv = ["--corpus=builtin", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}", *TINY_SHAPE,
+    argv = [f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}", *TINY_SHAPE,
             "--max_steps=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000"]
     first = subprocess.Popen([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -279,3 +280,16 @@ def test_an_unknown_tracker_is_refused_with_the_known_ones_and_nothing_written(t
     err = capsys.readouterr().err
     assert "--report_to 'tensorboard,swanlob' is not a list of trackers ('swanlob')" in err
     assert "tensorboard, wandb, swanlab" in err and not (tmp_path / "out").exists()
+
+
+def test_the_end_of_a_run_says_what_happened_and_warns_when_validation_loss_rose(tmp_path):
+    cfg = parse_args([f"--output_dir={tmp_path}", "--report_to=none"])
+    overfit = TrainResult(150, 6.04, history=[{"train/loss": 6.46}, {"train/loss": 1.08}],
+                          evals=[(10, 6.40), (18, 6.04), (150, 7.14)], seconds=564)
+    lines = what_happened(overfit, cfg, vocab_size=1079)
+    assert lines[0] == ("done: 150 steps in 9m 24s; train loss 6.4600 -> 1.0800; val loss 6.4000 (step 10) -> 7.1400 "
+                        "(step 150), best val loss 6.0400 (guessing uniformly among the 1,079 tokens scores 6.9838).")
+    assert lines[1] == f"samples in {tmp_path / 'samples.txt'}; checkpoints in {tmp_path / 'checkpoints'}"  # no curves
+    assert lines[2].startswith("warning: validation loss rose from its best, 6.0400, to 7.1400: the model is memoris")
+    learning = TrainResult(150, 5.9, history=overfit.history, evals=[(10, 6.4), (150, 5.9)], seconds=60)
+    assert len(what_happened(learning, cfg, vocab_size=1079)) == 2  # the control: no warning while it still learns

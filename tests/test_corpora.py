@@ -8,7 +8,8 @@ import pytest
 from gpt_trainer import corpora
 from gpt_trainer.config import CHINESE_PROMPTS, parse_args
 from gpt_trainer.errors import UsageError
-from gpt_trainer.corpora import RemoteCorpus, chinese_default, fetch_remote_corpus, load_corpus, read_data_path
+from gpt_trainer.corpora import (BUILTIN_POEMS, RemoteCorpus, chinese_default, fetch_remote_corpus, load_corpus,
+                                 load_named, read_data_path)
 
 POEMS = [{"rhythmic": "虞美人", "paragraphs": ["春花秋月何时了？", "往事知多少。"]},
          {"title": "静夜思", "paragraphs": ["床前明月光，", "疑是地上霜。"]}]
@@ -155,19 +156,27 @@ def fake_fortunes(folder):
     (folder / "song100").write_text("\x1b[32m《虞美人》\x1b[m\n春花秋月何时了？\n%\n", encoding="utf-8")
 
 
-def test_no_network_falls_back_to_fortunes_zh(server, tmp_path, monkeypatch, capsys):
-    httpd, url = server  # serves nothing: every download is a 404
-    monkeypatch.setenv("CHINESE_POETRY_BASE_URL", url)
+def test_fortunes_zh_is_read_without_its_colours_and_separators(tmp_path, monkeypatch):
     fake_fortunes(tmp_path / "fortunes")
     monkeypatch.setattr(corpora, "FORTUNES_DIR", str(tmp_path / "fortunes"))
-    corpus = chinese_default(str(tmp_path / "cache"))
-    assert corpus.name == "fortunes_zh"
+    corpus = load_named("fortunes_zh", str(tmp_path / "cache"))
     assert "《静夜思》\n作者：李白\n床前明月光" in corpus.text and "\x1b" not in corpus.text and "%" not in corpus.text
-    assert "could not download the song_ci corpus" in capsys.readouterr().err
 
 
-def test_without_fortunes_the_embedded_poems_are_used(tmp_path, monkeypatch):
+def test_no_network_falls_back_to_the_embedded_poems_even_with_fortunes_zh_installed(server, tmp_path, monkeypatch,
+                                                                                     capsys):
+    httpd, url = server  # serves nothing: every download is a 404
+    monkeypatch.setenv("CHINESE_POETRY_BASE_URL", url)
+    fake_fortunes(tmp_path / "fortunes")  # Tang 300 + Song 100 is five times smaller than the embedded poems
+    monkeypatch.setattr(corpora, "FORTUNES_DIR", str(tmp_path / "fortunes"))
+    corpus = chinese_default(str(tmp_path / "cache"))
+    assert corpus.name == "builtin" and "床前明月光" not in corpus.text
+    err = capsys.readouterr().err
+    assert "could not download the song_ci corpus" in err and "embedded Tang poems" in err
+
+
+def test_the_embedded_poems_are_read_from_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("CHINESE_POETRY_BASE_URL", "http://127.0.0.1:9")  # discard port: connection refused
-    monkeypatch.setattr(corpora, "FORTUNES_DIR", str(tmp_path / "absent"))
     corpus = load_corpus(parse_args([f"--cache_dir={tmp_path}"]))
-    assert corpus.name == "builtin" and "春江潮水连海平" in corpus.text
+    assert corpus.name == "builtin" and corpus.text == BUILTIN_POEMS.read_text(encoding="utf-8")
+    assert corpus.text.count("\n\n") > 2000 and "春江" in corpus.text and "往事" in corpus.text  # the default prompts

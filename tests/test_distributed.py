@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt_trainer.data import EpochSampler, share_of
-from tests.conftest import TINY_SHAPE, interrupt_after_lines, scalars
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, scalars
 from tests.wandb_offline import history_rows, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ def launch(cmd: list[str], env: dict = ENV, timeout: float = 300) -> subprocess.
 
 
 def training(out: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "train_single_gpu.py"), "--corpus=builtin", f"--cache_dir={cache_dir}", f"--output_dir={out}",
-            *TINY_SHAPE, "--log_interval=1", *extra]
+    return [str(ROOT / "train_single_gpu.py"), f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}",
+            f"--output_dir={out}", *TINY_SHAPE, "--log_interval=1", *extra]
 
 
 def weights(out: Path) -> dict:

@@ -12,7 +12,7 @@ import yaml
 from gpt_trainer import cli, sweep
 from gpt_trainer.config import parse_args
 from gpt_trainer.sweep import agent_args, load_sweep, main
-from tests.conftest import TINY_SHAPE, interrupt_after_lines
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines
 from tests.swanlab_offline import run_folders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on
     config = {
         "program": str(ROOT / "train_single_gpu.py"), "method": "grid",
         "metric": {"name": "eval/loss", "goal": "minimize"},
-        "parameters": {**fixed, "corpus": {"value": "builtin"}, "cache_dir": {"value": str(cache_dir)},
+        "parameters": {**fixed, "data_path": {"value": str(CLASSIC_POEMS)}, "cache_dir": {"value": str(cache_dir)},
                        "max_steps": {"value": 4}, "eval_interval": {"value": 2}, "fp32": {"value": True},
                        "learning_rate": {"values": [1.0e-4, 3.0e-3]}, "batch_size": {"values": [2, 4]}},
     }
@@ -159,7 +159,7 @@ def test_an_interrupted_sweep_resumes_the_running_trial(tmp_path, cache_dir):
     fixed = tiny_sweep_params()
     config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
               "metric": {"name": "eval/loss", "goal": "minimize"},
-              "parameters": {**fixed, "n_layer": {"value": 1}, "corpus": {"value": "builtin"},
+              "parameters": {**fixed, "n_layer": {"value": 1}, "data_path": {"value": str(CLASSIC_POEMS)},
                              "cache_dir": {"value": str(cache_dir)}, "max_steps": {"value": 300},
                              "log_interval": {"value": 1}, "eval_interval": {"value": 300},
                              "learning_rate": {"values": [1.0e-3, 2.0e-3]}}}

@@ -1,11 +1,10 @@
 import re
-from pathlib import Path
 
 import pytest
 
 from gpt_trainer.errors import UsageError
 from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
-from tests.conftest import POEMS
+from tests.conftest import CLASSIC_POEMS, POEMS
 
 RARE = "𠀀𪚥"  # outside the Basic Multilingual Plane: two UTF-16 units, one Python character each
 TEXT = "春江潮水连海平，海上明月共潮生。\n往事知多少？" + RARE + "\nHello,  world!\r\n\n"
@@ -26,7 +25,7 @@ def test_char_tokenizer_drops_unknown_prompt_characters():
 
 
 def test_sentencepiece_round_trips_and_is_rebuilt_from_its_dict():
-    corpus = (Path(__file__).parents[1] / "gpt_trainer" / "poems_builtin.txt").read_text(encoding="utf-8")
+    corpus = CLASSIC_POEMS.read_text(encoding="utf-8")
     tok = SentencePieceTokenizer.train(corpus, vocab_size=2000)
     assert tok.vocab_size == 2000
     ids = tok.encode(TEXT)

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from gpt_trainer import checkpoint  # noqa: E402
 
 STEPS, EVAL_INTERVAL = 200, 10
-FLAGS = ["--corpus=builtin", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-         "--dropout=0.1", "--eval_steps=40", "--fp32", "--device=cpu", "--sample_tokens=4", "--report_to=tensorboard",
+FLAGS = [f"--data_path={ROOT / 'tests' / 'fixtures' / 'classic_poems.txt'}", "--n_layer=2", "--n_head=2",
+         "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.1",
+         "--eval_steps=40", "--fp32", "--device=cpu", "--sample_tokens=4", "--report_to=tensorboard",
          f"--max_steps={STEPS}", f"--eval_interval={EVAL_INTERVAL}", "--save_interval=3", "--log_interval=1",
          "--learning_rate=1e-3", "--warmup_steps=10"]
 

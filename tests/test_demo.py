@@ -1,0 +1,31 @@
+"""The demo, as `./dev.sh demo` runs it, with no network and a smaller step budget: it must really learn."""
+
+import json
+import math
+
+import pytest
+
+from gpt_trainer import demo
+
+
+@pytest.mark.slow
+def test_the_demo_learns_offline_without_memorising(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo writes to ./output_demo
+    monkeypatch.setenv("CHINESE_POETRY_BASE_URL", "http://127.0.0.1:9")  # discard port: no network, as offline
+    assert demo.main(["--max_steps=100", "--eval_interval=25", "--sample_tokens=16"]) == 0
+    out_dir = tmp_path / "output_demo"
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["corpus"] == "builtin" and config["train_tokens"] > 150_000  # the embedded poems, all of them
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+    assert len(evals) >= 4
+    assert evals[-1] < evals[0] - 0.3  # learning ...
+    assert evals[-1] <= min(evals) * 1.01  # ... and not memorising: still at its best at the end
+    assert evals[-1] < math.log(config["vocab_size"]) - 1  # well below guessing uniformly
+    captured = capsys.readouterr()
+    assert "embedded Tang poems" in captured.err
+    summary = captured.out[captured.out.index("done: 100 steps"):]
+    assert f"val loss {evals[0]:.4f} (step 25) -> {evals[-1]:.4f} (step 100)" in summary
+    assert "samples in output_demo/samples.txt" in summary and "--logdir output_demo/logs" in summary
+    assert "memorising" not in summary
+    assert list((out_dir / "logs").glob("*/events.out.tfevents.*"))
