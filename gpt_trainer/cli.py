@@ -49,11 +49,13 @@ def stop_on_signals(trainer: Trainer):
 
 
 def run(cfg: TrainConfig) -> int:
-    world = distributed.launched_world()
+    world, finished = distributed.launched_world(), False
     try:
-        return run_in(world, cfg)
+        exit_code = run_in(world, cfg)
+        finished = True
+        return exit_code
     finally:
-        distributed.stop(world)
+        distributed.stop(world, finished)
 
 
 def run_in(world: distributed.World, cfg: TrainConfig) -> int:

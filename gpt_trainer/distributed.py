@@ -46,8 +46,13 @@ def start(world: World, device: torch.device, timeout_s: float) -> torch.device:
     return device
 
 
-def stop(world: World) -> None:
+def stop(world: World, finished: bool) -> None:
+    """Leave the process group. Processes that finished wait for each other first: gloo can abort a process that
+    tears its group down while another still uses it (the main process samples after training). One that failed
+    leaves at once; the launcher stops the others."""
     if world.active and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
