@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up and everyday commands for a fresh Debian/Ubuntu machine (CPU is fine):
-#   ./dev.sh demo   make .venv, install everything, train a small model on Chinese poems (~3 minutes), print samples
+#   ./dev.sh demo   make .venv, install everything, train a small GPT on Chinese poems (2 min on 2 CPU cores), print samples
 #   ./dev.sh test   make .venv, install everything, lint (ruff), run the test suite (extra arguments go to pytest,
 #                   e.g. ./dev.sh test -m "not slow" for the quick loop)
 #   ./dev.sh tensorboard [LOGDIR]   serve TensorBoard from .venv on http://localhost:6006 (default: output_demo/logs)

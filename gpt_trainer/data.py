@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def cache_key(text: str, cfg: TrainConfig) -> str:
 def build_token_cache(text: str, cfg: TrainConfig, folder: Path) -> None:
     """Train the tokenizer on the whole corpus, encode it and write train/val arrays, atomically as one folder."""
     if cfg.tokenizer == "sentencepiece":
-        notice(f"training a {cfg.vocab_size}-token sentencepiece model on {len(text):,} characters (once; cached)")
-        tokenizer = SentencePieceTokenizer.train(text, cfg.vocab_size)
+        started = time.perf_counter()
+        tokenizer = SentencePieceTokenizer.train(text, cfg.vocab_size)  # a size it cannot fill stops here, unannounced
+        notice(f"trained a {cfg.vocab_size}-token sentencepiece model on {len(text):,} characters in "
+               f"{time.perf_counter() - started:.1f} s (cached: later runs on this corpus reuse it)")
     else:
         tokenizer = CharTokenizer.train(text)
     ids = np.asarray(tokenizer.encode(text), dtype=np.uint32)

@@ -3,7 +3,7 @@ cores with no network, and does not memorise.
 
 The corpus is the Chinese default: the Song ci when it can be downloaded or is cached, else the ~200,000 characters
 of Tang poems embedded in the package. The model (4 layers of width 128, 1.4 M parameters) and the budget (400 steps
-of 32 x 64 tokens, about 820 K tokens: four passes over the embedded poems) are sized to the smaller of the two, so
+of 32 x 64 tokens, 820 K tokens: 4.6 passes over the embedded poems) are sized to the smaller of the two, so
 validation loss still falls at the last evaluation (BENCHMARKS.md has the measured curve). Flags given to the demo are
 appended and win, e.g. `python -m gpt_trainer.demo --max_steps 100`."""
 

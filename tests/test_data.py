@@ -29,6 +29,14 @@ def test_a_different_corpus_gets_its_own_cache(tiny_cfg, tmp_path):
     assert len(list((tmp_path / "tokens").iterdir())) == 2
 
 
+def test_sentencepiece_is_announced_only_once_trained_never_before_a_size_error(tiny_cfg, tmp_path, capsys):
+    with pytest.raises(UsageError, match="the largest sentencepiece vocabulary it supports is"):
+        prepare_data(tiny_cfg(f"--cache_dir={tmp_path}", "--tokenizer=sentencepiece", "--vocab_size=100000"))
+    assert "sentencepiece model" not in capsys.readouterr().err and not list(tmp_path.glob("tokens/*"))
+    prepare_data(tiny_cfg(f"--cache_dir={tmp_path}", "--tokenizer=sentencepiece", "--vocab_size=2000"))
+    assert "trained a 2000-token sentencepiece model on 4,919 characters" in capsys.readouterr().err  # the control
+
+
 def test_corpus_shorter_than_a_block_is_a_usage_error(tiny_cfg, tmp_path):
     with pytest.raises(UsageError, match=r"needs at least block_size \+ 1 = 17"):
         prepare_data(tiny_cfg(f"--cache_dir={tmp_path}"), Corpus("short", "春江花月夜" * 4, ""))
