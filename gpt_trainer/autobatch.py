@@ -71,7 +71,7 @@ def search(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: s
         fits = int(all_reduce(torch.tensor(fits, device=device), world, dist.ReduceOp.MIN).item())
     if fits == 0:
         raise UsageError(f"--batch_size auto: not even one sequence of --block_size {cfg.block_size} fits in "
-                         f"{limit / 2**30:.1f} GiB of GPU memory with model {cfg.model_size}. Use a smaller "
+                         f"{limit / 2**30:.1f} GiB of GPU memory with model {cfg.model_label()}. Use a smaller "
                          f"--model_size or --block_size.")
     return fits, (f"the largest power of two whose training step fits in {limit / 2**30:.1f} GiB, "
                   f"{1 - MEMORY_MARGIN:.0%} of the free GPU memory")

@@ -120,7 +120,7 @@ def run_in(world: distributed.World, cfg: TrainConfig) -> int:
         if trainer.compile_seconds is not None:
             print(f"torch.compile: {trainer.compile_seconds:.1f} s before the first step (not counted in tokens/s)")
         processes = f" x {world.size} processes" if world.active else ""
-        print(f"model {cfg.model_size}: {trainer.model.num_params():,} parameters | {device_name(device)} "
+        print(f"model {cfg.model_label()}: {trainer.model.num_params():,} parameters | {device_name(device)} "
               f"({precision}){processes} | corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val "
               f"tokens, vocab {data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
               f"{trainer.tokens_per_step:,} tokens (global batch {resolved['global_batch_size']}) | run "

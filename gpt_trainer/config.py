@@ -151,6 +151,12 @@ class TrainConfig:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
 
+    def model_label(self) -> str:
+        """`tiny (6 layers x 384 wide, 6 heads)`; a preset whose shape flags changed says so."""
+        shape = ModelShape(self.n_layer, self.n_head, self.n_embd)
+        changed = "" if shape == MODEL_PRESETS[self.model_size] else " with overrides"
+        return f"{self.model_size}{changed} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps * self.block_size

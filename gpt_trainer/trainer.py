@@ -304,8 +304,8 @@ class Trainer:
             self.sampler.load_state_dict(sampler_state)  # the failed step's windows are drawn again after a resume
             self.save(checkpoint.latest_path(cfg.output_dir))
             kept = f"The state after step {self.step} was saved to {checkpoint.latest_path(cfg.output_dir)}"
-        return (f"out of memory in training step {self.step + 1}: model {cfg.model_size} "
-                f"({self.model.num_params() / 1e6:.1f}M parameters, {self.precision}), micro-batch {cfg.batch_size} x "
+        return (f"out of memory in training step {self.step + 1}: model {cfg.model_label()}, "
+                f"{self.model.num_params() / 1e6:.1f}M parameters in {self.precision}; micro-batch {cfg.batch_size} x "
                 f"block {cfg.block_size} tokens, {cfg.gradient_accumulation_steps} accumulation step(s); "
                 f"{memory_in_use(self.device)}. Fixes: --batch_size auto (the largest micro-batch that fits), or the "
                 f"same batch per step in smaller pieces (--batch_size {max(1, cfg.batch_size // 2)} "

@@ -83,3 +83,9 @@ def test_report_to_refuses_unknown_names_with_the_known_ones(report_to, named):
     with pytest.raises(UsageError, match=f"is not a list of trackers \\({named}\\). Give a comma-separated list of "
                                          f"tensorboard, wandb, swanlab, or all"):
         parse_args([f"--report_to={report_to}"])
+
+
+def test_the_model_label_says_when_the_preset_shape_was_changed():
+    assert parse_args(["--model_size=small"]).model_label() == "small (12 layers x 768 wide, 12 heads)"
+    assert parse_args(["--n_layer=4", "--n_head=4", "--n_embd=128"]).model_label() == \
+        "tiny with overrides (4 layers x 128 wide, 4 heads)"

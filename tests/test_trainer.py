@@ -128,7 +128,8 @@ def test_out_of_memory_saves_the_last_good_state_and_says_what_to_change(tiny_ar
         run_out_of_memory_at(patch, GPT, "forward", 4)
         assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "out of memory in training step 4: model tiny" in err and "micro-batch 4 x block 16 tokens" in err
+    assert "out of memory in training step 4: model tiny with overrides (2 layers x 32 wide, 2 heads)" in err
+    assert "micro-batch 4 x block 16 tokens" in err
     for fix in ("--batch_size auto", "--batch_size 2 --gradient_accumulation_steps 2", "--block_size",
                 "--model_size", "--resume"):
         assert fix in err
