@@ -182,7 +182,11 @@ def what_happened(result: TrainResult, cfg: TrainConfig, vocab_size: int) -> lis
 def tensorboard_command() -> str:
     """`tensorboard` when it is on PATH, else the one beside this Python (a virtual environment not activated)."""
     beside = Path(sys.executable).parent / "tensorboard"
-    return "tensorboard" if shutil.which("tensorboard") or not beside.exists() else str(beside)
+    if shutil.which("tensorboard") or not beside.exists():
+        return "tensorboard"
+    with contextlib.suppress(ValueError):  # relative to here: shorter, and what ./dev.sh users can paste as it is
+        return str(beside.relative_to(Path.cwd()))
+    return str(beside)
 
 
 def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpt_trainer import checkpoint
-from gpt_trainer.cli import main, what_happened
+from gpt_trainer.cli import main, tensorboard_command, what_happened
 from gpt_trainer.config import TrainConfig, parse_args
 from gpt_trainer.trainer import TrainResult
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines
@@ -293,3 +293,19 @@ def test_the_end_of_a_run_says_what_happened_and_warns_when_validation_loss_rose
     assert lines[2].startswith("warning: validation loss rose from its best, 6.0400, to 7.1400: the model is memoris")
     learning = TrainResult(150, 5.9, history=overfit.history, evals=[(10, 6.4), (150, 5.9)], seconds=60)
     assert len(what_happened(learning, cfg, vocab_size=1079)) == 2  # the control: no warning while it still learns
+
+
+def test_the_tensorboard_command_is_one_the_user_can_paste(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "repo" / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "tensorboard").write_text("#!/bin/sh\n")
+    (bin_dir / "tensorboard").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the venv is not activated
+    monkeypatch.chdir(tmp_path / "repo")
+    assert tensorboard_command() == ".venv/bin/tensorboard"  # as after ./dev.sh demo
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert tensorboard_command() == str(bin_dir / "tensorboard")  # from elsewhere: the full path
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert tensorboard_command() == "tensorboard"  # activated: the plain name

@@ -1,4 +1,5 @@
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,3 +90,21 @@ def test_the_model_label_says_when_the_preset_shape_was_changed():
     assert parse_args(["--model_size=small"]).model_label() == "small (12 layers x 768 wide, 12 heads)"
     assert parse_args(["--n_layer=4", "--n_head=4", "--n_embd=128"]).model_label() == \
         "tiny with overrides (4 layers x 128 wide, 4 heads)"
+
+
+def readme_training_commands(name: str) -> list[list[str]]:
+    """The flags of every `train_single_gpu.py` command in a README's code blocks (continuation lines joined)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / name).read_text(encoding="utf-8"), re.S | re.M)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = [line.split("train_single_gpu.py", 1)[1].split(" #")[0]
+                for line in lines if "train_single_gpu.py" in line]
+    return [shlex.split(c) for c in commands if "..." not in c and "$" not in c]  # `...` and `$F`: placeholders
+
+
+def test_every_training_command_in_the_readmes_parses_and_both_languages_show_the_same():
+    english, chinese = readme_training_commands("README.md"), readme_training_commands("README.zh-CN.md")
+    assert len(english) >= 8 and english == chinese
+    for argv in english:
+        parse_args(argv)  # a misspelt or removed flag raises a UsageError naming it
+    with pytest.raises(UsageError, match="--epoch"):  # the control: a typo of the kind this catches
+        parse_args([*english[0], "--epoch=5"])
