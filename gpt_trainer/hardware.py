@@ -55,7 +55,15 @@ PEAKS = [
     Peak("RX 7900 XTX", r"\b7900 XTX\b", 122.8, 61.4, tf32=False),
 ]
 UNKNOWN_DEVICE_TFLOPS = 100.0
-CPU_TFLOPS_PER_THREAD = 0.08  # ~2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); pass --peak_tflops to be exact
+# FLOP per cycle of one core by the widest unit /proc/cpuinfo reports, best first; the precision None means any. These
+# are upper bounds (two FMA units, the clock cpuinfo shows), so an MFU on the CPU is never above 100 %.
+CPU_UNITS = [
+    ("amx_bf16", "bf16", 1024),  # AMX tile multiply (Xeon Sapphire Rapids and later): 1,024 bf16 FLOP/cycle
+    ("avx512_bf16", "bf16", 128),  # two 512-bit units x 16 bf16 pairs x 2
+    ("avx512f", None, 64),  # two 512-bit FMA units x 16 fp32 lanes x 2
+    ("avx2", None, 32),  # two 256-bit FMA units x 8 fp32 lanes x 2; also the guess where cpuinfo says nothing
+]
+CPU_DEFAULT_GHZ = 2.5  # where cpuinfo gives no clock
 
 
 def pick_device(name: str) -> torch.device:
@@ -83,14 +91,29 @@ def bf16_supported(device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def cpu_has_bf16() -> bool:
-    """bf16 runs at useful speed only on CPUs with AVX512-BF16 or AMX; elsewhere it was 20x slower than fp32 here."""
+def cpu_info() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+            return f.read()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 runs at useful speed only on CPUs with AVX512-BF16 or AMX; elsewhere it was 20x slower than fp32 here."""
+    flags = cpu_info().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_peak_tflops(precision: str, threads: int) -> tuple[float, str]:
+    info = cpu_info()
+    flags = set(info.split())
+    known = [(unit, flop) for unit, speeds_up, flop in CPU_UNITS if unit in flags and speeds_up in (None, precision)]
+    unit, flop = known[0] if known else ("guessed: no x86 flags", CPU_UNITS[-1][2])
+    clock = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+    ghz = float(clock.group(1)) / 1000 if clock else CPU_DEFAULT_GHZ
+    return (threads * ghz * flop / 1000,
+            f"assumed {ghz:.1f} GHz x {flop} FLOP/cycle ({unit}) x {threads} CPU threads; --peak_tflops to be exact")
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -132,9 +155,7 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
     if override:
         return override, "--peak_tflops"
     if device.type == "cpu":
-        threads = torch.get_num_threads()
-        source = f"assumed {CPU_TFLOPS_PER_THREAD * 1000:.0f} GFLOP/s x {threads} CPU threads"
-        return CPU_TFLOPS_PER_THREAD * threads, source
+        return cpu_peak_tflops(precision, torch.get_num_threads())
     name = device_name(device)
     peak = find_peak(name)
     if peak is None:
