@@ -7,6 +7,7 @@ import re
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -63,7 +64,8 @@ CPU_UNITS = [
     ("avx512f", None, 64),  # two 512-bit FMA units x 16 fp32 lanes x 2
     ("avx2", None, 32),  # two 256-bit FMA units x 8 fp32 lanes x 2; also the guess where cpuinfo says nothing
 ]
-CPU_DEFAULT_GHZ = 2.5  # where cpuinfo gives no clock
+CPU_MAX_FREQ_FILE = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")  # kHz, turbo included
+CPU_DEFAULT_GHZ = 2.5  # where neither it nor cpuinfo gives a clock
 
 
 def pick_device(name: str) -> torch.device:
@@ -110,10 +112,18 @@ def cpu_peak_tflops(precision: str, threads: int) -> tuple[float, str]:
     flags = set(info.split())
     known = [(unit, flop) for unit, speeds_up, flop in CPU_UNITS if unit in flags and speeds_up in (None, precision)]
     unit, flop = known[0] if known else ("guessed: no x86 flags", CPU_UNITS[-1][2])
-    clock = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
-    ghz = float(clock.group(1)) / 1000 if clock else CPU_DEFAULT_GHZ
+    ghz = cpu_max_ghz(info)
     return (threads * ghz * flop / 1000,
             f"assumed {ghz:.1f} GHz x {flop} FLOP/cycle ({unit}) x {threads} CPU threads; --peak_tflops to be exact")
+
+
+def cpu_max_ghz(info: str) -> float:
+    """The highest clock a core may run at: cpufreq's maximum where the kernel has it (cpuinfo shows the current clock,
+    which an idle core lowers), else the fastest core cpuinfo shows (virtual machines)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(CPU_MAX_FREQ_FILE.read_text()) / 1e6
+    clocks = [float(mhz) for mhz in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)]
+    return max(clocks) / 1000 if clocks else CPU_DEFAULT_GHZ
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:

@@ -70,12 +70,22 @@ SAPPHIRE_RAPIDS = "processor\t: 0\ncpu MHz\t\t: 2599.998\nflags\t\t: fpu avx2 av
     (SAPPHIRE_RAPIDS, "fp32", 2.6 * 64, "avx512f"), (SAPPHIRE_RAPIDS, "bf16", 2.6 * 1024, "amx_bf16"),
     ("", "fp32", 2.5 * 32, "guessed"),  # macOS, or no /proc
 ])
-def test_the_cpu_peak_follows_the_vector_units_and_clock_cpuinfo_reports(monkeypatch, cpuinfo, precision, per_thread,
-                                                                        unit):
+def test_the_cpu_peak_follows_the_vector_units_and_clock_cpuinfo_reports(monkeypatch, tmp_path, cpuinfo, precision,
+                                                                        per_thread, unit):
     monkeypatch.setattr(hardware, "cpu_info", lambda: cpuinfo)
+    monkeypatch.setattr(hardware, "CPU_MAX_FREQ_FILE", tmp_path / "absent")  # as in a virtual machine
     tflops, source = hardware.peak_tflops(CPU, precision, None)
     assert tflops == pytest.approx(per_thread * torch.get_num_threads() / 1000, rel=1e-3) and unit in source
     assert hardware.cpu_has_bf16() is ("amx_bf16" in cpuinfo)
+
+
+def test_the_cpu_clock_is_the_highest_a_core_may_reach(monkeypatch, tmp_path):
+    max_freq = tmp_path / "cpuinfo_max_freq"
+    max_freq.write_text("3500000\n")  # kHz: 3.5 GHz with turbo, while an idle core shows 800 MHz
+    monkeypatch.setattr(hardware, "CPU_MAX_FREQ_FILE", max_freq)
+    assert hardware.cpu_max_ghz("cpu MHz\t\t: 800.000\n") == 3.5
+    monkeypatch.setattr(hardware, "CPU_MAX_FREQ_FILE", tmp_path / "absent")
+    assert hardware.cpu_max_ghz("cpu MHz\t\t: 800.000\ncpu MHz\t\t: 3100.500\n") == pytest.approx(3.1005)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
