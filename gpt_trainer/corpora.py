@@ -211,9 +211,15 @@ def download(url: str, dest: Path, expected_sha256: str | None, timeout: float =
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         resumed = have and response.status == 206
+        length = response.headers.get("Content-Length")
+        expected_size = (have if resumed else 0) + int(length) if length else None
         with open(part, "ab" if resumed else "wb") as f:
             for chunk in iter(lambda: response.read(1 << 16), b""):
                 f.write(chunk)
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:  # http.client ends a cut body quietly, as if complete
+        raise ConnectionError(f"the connection closed after {size:,} of {expected_size:,} bytes of {url}; the "
+                              f"next start continues from there")
     digest = sha256_file(part)
     if expected_sha256 and digest != expected_sha256:
         part.unlink()

@@ -75,6 +75,7 @@ def test_bad_json_names_the_file(tmp_path, content, message):
 class RangeHandler(BaseHTTPRequestHandler):
     files: dict = {}
     requests: list = []
+    cut_after: int | None = None  # bytes sent before the connection drops (the length promised is the whole file)
 
     def do_GET(self):
         self.requests.append((self.path, self.headers.get("Range")))
@@ -86,7 +87,7 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        self.wfile.write(body[start:])
+        self.wfile.write(body[start:][:self.cut_after])
 
     def log_message(self, *args):
         pass
@@ -94,7 +95,7 @@ class RangeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    RangeHandler.files, RangeHandler.requests = {}, []
+    RangeHandler.files, RangeHandler.requests, RangeHandler.cut_after = {}, [], None
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd, f"http://127.0.0.1:{httpd.server_port}"
@@ -137,6 +138,23 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path, mon
     assert RangeHandler.requests == [("/input.txt", "bytes=1000-")]
     assert (folder / "input.txt").read_bytes() == body
     assert not (folder / "input.txt.part").exists()
+
+
+def test_a_connection_cut_mid_file_is_never_taken_for_the_whole_file(server, tmp_path, monkeypatch):
+    httpd, url = server
+    RangeHandler.files = poetry_files()  # digests not known in advance, as for the real corpora
+    whole = len(RangeHandler.files["/ci/ci.song.0.json"])
+    RangeHandler.cut_after = 10
+    monkeypatch.setenv("TEST_MIRROR_URL", url)
+    monkeypatch.setitem(corpora.REMOTE_CORPORA, "song_ci", spec_for(RangeHandler.files))
+    with pytest.raises(corpora.CorpusUnavailable, match=f"closed after 10 of {whole} bytes"):
+        corpora.remote_corpus("song_ci", str(tmp_path))
+    folder = tmp_path / "corpora" / "song_ci"
+    assert not (folder / "ci__ci.song.0.json").exists() and not (folder / "SHA256SUMS.json").exists()
+    assert (folder / "ci__ci.song.0.json.part").stat().st_size == 10  # kept, to be continued
+    RangeHandler.cut_after = None  # the network is back
+    assert "虞美人\n春花秋月何时了？往事知多少。" in corpora.remote_corpus("song_ci", str(tmp_path)).text
+    assert RangeHandler.requests[1] == ("/ci/ci.song.0.json", "bytes=10-")
 
 
 def test_checksum_mismatch_is_rejected_and_the_file_removed(server, tmp_path, monkeypatch):
