@@ -57,7 +57,8 @@ PEAKS = [
 ]
 UNKNOWN_DEVICE_TFLOPS = 100.0
 # FLOP per cycle of one core by the widest unit /proc/cpuinfo reports, best first; the precision None means any. These
-# are upper bounds (two FMA units, the clock cpuinfo shows), so an MFU on the CPU is never above 100 %.
+# are upper bounds (two FMA units, the highest clock), so an MFU on the CPU is never above 100 %. The bf16 rows are also
+# what makes --bf16 worth allowing on a CPU.
 CPU_UNITS = [
     ("amx_bf16", "bf16", 1024),  # AMX tile multiply (Xeon Sapphire Rapids and later): 1,024 bf16 FLOP/cycle
     ("avx512_bf16", "bf16", 128),  # two 512-bit units x 16 bf16 pairs x 2
@@ -103,8 +104,8 @@ def cpu_info() -> str:
 
 def cpu_has_bf16() -> bool:
     """bf16 runs at useful speed only on CPUs with AVX512-BF16 or AMX; elsewhere it was 20x slower than fp32 here."""
-    flags = cpu_info().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = set(cpu_info().split())
+    return any(unit in flags for unit, speeds_up, _ in CPU_UNITS if speeds_up == "bf16")
 
 
 def cpu_peak_tflops(precision: str, threads: int) -> tuple[float, str]:
