@@ -282,6 +282,14 @@ def test_an_unknown_tracker_is_refused_with_the_known_ones_and_nothing_written(t
     assert "tensorboard, wandb, swanlab" in err and not (tmp_path / "out").exists()
 
 
+def test_a_sentencepiece_vocabulary_the_corpus_cannot_fill_stops_with_exit_2_and_nothing_written(tiny_argv, tmp_path,
+                                                                                                 capsys):
+    assert main(tiny_argv("--tokenizer=sentencepiece", "--vocab_size=100000", "--report_to=none")) == 2
+    err = capsys.readouterr().err
+    assert "the largest sentencepiece vocabulary it supports is" in err and "--tokenizer char" in err
+    assert "character_coverage" not in err and not (tmp_path / "out").exists()
+
+
 def test_the_end_of_a_run_says_what_happened_and_warns_when_validation_loss_rose(tmp_path):
     cfg = parse_args([f"--output_dir={tmp_path}", "--report_to=none"])
     overfit = TrainResult(150, 6.04, history=[{"train/loss": 6.46}, {"train/loss": 1.08}],
