@@ -4,7 +4,7 @@
 #   ./dev.sh test   make .venv, install everything, lint (ruff), run the test suite (extra arguments go to pytest,
 #                   e.g. ./dev.sh test -m "not slow" for the quick loop)
 #   ./dev.sh tensorboard [LOGDIR]   serve TensorBoard from .venv on http://localhost:6006 (default: output_demo/logs)
-#   ./dev.sh flags  rewrite the flag tables in README.md and README.zh-CN.md from the parser
+#   ./dev.sh flags  rewrite the flag tables in docs/flags.md and docs/zh-CN/flags.md from the parser
 #   ./dev.sh faults SIGKILL a small run 20 times, resume it each time, check nothing was lost or doubled (~2 minutes)
 #   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
 # TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's

@@ -4,6 +4,7 @@ memory, and `--global_batch_size` sets the gradient accumulation that reaches a 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,7 +14,7 @@ from .config import CPU_AUTO_BATCH_SIZE, TrainConfig
 from .distributed import World, all_reduce
 from .errors import UsageError
 from .hardware import autocast
-from .model import GPT, GPTConfig
+from .model import build_model
 
 LARGEST_TRIED = 1024
 MEMORY_MARGIN = 0.10  # of the free memory, kept for evaluation, sampling and the allocator's fragmentation
@@ -38,7 +39,7 @@ def step_peak_bytes(cfg: TrainConfig, vocab_size: int, device: torch.device,
     """(a function of the micro-batch size: the memory the allocator reserved at the peak of one real training step
     of this model - forward, backward, AdamW step -, the model's parameter bytes). Eager steps are measured: compiled
     ones need less, so the answer errs on the safe side."""
-    model = GPT(GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)).to(device)
+    model = build_model(cfg.to_dict(), vocab_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=True)
 
     def peak_bytes_of(batch_size: int) -> int:
@@ -77,33 +78,39 @@ def search(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: s
                   f"{1 - MEMORY_MARGIN:.0%} of the free GPU memory")
 
 
-def settle_batch(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, world: World) -> str | None:
-    """Resolve --batch_size auto and --global_batch_size into cfg.batch_size and cfg.gradient_accumulation_steps;
-    returns what was chosen and why, for the log and config.json (None when the flags were plain numbers)."""
-    if cfg.batch_size != "auto" and cfg.global_batch_size is None:
-        return None
+@dataclass(frozen=True)
+class BatchChoice:
+    micro_batch: int
+    accumulation: int
+    how: str | None  # what was chosen and why, for the log and config.json; None when the flags were plain numbers
+
+
+def settle_batch(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str,
+                 world: World) -> BatchChoice:
+    """The micro-batch and accumulation that --batch_size (a number or auto) and --global_batch_size ask for."""
+    if cfg.batch_size is not None and cfg.global_batch_size is None:
+        return BatchChoice(cfg.batch_size, cfg.gradient_accumulation_steps, None)
     if cfg.global_batch_size is not None and cfg.gradient_accumulation_steps != 1:
         raise UsageError("--global_batch_size sets --gradient_accumulation_steps: give one of them, not both.")
     how = "given"
     largest = cfg.batch_size
-    if cfg.batch_size == "auto":
+    if cfg.batch_size is None:
         if device.type == "cpu":
             largest, how = CPU_AUTO_BATCH_SIZE, "the CPU default"
         else:
             largest, how = search(cfg, vocab_size, device, precision, world)
     if cfg.global_batch_size is None:
-        cfg.batch_size = largest
-        return f"micro-batch {largest} ({how})"
+        return BatchChoice(largest, cfg.gradient_accumulation_steps, f"micro-batch {largest} ({how})")
     per_process, left_over = divmod(cfg.global_batch_size, world.size)
     if left_over:
         raise UsageError(f"--global_batch_size {cfg.global_batch_size} does not divide among {world.size} processes: "
                          f"use a multiple of {world.size}.")
     micro = max(b for b in range(1, min(largest, per_process) + 1) if per_process % b == 0)
-    if cfg.batch_size != "auto" and micro != cfg.batch_size:
+    if cfg.batch_size is not None and micro != cfg.batch_size:
         raise UsageError(f"--global_batch_size {cfg.global_batch_size} is not a multiple of --batch_size "
                          f"{cfg.batch_size} x {world.size} process(es): use a multiple of "
                          f"{cfg.batch_size * world.size}, or --batch_size auto to pick a micro-batch that divides it.")
-    cfg.batch_size, cfg.gradient_accumulation_steps = micro, per_process // micro
+    accumulation = per_process // micro
     lowered = "" if micro == largest else f"; {largest} lowered to divide the global batch"
-    return (f"micro-batch {micro} ({how}{lowered}) x {cfg.gradient_accumulation_steps} accumulation steps x "
-            f"{world.size} process(es) = global batch {cfg.global_batch_size}")
+    return BatchChoice(micro, accumulation, f"micro-batch {micro} ({how}{lowered}) x {accumulation} accumulation "
+                                            f"steps x {world.size} process(es) = global batch {cfg.global_batch_size}")

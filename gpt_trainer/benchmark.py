@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .autobatch import settle_batch
 from .config import TrainConfig, parse_args
+from .data import TokenData
 from .distributed import World
 from .errors import RunStopped, UsageError, run_cli
-from .data import TokenData
 from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
-from .tokenizer import CharTokenizer
 from .metrics import model_flops_utilisation
+from .plan import RunPlan, make_plan
+from .rundir import RunFolder
+from .tokenizer import CharTokenizer
 from .tracking import RunSummary, start_tracking
 from .trainer import Trainer
 
@@ -63,10 +66,14 @@ def benchmark(argv: list[str]) -> dict:
 def measure(cfg: TrainConfig, steps: int, warmup: int, with_tracking: bool = False) -> dict:
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
-    settle_batch(cfg, cfg.vocab_size, device, precision, World())
-    windows = (steps + warmup) * cfg.batch_size * cfg.gradient_accumulation_steps + 2
+    batch = settle_batch(cfg, cfg.vocab_size, device, precision, World())  # searched once: the data's size needs it
+    cfg = dataclasses.replace(cfg, batch_size=batch.micro_batch, gradient_accumulation_steps=batch.accumulation,
+                              global_batch_size=None)
+    windows = (steps + warmup) * batch.micro_batch * batch.accumulation + 2
     data = synthetic_data(cfg.vocab_size, windows * cfg.block_size + 1)
-    trainer = Trainer(cfg, data, device, precision)
+    # the step budget is the benchmark's own; files are written only when tracking is timed, into a temporary folder
+    plan = make_plan(cfg, World(), device, precision, data, RunFolder(Path(tempfile.gettempdir())))
+    trainer = Trainer(plan, data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -77,12 +84,12 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, with_tracking: bool = Fal
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
-    tokens_per_sec = cfg.tokens_per_step / step_time
-    overhead = tracking_overhead(cfg, device, precision, data, steps) if with_tracking else {}
+    tokens_per_sec = plan.tokens_per_step / step_time
+    overhead = tracking_overhead(plan, data, steps) if with_tracking else {}
     return {**overhead,
         "model_size": cfg.model_size, "parameters": trainer.model.num_params(), "device": device_name(device),
-        "precision": precision, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "precision": precision, "batch_size": plan.micro_batch, "block_size": cfg.block_size,
+        "gradient_accumulation_steps": plan.accumulation,
         "compile": trainer.compile_seconds is not None, "compile_s": trainer.compile_seconds,
         "step_time_s": step_time, "tokens_per_sec": tokens_per_sec,
         "mfu": model_flops_utilisation(trainer.model.flops_per_token(), tokens_per_sec, trainer.peak),
@@ -107,16 +114,17 @@ def timed_loop(trainer: Trainer, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, reporting
 
 
-def tracking_overhead(cfg, device, precision, data, steps: int) -> dict:
+def tracking_overhead(plan: RunPlan, data: TokenData, steps: int) -> dict:
     """Same steps, same reporting cadence: once into nothing, once into metrics.jsonl + TensorBoard + wandb (offline).
     The wall-clock difference is noisy on a busy machine; the time spent inside the logging calls is not."""
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        tracked_cfg = dataclasses.replace(cfg, output_dir=tmp, report_to="all")
-        bare, _ = timed_loop(Trainer(cfg, data, device, precision), steps)
-        tracker = start_tracking(tracked_cfg, {**tracked_cfg.to_dict(), "precision": precision}, "benchmark")
-        tracked, logging_time = timed_loop(Trainer(cfg, data, device, precision, tracker), steps)
+        tracked_plan = dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, report_to="all"),
+                                           folder=RunFolder(Path(tmp)), run_name="benchmark")
+        bare, _ = timed_loop(Trainer(plan, data), steps)
+        tracker = start_tracking(tracked_plan)
+        tracked, logging_time = timed_loop(Trainer(tracked_plan, data, tracker), steps)
         tracker.close(RunSummary())
     return {"step_time_untracked_s": bare, "step_time_tracked_s": tracked, "tracking_wall_overhead": tracked / bare - 1,
             "tracking_call_overhead": logging_time / (bare * steps)}

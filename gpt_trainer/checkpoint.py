@@ -1,10 +1,11 @@
 """Checkpoints: everything needed to continue a run exactly, assembled in one place from the parts that own it, with
 a format version; written atomically so a crash mid-write never leaves a broken file.
 
-A checkpoint (format 2) holds what the run is (`config`, `vocab_size`, `tokenizer`, `corpus`), the RNG states (`rng`),
-and the `state_dict()` of each part under its name: `model`, `optimizer`, `scheduler`, `scaler`, `sampler` (the data
-position), `trainer` (step, best and last validation loss, the epoch's running loss) and `tracker` (run name, wandb
-id). `load` upgrades older formats, so every reader sees format 2."""
+A checkpoint (format 3) holds what the run is (`config`: the run plan's description, `vocab_size`, `tokenizer`,
+`corpus`, `world_size`), the RNG states (`rng`), and the `state_dict()` of each part under its name: `model`,
+`optimizer`, `scaler`, `sampler` (the data position), `trainer` (step, best and last validation loss, the epoch's
+running loss) and `tracker` (run name, wandb and SwanLab ids). The learning rate is not saved: it is a function of the
+plan and the step. `load` upgrades older formats, so every reader sees format 3."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import torch
 
 from .config import TrainConfig
 from .errors import RunStopped, UsageError
+from .rundir import RunFolder
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
 
 
@@ -27,18 +29,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def checkpoint_dir(output_dir: str) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def latest_path(output_dir: str) -> Path:
-    return checkpoint_dir(output_dir) / "latest.pt"
-
-
-def best_path(output_dir: str) -> Path:
-    return checkpoint_dir(output_dir) / "best.pt"
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -57,6 +47,15 @@ def save_atomic(state: dict, path: Path) -> None:
                          f"space or fix the folder, then continue with the same command plus --resume.") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_interrupted_saves(folder: RunFolder) -> list[str]:
+    """Delete the temporary files of saves that a kill interrupted (call it while holding the folder's lock, so no
+    other run is writing); returns their names."""
+    strays = sorted(folder.checkpoints.glob(".*.pt.tmp-*"))
+    for stray in strays:
+        stray.unlink(missing_ok=True)
+    return [stray.name for stray in strays]
 
 
 def assemble(parts: dict[str, Stateful], about: dict) -> dict:
@@ -86,20 +85,30 @@ def upgrade(state: dict, path: Path) -> dict:
         raise UsageError(f"{path} is not a checkpoint written by train_single_gpu.py (a file of another program?). "
                          f"Point at a latest.pt or best.pt from a run's checkpoints folder.")
     version = state.get("format_version", 1)
-    if version == 1:
-        return _from_format_1(state)
-    if version != FORMAT_VERSION:
+    if version not in UPGRADES and version != FORMAT_VERSION:
         raise UsageError(f"{path} has checkpoint format {version}, but this gpt-trainer reads formats 1 to "
                          f"{FORMAT_VERSION}. Upgrade gpt-trainer to read it.")
+    while version != FORMAT_VERSION:
+        state = UPGRADES[version](state)
+        version = state["format_version"]
     return state
 
 
 def _from_format_1(old: dict) -> dict:
     """Format 1 (until 2026-11) kept the trainer's counters and the tracker's state as loose top-level keys."""
-    keep = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "vocab_size", "tokenizer", "corpus")
-    return {"format_version": FORMAT_VERSION, **{key: old[key] for key in keep}, "sampler": old["data_position"],
+    keep = ("model", "optimizer", "scaler", "rng", "config", "vocab_size", "tokenizer", "corpus")
+    return {"format_version": 2, **{key: old[key] for key in keep}, "sampler": old["data_position"],
             "trainer": {key: old[key] for key in ("step", "best_val_loss", "last_val_loss", "epoch_loss")},
             "tracker": old["tracking"]}
+
+
+def _from_format_2(old: dict) -> dict:
+    """Format 2 (until 2026-12) also saved the learning-rate scheduler's state; the schedule is now rebuilt from the
+    run plan and the step, so it is dropped."""
+    return {**{key: value for key, value in old.items() if key != "scheduler"}, "format_version": 3}
+
+
+UPGRADES = {1: _from_format_1, 2: _from_format_2}  # format -> the function that brings it one format forward
 
 
 def rng_states() -> dict:
@@ -117,18 +126,18 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """--resume: the latest checkpoint of output_dir (None if there is none yet), or an explicit file or run folder."""
-    if cfg.resume is None:
+def find_resume_checkpoint(resume: str | None, folder: RunFolder) -> Path | None:
+    """--resume: the latest checkpoint of the run folder (None if there is none yet), or an explicit file or run
+    folder."""
+    if resume is None:
         return None
-    if cfg.resume == "latest":
-        path = latest_path(cfg.output_dir)
-        return path if path.exists() else None
-    path = Path(cfg.resume).expanduser()
+    if resume == "latest":
+        return folder.latest if folder.latest.exists() else None
+    path = Path(resume).expanduser()
     if path.is_dir():
-        path = latest_path(str(path)) if latest_path(str(path)).exists() else path / "latest.pt"
+        path = RunFolder(path).latest if RunFolder(path).latest.exists() else path / "latest.pt"
     if not path.is_file():
-        raise UsageError(f"--resume {cfg.resume}: no checkpoint there. Give a .pt file, a run's output_dir, or plain "
+        raise UsageError(f"--resume {resume}: no checkpoint there. Give a .pt file, a run's output_dir, or plain "
                          f"--resume.")
     return path
 

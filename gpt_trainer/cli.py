@@ -14,22 +14,140 @@ import signal
 import sys
 from pathlib import Path
 
-from . import checkpoint, distributed, outdir
-from .autobatch import settle_batch
-from .compiling import wants_compile
+from . import checkpoint, distributed, tracking
 from .config import TrainConfig, parse_args
-from .errors import notice, run_cli
-from .data import prepare_data, steps_for, windows_in
-from .hardware import device_name, pick_device, resolve_precision
-from .tracking import RunSummary, Tracker, default_run_name, start_tracking
-from .trainer import Trainer, TrainResult, fit_warmup, perplexity
+from .data import TokenData, prepare_data
+from .errors import RunStopped, notice, run_cli
+from .hardware import device_name, memory_in_use, pick_device, resolve_precision
+from .plan import RunPlan, make_plan
+from .rundir import RunFolder
+from .tracking import RunSummary, Tracker, start_tracking
+from .trainer import Diverged, OutOfMemory, Trainer, TrainingFailure, TrainResult, WeightsNotFinite, perplexity
 
 
-def use_sweep_output_dir(cfg: TrainConfig) -> None:
+def run(cfg: TrainConfig) -> int:
+    world, finished = distributed.launched_world(), False
+    try:
+        exit_code = run_in(world, cfg)
+        finished = True
+        return exit_code
+    finally:
+        distributed.stop(world, finished)
+
+
+def run_in(world: distributed.World, cfg: TrainConfig) -> int:
+    """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
+    checks the inputs and trains its share; only the main one writes files, logs and prints."""
+    folder = check_inputs(cfg)
+    plan, data, saved = plan_run(cfg, world, folder)
+    if cfg.dry_run:
+        if world.is_main:
+            print(json.dumps(plan.describe(), indent=2, ensure_ascii=False))
+        return 0
+    lock = take_folder(plan, saved) if world.is_main else None  # noqa: F841  (held until the process ends)
+    tracker = start_tracking(plan, saved["tracker"] if saved else None)
+    trainer = Trainer(plan, data, tracker)
+    if saved:
+        trainer.restore(saved)
+    if world.is_main:
+        announce(plan, trainer)
+    return train_to_end(trainer, tracker)
+
+
+# ---- the phases of a run, in order ---------------------------------------------------------------------------------
+def check_inputs(cfg: TrainConfig) -> RunFolder:
+    """Everything that can be refused before the hardware or the data is touched; returns the run folder."""
+    folder = RunFolder(Path(sweep_output_dir(cfg)))
+    folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite)
+    tracking.check(cfg)
+    return folder
+
+
+def sweep_output_dir(cfg: TrainConfig) -> str:
     """Under a wandb agent every run would share the default folder (and the second be refused): give each its own."""
     sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     if sweep_id and run_id and cfg.output_dir == TrainConfig.output_dir:
-        cfg.output_dir = os.path.join("output_sweeps", sweep_id.replace("/", "_"), run_id)
+        return os.path.join("output_sweeps", sweep_id.replace("/", "_"), run_id)
+    return cfg.output_dir
+
+
+def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder) -> tuple[RunPlan, TokenData, dict | None]:
+    """The device, the checkpoint to resume, the token data and the plan resolved from them (nothing written yet)."""
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg, device)
+    resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
+    saved = checkpoint.load(resume_from) if resume_from else None
+    device = distributed.start(world, device, cfg.dist_timeout)
+    if not world.is_main:
+        distributed.barrier(world)  # the main process builds the token cache, the others then read it
+    data = prepare_data(cfg)
+    if world.is_main:
+        distributed.barrier(world)
+    if saved:
+        checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
+    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from)
+    if plan.warmup_note and world.is_main:
+        notice(plan.warmup_note)
+    return plan, data, saved
+
+
+def take_folder(plan: RunPlan, saved: dict | None):
+    """Everything is checked: from here on files change, and only while this process holds the folder's lock (which
+    it returns). config.json is written before any tracker writes."""
+    lock = plan.folder.hold()
+    for name in checkpoint.remove_interrupted_saves(plan.folder):
+        notice(f"note: removed {name}, left by a save that was interrupted")
+    changes = plan.resume_changes(saved) if saved else {}
+    if changes:
+        notice(f"--resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}; the new values take "
+               f"effect from step {plan.start_step} (config.json lists the changes of every resumed segment).")
+    plan.folder.write_config(plan.describe(), plan.start_step, changes)
+    return lock
+
+
+def announce(plan: RunPlan, trainer: Trainer) -> None:
+    cfg = plan.cfg
+    if plan.resume_from:
+        print(f"resumed from {plan.resume_from} at step {trainer.step}")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {plan.folder.path} yet, starting fresh")
+    if plan.batch_choice:
+        print(f"batch: {plan.batch_choice}")
+    if trainer.compile_seconds is not None:
+        print(f"torch.compile: {trainer.compile_seconds:.1f} s before the first step (not counted in tokens/s)")
+    processes = f" x {plan.world.size} processes" if plan.world.active else ""
+    print(f"model {cfg.model_label()}: {trainer.model.num_params():,} parameters | {device_name(plan.device)} "
+          f"({plan.precision}){processes} | corpus {plan.corpus}: {plan.train_tokens:,} train / {plan.val_tokens:,} "
+          f"val tokens, vocab {plan.vocab_size:,} ({cfg.tokenizer}) | {plan.total_steps:,} steps of "
+          f"{plan.tokens_per_step:,} tokens (global batch {plan.global_batch}) | run {plan.run_name}", flush=True)
+
+
+def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
+    """Train, then sample; whatever happens, flush every tracker and close the wandb run, so no logged row is lost."""
+    plan, exit_code, main = trainer.plan, 1, trainer.world.is_main
+    try:
+        with stop_on_signals(trainer):
+            result = trainer.train()
+        if result.interrupted_by is not None:
+            exit_code = 128 + result.interrupted_by
+            if main:
+                print(f"stopped at step {result.steps}; checkpoint saved to {plan.folder.latest}. Continue with the "
+                      f"same command plus --resume.", file=sys.stderr)
+            return exit_code
+        if main:
+            write_samples(trainer, plan.folder.samples)
+            print("\n".join(what_happened(result, plan)))
+        exit_code = 0
+        return exit_code
+    except TrainingFailure as failure:
+        raise RunStopped(explain(failure, trainer)) from None
+    finally:
+        summary = RunSummary(checkpoints=[plan.folder.best, plan.folder.latest], exit_code=exit_code)
+        if exit_code == 0:
+            summary.final = {"final/best_perplexity": perplexity(trainer.best_val_loss),
+                             "final/total_steps": trainer.step, "final/total_epochs": trainer.sampler.epochs_done}
+            summary.step = trainer.step
+        tracker.close(summary)
 
 
 @contextlib.contextmanager
@@ -48,114 +166,38 @@ def stop_on_signals(trainer: Trainer):
             signal.signal(s, handler)
 
 
-def run(cfg: TrainConfig) -> int:
-    world, finished = distributed.launched_world(), False
-    try:
-        exit_code = run_in(world, cfg)
-        finished = True
-        return exit_code
-    finally:
-        distributed.stop(world, finished)
+# ---- what the user reads at the end --------------------------------------------------------------------------------
+def explain(failure: TrainingFailure, trainer: Trainer) -> str:
+    """The sentences a run that could not go on ends with: what happened, what was kept, what to change."""
+    plan, cfg = trainer.plan, trainer.cfg
+    resume = "continue from the latest with the same command plus --resume and the changed flags"
+    if isinstance(failure, Diverged):
+        where = (f"{failure.last_good[1]:.4f} at step {failure.last_good[0]}" if failure.last_good
+                 else "never seen (it was not finite from the start)")
+        fp16 = " or use --bf16 / --fp32 instead of fp16 (its range is small)" if plan.precision == "fp16" else ""
+        clip = f"tighten --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "enable --grad_clip (e.g. 1.0)"
+        return (f"training diverged: {failure.bad_in_a_row} optimizer steps in a row up to step {failure.step} had a "
+                f"non-finite loss or gradient norm (each was skipped, none applied). The last finite training loss "
+                f"was {where}. Try a lower --learning_rate (now {cfg.learning_rate:g}, {failure.lr:.2g} at this "
+                f"step), {clip}{fp16}. The checkpoints saved so far are untouched: {resume}.")
+    if isinstance(failure, OutOfMemory):
+        kept = (f"The state after step {failure.failed_step - 1} was saved to {failure.saved_to}" if failure.saved_to
+                else f"Nothing was saved; the checkpoints in {plan.folder.checkpoints} are untouched")
+        return (f"out of memory in training step {failure.failed_step}: model {cfg.model_label()}, "
+                f"{trainer.model.num_params() / 1e6:.1f}M parameters in {plan.precision}; micro-batch "
+                f"{plan.micro_batch} x block {cfg.block_size} tokens, {plan.accumulation} accumulation step(s); "
+                f"{memory_in_use(plan.device)}. Fixes: --batch_size auto (the largest micro-batch that fits), or the "
+                f"same batch per step in smaller pieces (--batch_size {max(1, plan.micro_batch // 2)} "
+                f"--gradient_accumulation_steps {plan.accumulation * 2}), a shorter --block_size, or a smaller "
+                f"--model_size. {kept}: continue with the same command plus --resume and the changed flags.")
+    if isinstance(failure, WeightsNotFinite):
+        return (f"the model's weights are no longer finite at step {failure.step}, so nothing was saved over the "
+                f"checkpoints in {plan.folder.checkpoints}. Continue from the latest with --resume and a lower "
+                f"--learning_rate or a tighter --grad_clip.")
+    raise failure
 
 
-def run_in(world: distributed.World, cfg: TrainConfig) -> int:
-    """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
-    checks the inputs and trains its share; only the main one writes files, logs and prints."""
-    use_sweep_output_dir(cfg)
-    outdir.check_writable(cfg)
-    device = pick_device(cfg.device)
-    precision = resolve_precision(cfg, device)
-    resume_from = checkpoint.find_resume_checkpoint(cfg)
-    saved = checkpoint.load(resume_from) if resume_from else None
-    device = distributed.start(world, device, cfg.dist_timeout)
-    if not world.is_main:
-        distributed.barrier(world)  # the main process builds the token cache, the others then read it
-    data = prepare_data(cfg)
-    if world.is_main:
-        distributed.barrier(world)
-    if saved:
-        checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
-    batch_choice = settle_batch(cfg, data.tokenizer.vocab_size, device, precision, world)
-    warmup_note = fit_warmup(cfg, steps_for(cfg, windows_in(data.train, cfg.block_size), world.size))
-    if warmup_note and world.is_main:
-        notice(warmup_note)
-    resolved = {**cfg.to_dict(), "compile": wants_compile(cfg.compile, device), "batch_size_choice": batch_choice,
-                "device": str(device), "precision": precision, "corpus": data.corpus,
-                "vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train), "val_tokens": len(data.val),
-                "world_size": world.size, "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps
-                * world.size, "resume_from": str(resume_from) if resume_from else None}
-    if cfg.dry_run:
-        if world.is_main:
-            print(json.dumps(resolved, indent=2, ensure_ascii=False))
-        return 0
-
-    start_step = saved["trainer"]["step"] if saved else 0
-    prompts = (cfg.sample_prompts or data.default_prompts).split(",") if world.is_main else []
-    if world.is_main:  # everything is checked: from here on files change, and only while this process holds the folder
-        out = Path(cfg.output_dir)
-        lock = outdir.hold(out)  # noqa: F841  (held until the process ends)
-        outdir.remove_leftovers(out)
-        changes = outdir.resume_changes(saved, cfg, world.size) if saved else {}
-        if changes:
-            notice(f"--resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}; the new values take "
-                   f"effect from step {start_step} (config.json lists the changes of every resumed segment).")
-        # a restart before the first checkpoint continues the same TensorBoard run, from an empty record
-        earlier = outdir.previous_config(out) if not saved and not cfg.overwrite else {}
-        run_name = (saved["tracker"]["run_name"] if saved else earlier.get("run_name")) or cfg.wandb_run_name \
-            or default_run_name(cfg, data.corpus)
-        outdir.write_config(out, {**resolved, "run_name": run_name}, start_step, changes)  # before a tracker writes
-        tracker = start_tracking(cfg, resolved, run_name, saved["tracker"] if saved else None, start_step)
-    else:
-        tracker = Tracker(resumed=saved["tracker"] if saved else None)
-    trainer = Trainer(cfg, data, device, precision, tracker, sample_prompts=prompts, world=world)
-    if saved:
-        trainer.restore(saved)
-    if world.is_main:
-        if saved:
-            print(f"resumed from {resume_from} at step {trainer.step}")
-        elif cfg.resume:
-            print(f"--resume: no checkpoint in {cfg.output_dir} yet, starting fresh")
-        if batch_choice:
-            print(f"batch: {batch_choice}")
-        if trainer.compile_seconds is not None:
-            print(f"torch.compile: {trainer.compile_seconds:.1f} s before the first step (not counted in tokens/s)")
-        processes = f" x {world.size} processes" if world.active else ""
-        print(f"model {cfg.model_label()}: {trainer.model.num_params():,} parameters | {device_name(device)} "
-              f"({precision}){processes} | corpus {data.corpus}: {len(data.train):,} train / {len(data.val):,} val "
-              f"tokens, vocab {data.tokenizer.vocab_size:,} ({cfg.tokenizer}) | {trainer.total_steps:,} steps of "
-              f"{trainer.tokens_per_step:,} tokens (global batch {resolved['global_batch_size']}) | run "
-              f"{tracker.run_name}", flush=True)
-    return train_to_end(trainer, tracker, prompts)
-
-
-def train_to_end(trainer: Trainer, tracker: Tracker, prompts: list[str]) -> int:
-    """Train, then sample; whatever happens, flush every tracker and close the wandb run, so no logged row is lost."""
-    cfg, exit_code, main = trainer.cfg, 1, trainer.world.is_main
-    try:
-        with stop_on_signals(trainer):
-            result = trainer.train()
-        if result.interrupted_by is not None:
-            exit_code = 128 + result.interrupted_by
-            if main:
-                print(f"stopped at step {result.steps}; checkpoint saved to {checkpoint.latest_path(cfg.output_dir)}. "
-                      f"Continue with the same command plus --resume.", file=sys.stderr)
-            return exit_code
-        if main:
-            write_samples(trainer, prompts, Path(cfg.output_dir) / "samples.txt")
-            print("\n".join(what_happened(result, cfg, trainer.data.tokenizer.vocab_size)))
-        exit_code = 0
-        return exit_code
-    finally:
-        summary = RunSummary(checkpoints=[checkpoint.best_path(cfg.output_dir), checkpoint.latest_path(cfg.output_dir)],
-                             exit_code=exit_code)
-        if exit_code == 0:
-            summary.final = {"final/best_perplexity": perplexity(trainer.best_val_loss),
-                             "final/total_steps": trainer.step, "final/total_epochs": trainer.sampler.epochs_done}
-            summary.step = trainer.step
-        tracker.close(summary)
-
-
-def what_happened(result: TrainResult, cfg: TrainConfig, vocab_size: int) -> list[str]:
+def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
     """The end of a run in two lines (three when validation loss rose at the end: memorising, said plainly)."""
     minutes, seconds = divmod(round(result.seconds), 60)
     losses = []
@@ -164,13 +206,12 @@ def what_happened(result: TrainResult, cfg: TrainConfig, vocab_size: int) -> lis
     if result.evals:
         (first_step, first), (last_step, last) = result.evals[0], result.evals[-1]
         losses.append(f"val loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}), best val loss "
-                      f"{result.best_val_loss:.4f} (guessing uniformly among the {vocab_size:,} tokens scores "
-                      f"{math.log(vocab_size):.4f})")
+                      f"{result.best_val_loss:.4f} (guessing uniformly among the {plan.vocab_size:,} tokens scores "
+                      f"{math.log(plan.vocab_size):.4f})")
     lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s; {'; '.join(losses)}."]
-    out = Path(cfg.output_dir)
-    where = [f"samples in {out / 'samples.txt'}", f"checkpoints in {checkpoint.checkpoint_dir(out)}"]
-    if "tensorboard" in cfg.trackers():
-        where.append(f"curves: {tensorboard_command()} --logdir {out / 'logs'}")
+    where = [f"samples in {plan.folder.samples}", f"checkpoints in {plan.folder.checkpoints}"]
+    if "tensorboard" in tracking.chosen(plan.cfg.report_to):
+        where.append(f"curves: {tensorboard_command()} --logdir {plan.folder.logs}")
     lines.append("; ".join(where))
     if result.evals and result.evals[-1][1] > result.best_val_loss * 1.02:  # 2 %: more than evaluation noise
         lines.append(f"warning: validation loss rose from its best, {result.best_val_loss:.4f}, to "
@@ -189,10 +230,10 @@ def tensorboard_command() -> str:
     return str(beside)
 
 
-def write_samples(trainer: Trainer, prompts: list[str], path: Path) -> None:
+def write_samples(trainer: Trainer, path: Path) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== step {trainer.step} ===\n")
-        for prompt in prompts:
+        for prompt in trainer.plan.sample_prompts:
             text = trainer.sample(prompt)
             print(f"--- sample ({prompt!r}) ---\n{text}\n")
             f.write(f"--- {prompt!r} ---\n{text}\n\n")

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 
@@ -35,9 +34,8 @@ MODEL_PRESETS: dict[str, ModelShape] = {
 CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
 CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
-TRACKERS = ("tensorboard", "wandb", "swanlab")  # what --report_to can name; tracking.BACKENDS starts each
-CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
 ENGLISH_PROMPTS = "ROMEO:,The "
+CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
 
 
 def parse_switch(text: str) -> str:
@@ -50,15 +48,16 @@ def parse_switch(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}") from None
 
 
-def int_or_auto(text: str) -> int | str:
-    return "auto" if text.strip().lower() == "auto" else int(text)
+def int_or_auto(text: str) -> int | None:
+    """--batch_size: a number, or auto (None: the run plan picks the micro-batch)."""
+    return None if text.strip().lower() == "auto" else int(text)
 
 
 def _flag(default, help: str, **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # model
     model_size: str = _flag("tiny", "Model preset.", choices=list(MODEL_PRESETS))
@@ -79,10 +78,10 @@ class TrainConfig:
     vocab_size: int = _flag(4000, "Vocabulary size for --tokenizer sentencepiece.")
     train_split: float = _flag(0.9, "Fraction of tokens used for training; the rest is validation.")
     # optimisation
-    batch_size: int | str = _flag(16, "Sequences per micro-batch, or auto: on a GPU the largest power of two whose "
-                                      "training step fits in memory with a margin (on the CPU: "
-                                      f"{CPU_AUTO_BATCH_SIZE}).",
-                                  type=int_or_auto)
+    batch_size: int | None = _flag(16, "Sequences per micro-batch, or auto: on a GPU the largest power of two "
+                                       "whose training step fits in memory with a margin (on the CPU: "
+                                       f"{CPU_AUTO_BATCH_SIZE}).",
+                                   type=int_or_auto)
     gradient_accumulation_steps: int = _flag(1, "Micro-batches per optimizer step.")
     global_batch_size: int | None = _flag(None, "Sequences per optimizer step over all processes: sets "
                                                 "--gradient_accumulation_steps (global = micro-batch x accumulation x "
@@ -120,12 +119,13 @@ class TrainConfig:
                                nargs="?", const="latest")
     # experiment tracking
     report_to: str = _flag("all", "Where metrics go besides metrics.jsonl: a comma-separated list of "
-                                  f"{', '.join(TRACKERS)}; all (= tensorboard,wandb) or none.")
+                                  "tensorboard, wandb, swanlab; all (= tensorboard,wandb) or none.")
     wandb_project: str | None = _flag(None, "wandb project (default: $WANDB_PROJECT, else gpt-training).")
     wandb_entity: str | None = _flag(None, "wandb team or user (default: $WANDB_ENTITY).")
     wandb_run_name: str | None = _flag(None, "Run name for wandb and the TensorBoard folder (default: "
                                              "size-corpus-lr-bs-time).")
-    wandb_tags: str = _flag("", "Comma-separated tags added to model size, precision and single-gpu.")
+    wandb_tags: str = _flag("", "Comma-separated tags added to model size, precision and the hardware (e.g. "
+                                "single-gpu, 4-gpus, cpu).")
     wandb_mode: str | None = _flag(None, "wandb mode (default: $WANDB_MODE, else online when a key exists).",
                                    choices=["online", "offline", "disabled"])
     wandb_log_model: bool = _flag(False, "Upload the best and final checkpoints to wandb as a model artifact.")
@@ -143,26 +143,25 @@ class TrainConfig:
     top_p: float = _flag(0.95, "Nucleus sampling threshold (1.0 disables).")
     dry_run: bool = _flag(False, "Validate everything, print the resolved config as JSON and exit without training.")
 
-    # ---- derived values -------------------------------------------------------------------------------------------
-    def resolve_model_shape(self) -> None:
-        """Fill n_layer/n_head/n_embd from the preset where not overridden."""
-        preset = MODEL_PRESETS[self.model_size]
+    def __post_init__(self):
+        """The one place a TrainConfig's fields are settled: the preset fills the shape flags left unset, --no_compile
+        becomes --compile=false, and ~ in --output_dir is expanded. Afterwards nothing assigns to a field."""
+        if self.no_compile:
+            if self.compile == "true":
+                raise UsageError("--compile and --no_compile contradict each other: give one.")
+            object.__setattr__(self, "compile", "false")
+            object.__setattr__(self, "no_compile", False)
+        preset = MODEL_PRESETS.get(self.model_size)
         for name in ("n_layer", "n_head", "n_embd"):
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(preset, name))
+            if getattr(self, name) is None and preset:
+                object.__setattr__(self, name, getattr(preset, name))
+        object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))
 
     def model_label(self) -> str:
         """`tiny (6 layers x 384 wide, 6 heads)`; a preset whose shape flags changed says so."""
         shape = ModelShape(self.n_layer, self.n_head, self.n_embd)
         changed = "" if shape == MODEL_PRESETS[self.model_size] else " with overrides"
         return f"{self.model_size}{changed} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps * self.block_size
-
-    def trackers(self) -> list[str]:
-        return tracker_names(self.report_to)
 
     @property
     def final_lr(self) -> float:
@@ -209,19 +208,6 @@ RANGES = {
 }
 
 
-def tracker_names(report_to: str) -> list[str]:
-    """--report_to as a list of tracker names: `tensorboard,swanlab`, or all (= tensorboard,wandb), or none."""
-    names = [name.strip().lower() for name in report_to.split(",") if name.strip()]
-    if names in (["all"], ["none"]):
-        return ["tensorboard", "wandb"] if names == ["all"] else []
-    unknown = [name for name in names if name not in TRACKERS]
-    if unknown or not names:
-        raise UsageError(f"--report_to {report_to!r} is not a list of trackers ({', '.join(map(repr, unknown))}). "
-                         f"Give a comma-separated list of {', '.join(TRACKERS)}, or all (= tensorboard,wandb), or "
-                         f"none; all and none stand alone.")
-    return list(dict.fromkeys(names))
-
-
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings before anything is read or written."""
     chosen = [name for name in ("bf16", "fp16", "fp32") if getattr(cfg, name)]
@@ -229,17 +215,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--{chosen[0]} and --{chosen[1]} contradict each other: choose one precision flag.")
     for name, allowed in RANGES.items():
         value = getattr(cfg, name)
-        if value not in (None, "auto") and not allowed.holds(value):
+        if value is not None and not allowed.holds(value):
             raise UsageError(f"--{name} must be {allowed.describe()} (got {value}).")
     if cfg.n_embd % cfg.n_head:
         suggestion = cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))
         raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
                          f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
                          f"--n_head.")
-    project = cfg.swanlab_project or os.environ.get("SWANLAB_PROJECT")
-    if "swanlab" in tracker_names(cfg.report_to) and project and not re.fullmatch(r"[0-9A-Za-z_+.\-]{1,100}", project):
-        raise UsageError(f"SwanLab project {project!r} (--swanlab_project or $SWANLAB_PROJECT): SwanLab accepts 1 to "
-                         f"100 letters, digits and _ - + . only. Choose a name such as gpt-training.")
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
     other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (
@@ -289,14 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    namespace = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(namespace))
-    if cfg.no_compile:
-        if cfg.compile == "true":
-            raise UsageError("--compile and --no_compile contradict each other: give one.")
-        cfg.compile, cfg.no_compile = "false", False
-    cfg.output_dir = os.path.expanduser(cfg.output_dir)
-    cfg.resolve_model_shape()
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
     validate(cfg)
     return cfg
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pickle
 import shutil
@@ -175,13 +174,6 @@ def validation_windows(tokens: np.ndarray, block_size: int, count: int) -> torch
     last_start = len(tokens) - block_size - 1
     offsets = np.linspace(0, last_start, num=count).astype(np.int64)
     return gather_windows(tokens, offsets, block_size)
-
-
-def steps_for(cfg: TrainConfig, windows_per_epoch: int, world_size: int = 1) -> int:
-    if cfg.max_steps:
-        return cfg.max_steps
-    windows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(cfg.epochs * windows_per_epoch / windows_per_step))
 
 
 def share_of(offsets: np.ndarray, rank: int, world_size: int) -> np.ndarray:

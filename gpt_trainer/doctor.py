@@ -84,12 +84,12 @@ def diagnose(output_dir: Path, require_gpu: bool = False) -> tuple[list[str], li
         lines += gpu
         problems += gpu_problems
     lines.append(compiler_line())
-    from .wandb_backend import wandb_key_source
+    from .tracking.wandb import wandb_key_source
 
     source = wandb_key_source()
     lines.append(f"wandb key:     {'from ' + source if source else 'none found (runs log offline; wandb sync later)'}")
     lines.append(f"wandb mode:    {os.environ.get('WANDB_MODE') or 'online when a key exists'}")
-    from .swanlab_backend import swanlab_key_source
+    from .tracking.swanlab import swanlab_key_source
 
     source = swanlab_key_source()
     lines.append(f"swanlab key:   {'from ' + source if source else 'none found (runs log offline; swanlab sync)'}")

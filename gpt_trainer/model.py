@@ -1,14 +1,18 @@
 """A GPT in one file: pre-LayerNorm blocks, fused scaled-dot-product attention, GELU MLP, tied embeddings,
-GPT-2 initialisation, and generation with a key/value cache."""
+GPT-2 initialisation, generation with a key/value cache, and the one factory every caller builds it with."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .errors import notice
+from .hardware import autocast
 
 
 @dataclass
@@ -19,6 +23,17 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
+
+    @classmethod
+    def from_flags(cls, flags: Mapping, vocab_size: int) -> GPTConfig:
+        """The shape a run's flags describe: a TrainConfig's `to_dict()` or the `config` a checkpoint holds."""
+        return cls(vocab_size, flags["block_size"], flags["n_layer"], flags["n_head"], flags["n_embd"],
+                   flags.get("dropout", 0.0))
+
+
+def build_model(flags: Mapping, vocab_size: int, device: torch.device | str) -> GPT:
+    """The GPT of a run (training, the --batch_size auto search and sampling all build it here), on `device`."""
+    return GPT(GPTConfig.from_flags(flags, vocab_size)).to(device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -166,3 +181,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator)
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, precision: str, tokens: int, temperature: float, top_k: int,
+                  top_p: float, generator: torch.Generator | None = None) -> str:
+    """The prompt and its continuation as text; prompt characters the vocabulary lacks are left out, with a note."""
+    ids, dropped = tokenizer.encode_known(prompt)
+    if dropped:
+        notice(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.")
+    if not ids:
+        ids = tokenizer.encode_known("\n")[0] or [0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with autocast(device, precision):
+        out = model.generate(torch.tensor([ids], device=device), tokens, temperature, top_k, top_p, generator)
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())

@@ -12,32 +12,16 @@ import torch
 
 from . import checkpoint
 from .config import TrainConfig
-from .errors import notice, run_cli
-from .hardware import autocast, pick_device, resolve_precision
-from .model import GPT, GPTConfig
+from .errors import run_cli
+from .hardware import pick_device, resolve_precision
+from .model import GPT, build_model, generate_text
 from .tokenizer import tokenizer_from_dict
 
 
-def generate_text(model: GPT, tokenizer, prompt: str, device: torch.device, precision: str, tokens: int,
-                  temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None) -> str:
-    ids, dropped = tokenizer.encode_known(prompt)
-    if dropped:
-        notice(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.")
-    if not ids:
-        ids = tokenizer.encode_known("\n")[0] or [0]
-    was_training = model.training
-    model.eval()
-    with autocast(device, precision):
-        out = model.generate(torch.tensor([ids], device=device), tokens, temperature, top_k, top_p, generator)
-    model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
-
-
 def model_from_checkpoint(state: dict, device: torch.device) -> GPT:
-    c = state["config"]
-    model = GPT(GPTConfig(state["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["n_embd"]))
+    model = build_model(state["config"], state["vocab_size"], device)
     model.load_state_dict(state["model"])
-    return model.to(device)
+    return model
 
 
 def sample_command(argv: list[str] | None) -> int:
@@ -59,7 +43,7 @@ def sample_command(argv: list[str] | None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     for prompt in args.prompts.split(","):
-        text = generate_text(model, tokenizer, prompt, device, precision, args.tokens, args.temperature, args.top_k,
+        text = generate_text(model, tokenizer, prompt, precision, args.tokens, args.temperature, args.top_k,
                              args.top_p)
         print(f"--- {prompt!r} ---\n{text}\n")
     return 0

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import TRACKERS, TrainConfig, tracker_names
+from . import tracking
+from .config import TrainConfig
 from .errors import UsageError, run_cli
 
 STATE_FILE = "sweep_state.json"
@@ -212,10 +213,11 @@ def sweep_command(argv: list[str] | None) -> int:
     parser.add_argument("--output_dir", default="output_sweep", help="one folder per trial below this")
     parser.add_argument("--report_to", default="tensorboard",
                         help="trackers for each trial, as for training: a comma-separated list of "
-                             f"{', '.join(TRACKERS)}, or all, or none (wandb and swanlab log offline without a key)")
+                             f"{', '.join(tracking.BACKENDS)}, or all, or none (wandb and swanlab log offline without "
+                             "a key)")
     parser.add_argument("--check", action="store_true", help="only validate the file")
     args = parser.parse_args(argv)
-    tracker_names(args.report_to)  # a bad list stops here, before the first trial
+    tracking.chosen(args.report_to)  # a bad list stops here, before the first trial
     config = load_sweep(args.sweep_file)
     if args.max_runs is None and config["method"] != "grid" and not args.check:
         raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")

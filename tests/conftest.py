@@ -12,7 +12,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gpt_trainer.config import parse_args
+from gpt_trainer.config import TrainConfig, parse_args
+from gpt_trainer.data import prepare_data
+from gpt_trainer.distributed import World
+from gpt_trainer.hardware import resolve_precision
+from gpt_trainer.plan import RunPlan, make_plan
+from gpt_trainer.rundir import RunFolder
+from gpt_trainer.trainer import Trainer
 
 POEMS = ("静夜思\n床前明月光，疑是地上霜。举头望明月，低头思故乡。\n\n"
          "春晓\n春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n\n") * 8
@@ -74,6 +80,18 @@ def poems_argv(tmp_path, cache_dir):
     corpus.write_text(POEMS, encoding="utf-8")
     base = [f"--data_path={corpus}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path / 'out'}", *TINY_SHAPE]
     return lambda *extra: [*base, "--report_to=all", "--log_interval=1", *extra]
+
+
+def plan_for(cfg: TrainConfig, device: str = "cpu", world: World = World()) -> RunPlan:
+    """The run plan the training command would make for `cfg` (a fresh run), with its token data prepared."""
+    device = torch.device(device)
+    folder = RunFolder(Path(cfg.output_dir))
+    return make_plan(cfg, world, device, resolve_precision(cfg, device), prepare_data(cfg), folder)
+
+
+def make_trainer(cfg: TrainConfig, tracker=None, device: str = "cpu") -> Trainer:
+    """A Trainer built as the training command builds it: token data, then the run plan."""
+    return Trainer(plan_for(cfg, device), prepare_data(cfg), tracker)
 
 
 def scalars(logdir: Path) -> dict:

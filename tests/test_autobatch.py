@@ -55,16 +55,16 @@ def test_auto_on_a_gpu_keeps_a_margin_and_derives_the_accumulation(tiny_cfg, mon
     tried = on_simulated_gpu(monkeypatch, free=20 * GIB, capacity=20 * GIB)  # limit 18 GiB: 32 sequences (17 GiB)
     cfg = tiny_cfg("--batch_size=auto", "--global_batch_size=256")
     chosen = settle_batch(cfg, 100, GPU, "bf16", World())
-    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (32, 8)
+    assert (chosen.micro_batch, chosen.accumulation) == (32, 8)
     assert tried == [1, 2, 4, 8, 16, 32, 64]
-    assert "micro-batch 32" in chosen and "8 accumulation steps" in chosen and "18.0 GiB" in chosen
+    assert "micro-batch 32" in chosen.how and "8 accumulation steps" in chosen.how and "18.0 GiB" in chosen.how
 
 
 def test_auto_lowers_the_micro_batch_to_divide_the_global_batch(tiny_cfg, monkeypatch):
     on_simulated_gpu(monkeypatch, free=20 * GIB, capacity=20 * GIB)
     cfg = tiny_cfg("--batch_size=auto", "--global_batch_size=48")
-    assert "32 lowered" in settle_batch(cfg, 100, GPU, "bf16", World())
-    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (24, 2)
+    chosen = settle_batch(cfg, 100, GPU, "bf16", World())
+    assert "32 lowered" in chosen.how and (chosen.micro_batch, chosen.accumulation) == (24, 2)
 
 
 def test_auto_refuses_a_gpu_where_nothing_fits(tiny_cfg, monkeypatch):
@@ -81,9 +81,8 @@ def test_auto_refuses_a_gpu_where_nothing_fits(tiny_cfg, monkeypatch):
     (["--batch_size=4"], 1, (4, 1)),  # plain numbers stay as given
 ])
 def test_settle_batch_on_the_cpu(tiny_cfg, flags, world, expected):
-    cfg = tiny_cfg(*flags)
-    settle_batch(cfg, 100, CPU, "fp32", World(0, 0, world))
-    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == expected
+    chosen = settle_batch(tiny_cfg(*flags), 100, CPU, "fp32", World(0, 0, world))
+    assert (chosen.micro_batch, chosen.accumulation) == expected
 
 
 @pytest.mark.parametrize("flags, world, message", [

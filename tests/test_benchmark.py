@@ -1,19 +1,42 @@
 import json
+import types
 
 import pytest
 
+from gpt_trainer import benchmark
 from gpt_trainer.benchmark import CPU_SUITE, main
+from gpt_trainer.trainer import Trainer
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=100",
+        "--device=cpu"]
 
 
 def test_benchmark_prints_throughput_mfu_step_time_and_memory(capsys):
-    argv = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=100",
-            "--steps=2", "--warmup=1", "--device=cpu"]
-    assert main(argv) == 0
+    assert main([*TINY, "--steps=2", "--warmup=1"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["tokens_per_sec"] > 0 and result["step_time_s"] > 0 and result["peak_memory_gib"] > 0
-    assert abs(result["tokens_per_sec"] * result["step_time_s"] - 2 * 16) < 1e-6  # tokens per step / step time
     assert "tokens/s" in out and "MFU" in out and result["peak_source"] in out
+
+
+@pytest.mark.parametrize("accumulation, tokens_per_sec", [(1, 64), (2, 128)])
+def test_benchmark_reports_the_median_timed_step(capsys, monkeypatch, accumulation, tokens_per_sec):
+    """Real steps on a fake clock: the warm-up step takes 30 s (compiling), the timed ones 0.5, 0.4 and 2.0 s. The
+    median, 0.5 s, is the step time; a step is 2 x 16 tokens per micro-batch, times the accumulation steps."""
+    clock, durations = types.SimpleNamespace(now=0.0), iter([30.0, 0.5, 0.4, 2.0])
+    real_step = Trainer.train_step
+
+    def step_on_the_clock(trainer):
+        result = real_step(trainer)
+        clock.now += next(durations)
+        return result
+    monkeypatch.setattr(Trainer, "train_step", step_on_the_clock)
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    assert main([*TINY, "--steps=3", "--warmup=1", f"--gradient_accumulation_steps={accumulation}"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["step_time_s"] == 0.5 and result["tokens_per_sec"] == pytest.approx(tokens_per_sec)
+    assert "500.0 ms (median of 3)" in out and f"{tokens_per_sec} tokens/s" in out
 
 
 def test_benchmark_rejects_bad_flags(capsys):

@@ -7,6 +7,7 @@ import torch
 
 from gpt_trainer import checkpoint
 from gpt_trainer.errors import UsageError
+from gpt_trainer.rundir import RunFolder
 from gpt_trainer.tokenizer import CharTokenizer
 
 
@@ -57,12 +58,13 @@ def test_shape_mismatch_names_each_difference(tiny_cfg):
         checkpoint.check_same_shape(saved, cfg, other, "ckpt.pt")
 
 
-def test_resume_finds_latest_or_reports_a_missing_path(tiny_cfg, tmp_path):
-    assert checkpoint.find_resume_checkpoint(tiny_cfg("--resume")) is None  # nothing yet: start fresh
-    checkpoint.save_atomic({}, checkpoint.latest_path(str(tmp_path / "run")))
-    assert checkpoint.find_resume_checkpoint(tiny_cfg(f"--resume={tmp_path / 'run'}")).name == "latest.pt"
+def test_resume_finds_latest_or_reports_a_missing_path(tmp_path):
+    here = RunFolder(tmp_path / "out")
+    assert checkpoint.find_resume_checkpoint("latest", here) is None  # nothing yet: start fresh
+    checkpoint.save_atomic({}, RunFolder(tmp_path / "run").latest)
+    assert checkpoint.find_resume_checkpoint(str(tmp_path / "run"), here) == RunFolder(tmp_path / "run").latest
     with pytest.raises(UsageError, match="no checkpoint there"):
-        checkpoint.find_resume_checkpoint(tiny_cfg(f"--resume={tmp_path / 'nowhere.pt'}"))
+        checkpoint.find_resume_checkpoint(str(tmp_path / "nowhere.pt"), here)
 
 
 def test_a_format_1_checkpoint_loads_as_the_current_format():
@@ -72,7 +74,7 @@ def test_a_format_1_checkpoint_loads_as_the_current_format():
     assert state["trainer"]["step"] == 3 and state["sampler"]["position"] > 0
     assert state["tracker"] == {"run_name": "fixture-v1", "wandb_id": None}
     assert state["config"]["n_layer"] == 1 and state["tokenizer"]["kind"] == "char"
-    assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+    assert {"model", "optimizer", "scaler", "rng"} <= set(state) and "scheduler" not in state
 
 
 def test_a_foreign_or_newer_file_is_a_clear_error(tmp_path):
@@ -80,5 +82,5 @@ def test_a_foreign_or_newer_file_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="not a checkpoint written by train_single_gpu.py"):
         checkpoint.load(tmp_path / "foreign.pt")
     torch.save({**minimal_state(1), "format_version": 99}, tmp_path / "future.pt")
-    with pytest.raises(UsageError, match="checkpoint format 99, but this gpt-trainer reads formats 1 to 2"):
+    with pytest.raises(UsageError, match="checkpoint format 99, but this gpt-trainer reads formats 1 to 3"):
         checkpoint.load(tmp_path / "future.pt")

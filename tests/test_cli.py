@@ -1,5 +1,6 @@
 import errno
 import hashlib
+import dataclasses
 import json
 import math
 import shutil
@@ -15,9 +16,9 @@ import torch
 
 from gpt_trainer import checkpoint
 from gpt_trainer.cli import main, tensorboard_command, what_happened
-from gpt_trainer.config import TrainConfig, parse_args
+from gpt_trainer.config import TrainConfig
 from gpt_trainer.trainer import TrainResult
-from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,20 +130,28 @@ def test_overwrite_starts_a_fresh_record(tiny_argv, tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1]
 
 
-def test_training_resumes_from_a_format_1_checkpoint(tmp_path, cache_dir):
-    """The committed fixture was written before checkpoints had a format version (1 layer, 16 wide, step 3)."""
+# (fixture, the losses of steps 4 and 5 when resumed to --max_steps 5): the format 2 fixture was written by the code
+# of 2026-12-01 (3d8711d), and these are the losses that code trained on resuming it; format 1 is older still
+EARLIER_CHECKPOINTS = [("checkpoint_v1.pt", None), ("checkpoint_v2.pt", [3.662169933319092, 3.656742572784424])]
+
+
+@pytest.mark.parametrize("fixture, expected_losses", EARLIER_CHECKPOINTS)
+def test_training_resumes_from_checkpoints_of_earlier_formats(tmp_path, cache_dir, fixture, expected_losses):
+    """The committed fixtures: 1 layer, 16 wide, saved at step 3 of a run on tests/fixtures/poems.txt."""
     fixtures = ROOT / "tests" / "fixtures"
     (tmp_path / "checkpoints").mkdir()
-    shutil.copy(fixtures / "checkpoint_v1.pt", tmp_path / "checkpoints" / "latest.pt")
+    shutil.copy(fixtures / fixture, tmp_path / "checkpoints" / "latest.pt")
     argv = [f"--data_path={fixtures / 'poems.txt'}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path}",
             "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--dropout=0.0",
             "--eval_steps=1", "--fp32", "--device=cpu", "--sample_tokens=4", "--report_to=none", "--log_interval=1",
             "--resume", "--max_steps=5"]
     assert main(argv) == 0
     saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
-    assert saved["format_version"] == 2 and saved["trainer"]["step"] == 5
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps[:2] == [4, 5]
+    assert saved["format_version"] == checkpoint.FORMAT_VERSION and saved["trainer"]["step"] == 5
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][:2] == [4, 5]
+    if expected_losses:  # the same training as before the change, to the last bit
+        assert [r["train/loss"] for r in rows if "train/loss" in r] == expected_losses
 
 
 ZERO_IS_VALID = {"dropout", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "sample_tokens", "top_k"}
@@ -182,8 +191,10 @@ def test_a_foreign_file_for_resume_is_a_usage_error(tiny_argv, tmp_path, capsys)
 
 def test_a_diverging_run_skips_bad_steps_stops_with_advice_and_never_saves_them(tiny_argv, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = tiny_argv("--learning_rate=1e3", "--grad_clip=0", "--max_steps=60", "--max_bad_steps=3",
-                     "--log_interval=1", "--eval_interval=1000", "--save_interval=2")
+    assert main(tiny_argv("--max_steps=2", "--eval_interval=2")) == 0  # a good checkpoint at step 2
+    argv = tiny_argv("--resume", "--learning_rate=1e3", "--grad_clip=0", "--max_steps=60", "--max_bad_steps=3",
+                     "--log_interval=1", "--eval_interval=1000", "--save_interval=1")
+    capsys.readouterr()
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "training diverged: 3 optimizer steps in a row" in err and "--learning_rate (now 1000" in err
@@ -191,10 +202,9 @@ def test_a_diverging_run_skips_bad_steps_stops_with_advice_and_never_saves_them(
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
             for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/skipped_steps"] >= 1
-    latest = out / "checkpoints" / "latest.pt"
-    if latest.exists():  # saved before the run went bad: every weight finite
-        saved = torch.load(latest, weights_only=False)
-        assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)  # saved at every step it could
+    assert 2 <= saved["trainer"]["step"] <= rows[-1]["step"]  # a skipped step leaves the weights of the last good one
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
 def test_resume_applies_changed_optimisation_flags_and_config_json_records_them(tiny_argv, tmp_path, capsys):
@@ -236,7 +246,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_argv, tmp_pa
     err = capsys.readouterr().err
     assert "No space left on device" in err and "The previous one is kept" in err and "Traceback" not in err
     assert checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")["trainer"]["step"] == 2
-    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] != []
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]  # no .tmp
     assert not list((tmp_path / "out" / "checkpoints").glob(".*tmp*"))
 
 
@@ -290,17 +300,17 @@ def test_a_sentencepiece_vocabulary_the_corpus_cannot_fill_stops_with_exit_2_and
     assert "character_coverage" not in err and not (tmp_path / "out").exists()
 
 
-def test_the_end_of_a_run_says_what_happened_and_warns_when_validation_loss_rose(tmp_path):
-    cfg = parse_args([f"--output_dir={tmp_path}", "--report_to=none"])
+def test_the_end_of_a_run_says_what_happened_and_warns_when_validation_loss_rose(tiny_cfg, tmp_path):
+    plan = dataclasses.replace(plan_for(tiny_cfg(f"--output_dir={tmp_path}", "--report_to=none")), vocab_size=1079)
     overfit = TrainResult(150, 6.04, history=[{"train/loss": 6.46}, {"train/loss": 1.08}],
                           evals=[(10, 6.40), (18, 6.04), (150, 7.14)], seconds=564)
-    lines = what_happened(overfit, cfg, vocab_size=1079)
+    lines = what_happened(overfit, plan)
     assert lines[0] == ("done: 150 steps in 9m 24s; train loss 6.4600 -> 1.0800; val loss 6.4000 (step 10) -> 7.1400 "
                         "(step 150), best val loss 6.0400 (guessing uniformly among the 1,079 tokens scores 6.9838).")
     assert lines[1] == f"samples in {tmp_path / 'samples.txt'}; checkpoints in {tmp_path / 'checkpoints'}"  # no curves
     assert lines[2].startswith("warning: validation loss rose from its best, 6.0400, to 7.1400: the model is memoris")
     learning = TrainResult(150, 5.9, history=overfit.history, evals=[(10, 6.4), (150, 5.9)], seconds=60)
-    assert len(what_happened(learning, cfg, vocab_size=1079)) == 2  # the control: no warning while it still learns
+    assert len(what_happened(learning, plan)) == 2  # the control: no warning while it still learns
 
 
 def test_the_tensorboard_command_is_one_the_user_can_paste(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ import torch
 from gpt_trainer import compiling
 from gpt_trainer.cli import main
 from gpt_trainer.compiling import wants_compile
-from gpt_trainer.data import prepare_data
 from gpt_trainer.trainer import Trainer
+from tests.conftest import make_trainer
 
 
 @pytest.mark.parametrize("setting, device, expected", [
@@ -31,7 +31,7 @@ def losses(trainer: Trainer, steps: int = 3) -> list[float]:
 
 def trainer_for(tiny_cfg, *flags) -> Trainer:
     cfg = tiny_cfg("--dropout=0.1", *flags)  # dropout on: the fallback must leave the random stream untouched
-    return Trainer(cfg, prepare_data(cfg), torch.device("cpu"), "fp32")
+    return make_trainer(cfg)
 
 
 def test_a_failing_compiler_gives_one_notice_and_the_eager_losses(tiny_cfg, monkeypatch, capsys):

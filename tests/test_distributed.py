@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gpt_trainer.data import EpochSampler, share_of
-from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, scalars
+from gpt_trainer.distributed import World
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, plan_for, scalars
 from tests.wandb_offline import history_rows, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +117,7 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, cache_dir):
 
 
 def test_resuming_with_another_number_of_processes_is_reported(tiny_cfg):
-    from gpt_trainer import outdir
-
-    cfg = tiny_cfg()
-    assert outdir.resume_changes({"config": cfg.to_dict(), "world_size": 1}, cfg, 2) == {"world_size": [1, 2]}
-    assert outdir.resume_changes({"config": cfg.to_dict()}, cfg, 1) == {}  # checkpoints from before: one process
+    cfg = tiny_cfg("--max_steps=1000")  # a fixed budget: the warm-up fits either way
+    one, two = plan_for(cfg), plan_for(cfg, world=World(0, 0, 2))
+    assert two.resume_changes({"config": one.flags(), "world_size": 1}) == {"world_size": [1, 2]}
+    assert one.resume_changes({"config": one.flags()}) == {}  # checkpoints from before: one process

@@ -4,6 +4,7 @@
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from gpt_trainer.doctor import main as doctor
 from gpt_trainer.hardware import autocast, bf16_supported, gpu_memory_metrics, resolve_precision
 from gpt_trainer.model import GPT, GPTConfig
 from gpt_trainer.trainer import Trainer
+from tests.conftest import make_trainer
 
 pytestmark = pytest.mark.gpu
 GPU = torch.device("cuda")
@@ -20,7 +22,7 @@ GPU = torch.device("cuda")
 
 def gpu_trainer(tiny_cfg, *flags: str) -> Trainer:
     cfg = tiny_cfg("--device=cuda", "--fp32=false", *flags)
-    return Trainer(cfg, prepare_data(cfg), GPU, resolve_precision(cfg, GPU))
+    return make_trainer(cfg, device="cuda")
 
 
 def run_steps(trainer: Trainer, steps: int = 3) -> list[float]:
@@ -89,8 +91,12 @@ def test_compile_auto_compiles_on_a_gpu(tiny_cfg):
 
 
 def test_float32_matmuls_use_tf32_on_a_gpu(tiny_cfg):
-    trainer = gpu_trainer(tiny_cfg, "--fp32", "--compile=false")
-    assert trainer.precision == "fp32" and torch.backends.cuda.matmul.fp32_precision == "tf32"
+    torch.set_float32_matmul_precision("highest")  # the setting is global: an earlier test's trainer may have set it
+    try:
+        trainer = gpu_trainer(tiny_cfg, "--fp32", "--compile=false")
+        assert trainer.precision == "fp32" and torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("high")
 
 
 def test_batch_size_auto_finds_a_micro_batch_that_trains(tiny_cfg):
@@ -100,17 +106,23 @@ def test_batch_size_auto_finds_a_micro_batch_that_trains(tiny_cfg):
     cfg = tiny_cfg("--device=cuda", "--fp32=false", "--batch_size=auto", "--global_batch_size=2048")
     precision = resolve_precision(cfg, GPU)
     chosen = settle_batch(cfg, prepare_data(cfg).tokenizer.vocab_size, GPU, precision, World())
-    assert cfg.batch_size & (cfg.batch_size - 1) == 0 and cfg.batch_size * cfg.gradient_accumulation_steps == 2048
-    assert "fits in" in chosen
-    run_steps(Trainer(cfg, prepare_data(cfg), GPU, precision), 1)
+    micro = chosen.micro_batch
+    assert micro & (micro - 1) == 0 and micro * chosen.accumulation == 2048 and "fits in" in chosen.how
+    trainer = make_trainer(cfg, device="cuda")
+    assert trainer.plan.micro_batch == micro  # the plan made the same choice
+    run_steps(trainer, 1)
 
 
 def test_a_real_out_of_memory_stops_with_the_fixes(tiny_cfg):
-    from gpt_trainer.errors import RunStopped
+    from gpt_trainer.cli import explain
+    from gpt_trainer.trainer import OutOfMemory
 
     # ~25 GB of activations per layer: more than any GPU holds
     trainer = gpu_trainer(tiny_cfg, "--batch_size=65536", "--block_size=256", "--n_embd=384", "--n_head=6",
                           "--compile=false", "--max_steps=2")
-    with pytest.raises(RunStopped, match="out of memory in training step 1: .*--batch_size auto.*Nothing was saved"):
+    with pytest.raises(OutOfMemory) as stopped:
         trainer.train()
+    assert stopped.value.failed_step == 1 and stopped.value.saved_to is None
+    assert re.search("out of memory in training step 1: .*--batch_size auto.*Nothing was saved",
+                     explain(stopped.value, trainer))
     assert torch.cuda.memory_allocated(GPU) < 2**30  # what the failed step held is released

@@ -1,15 +1,16 @@
+from pathlib import Path
+
 import torch
 
-from gpt_trainer import checkpoint
-from gpt_trainer.data import prepare_data
+from gpt_trainer.rundir import RunFolder
 from gpt_trainer.sample import main
-from gpt_trainer.trainer import Trainer
+from tests.conftest import make_trainer
 
 
 def test_sampling_needs_nothing_but_the_checkpoint(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("--max_steps=2", "--eval_interval=2")
-    Trainer(cfg, prepare_data(cfg), torch.device("cpu"), "fp32").train()
-    path = checkpoint.latest_path(cfg.output_dir)
+    make_trainer(cfg).train()
+    path = RunFolder(tmp_path / "out").latest
     capsys.readouterr()
     assert main([str(path), "--prompts=春江,往事", "--tokens=5", "--device=cpu", "--seed=1"]) == 0
     out = capsys.readouterr().out
@@ -28,3 +29,13 @@ def test_a_file_that_is_not_our_checkpoint_is_a_usage_error(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     assert main([str(tmp_path / "foreign.pt"), "--device=cpu"]) == 2
     assert "not a checkpoint written by train_single_gpu.py" in capsys.readouterr().err
+
+
+def test_checkpoints_of_earlier_formats_still_sample(capsys):
+    """The format 2 fixture (written by the code of 2026-12-01) gives, for seed 1, the text that code sampled."""
+    fixtures = Path(__file__).parent / "fixtures"
+    assert main([str(fixtures / "checkpoint_v1.pt"), "--prompts=春", "--tokens=6", "--device=cpu", "--seed=1"]) == 0
+    assert capsys.readouterr().out.startswith("--- '春' ---\n春")
+    assert main([str(fixtures / "checkpoint_v2.pt"), "--prompts=春,月", "--tokens=12", "--device=cpu", "--seed=1"]) == 0
+    assert capsys.readouterr().out == ("--- '春' ---\n春\n晓上是闻闻鸟故思落晓明\n\n"
+                                       "--- '月' ---\n月鸟不啼\n雨望明落上头故\n\n\n")

@@ -55,16 +55,12 @@ def test_every_grid_combination_as_the_agent_renders_it_passes_dry_run(tmp_path,
 def test_under_an_agent_each_run_gets_its_own_output_dir(monkeypatch):
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     monkeypatch.setenv("WANDB_RUN_ID", "run42")
-    cfg = parse_args([])
-    cli.use_sweep_output_dir(cfg)
-    assert cfg.output_dir == os.path.join("output_sweeps", "abc123", "run42")
-    explicit = parse_args(["--output_dir=mine"])
-    cli.use_sweep_output_dir(explicit)
-    assert explicit.output_dir == "mine"
+    assert cli.sweep_output_dir(parse_args([])) == os.path.join("output_sweeps", "abc123", "run42")
+    assert cli.sweep_output_dir(parse_args(["--output_dir=mine"])) == "mine"
 
 
 def test_sweep_values_are_left_out_of_our_wandb_config(tmp_path, monkeypatch):
-    from gpt_trainer.wandb_backend import sweep_locked_keys
+    from gpt_trainer.tracking.wandb import sweep_locked_keys
     params = tmp_path / "params.yaml"
     params.write_text("learning_rate:\n  value: 0.0001\nbatch_size:\n  value: 8\n")
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))

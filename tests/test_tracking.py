@@ -12,9 +12,11 @@ import pytest
 
 from gpt_trainer import tracking
 from gpt_trainer.cli import main
-from gpt_trainer.config import parse_args
-from gpt_trainer.tracking import JsonlBackend, RunSummary, start_tracking
-from tests.conftest import files_containing, interrupt_after_lines, scalars, script_env
+from gpt_trainer.config import build_parser
+from gpt_trainer.distributed import World
+from gpt_trainer.errors import UsageError
+from gpt_trainer.tracking import JsonlBackend, RunSummary, Tracker, start_tracking
+from tests.conftest import files_containing, interrupt_after_lines, plan_for, scalars, script_env
 from tests.swanlab_offline import read_records as read_swanlab
 from tests.swanlab_offline import finish_states, run_folders, scalar_steps
 from tests.wandb_offline import history_rows, read_records, run_files
@@ -55,7 +57,8 @@ def test_tensorboard_and_wandb_get_the_same_metrics_at_the_same_steps(poems_argv
     assert {"samples/春江/text_summary", "samples/往事/text_summary"} <= set(acc.Tags()["tensors"])
     records = read_records(run_file)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert {"tiny", "fp32", "single-gpu", "mine"} <= set(run.tags) and run.display_name == logdir.name
+    assert {"tiny", "fp32", "cpu", "mine"} <= set(run.tags) and "single-gpu" not in run.tags  # trained on the CPU
+    assert run.display_name == logdir.name
     assert any(r.artifact.name == f"model-{run.run_id}" for r in records if r.WhichOneof("record_type") == "artifact")
     assert any(row.get("samples/_type") == "table-file" for row in history_rows(run_file))
     assert files_containing(tmp_path / "out", FAKE_KEY) == []
@@ -89,16 +92,39 @@ def test_sigterm_and_resume_keep_every_tracker_continuous(poems_argv, tmp_path):
     assert files_containing(tmp_path / "out", FAKE_KEY) == []
 
 
-def test_only_the_main_process_logs(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    tracker = start_tracking(parse_args([f"--output_dir={tmp_path / 'out'}"]), {}, "run")
+def test_only_the_main_process_logs(tiny_cfg, tmp_path):
+    tracker = start_tracking(plan_for(tiny_cfg("--report_to=all"), world=World(rank=1, local_rank=1, size=2)))
     tracker.log({"train/loss": 1.0}, 1)
     tracker.close(RunSummary())
     assert tracker.backends == [] and not (tmp_path / "out").exists()
 
 
-def test_learning_rates_format_compactly_in_run_names():
-    assert [tracking.format_lr(x) for x in (3e-4, 1e-3, 2.5e-5, 0.01)] == ["3e-4", "1e-3", "2.5e-5", "1e-2"]
+def test_the_tracker_state_loads_back_as_it_was_saved():
+    saved = {"wandb_id": "abc123", "swanlab_id": None, "run_name": "tiny-poems"}
+    tracker = Tracker()
+    tracker.load_state_dict(saved)
+    assert tracker.state_dict() == saved and tracker.run_name == "tiny-poems"
+
+
+@pytest.mark.parametrize("report_to, trackers", [
+    ("all", ["tensorboard", "wandb"]), ("none", []), ("tensorboard,swanlab", ["tensorboard", "swanlab"]),
+    ("TensorBoard, wandb ,swanlab", ["tensorboard", "wandb", "swanlab"]), ("wandb,wandb", ["wandb"]),
+])
+def test_report_to_is_a_list_of_trackers(report_to, trackers):
+    assert tracking.chosen(report_to) == trackers
+
+
+@pytest.mark.parametrize("report_to, named", [("tensorbord", "'tensorbord'"), ("all,swanlab", "'all'"),
+                                              ("none,wandb", "'none'"), (",", "")])
+def test_report_to_refuses_unknown_names_with_the_known_ones(report_to, named):
+    with pytest.raises(UsageError, match=f"is not a list of trackers \\({named}\\). Give a comma-separated list of "
+                                         f"tensorboard, wandb, swanlab, or all"):
+        tracking.chosen(report_to)
+
+
+def test_the_flag_help_names_every_tracker_the_registry_knows():
+    help_text = next(a.help for a in build_parser()._actions if a.dest == "report_to")
+    assert all(name in help_text for name in tracking.BACKENDS)
 
 
 def test_metrics_jsonl_keeps_each_step_once_and_stays_strict_json(tmp_path):
@@ -114,7 +140,3 @@ def test_metrics_jsonl_keeps_each_step_once_and_stays_strict_json(tmp_path):
     assert path.read_text() == ""
 
 
-def test_every_tracker_report_to_accepts_has_a_backend():
-    from gpt_trainer.config import TRACKERS
-
-    assert tuple(tracking.BACKENDS) == TRACKERS

@@ -2,18 +2,15 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt_trainer import checkpoint
-from gpt_trainer.data import prepare_data
+from gpt_trainer.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
-from gpt_trainer.trainer import Trainer, lr_multiplier
-
-
-def make_trainer(cfg) -> Trainer:
-    return Trainer(cfg, prepare_data(cfg), torch.device("cpu"), "fp32")
+from tests.conftest import make_trainer
 
 
 def test_accumulation_gives_the_gradients_and_loss_of_the_large_batch(tiny_cfg):
@@ -51,13 +48,6 @@ def test_loss_falls_on_a_small_corpus(tiny_cfg, tmp_path):
     assert result.best_val_loss < losses[0] - 1.5
 
 
-def test_learning_rate_warms_up_then_decays_to_the_minimum():
-    assert lr_multiplier(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
-    assert lr_multiplier(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert lr_multiplier(100, 10, 100, 0.1) == pytest.approx(0.1)
-
-
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
     flags = ("--max_steps=12", "--log_interval=1", "--eval_interval=4", "--save_interval=100", "--dropout=0.1",
              "--gradient_accumulation_steps=2")
@@ -75,7 +65,7 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     assert part_one.interrupted_by == 15 and part_one.steps == 7
 
     second = make_trainer(cfg)
-    second.restore(checkpoint.load(checkpoint.latest_path(cfg.output_dir)))
+    second.restore(checkpoint.load(RunFolder(Path(cfg.output_dir)).latest))
     part_two = second.train()
     resumed = [r["train/loss"] for r in part_one.history + part_two.history]
     assert resumed == [r["train/loss"] for r in straight.history]  # bit for bit
@@ -135,7 +125,7 @@ def test_out_of_memory_saves_the_last_good_state_and_says_what_to_change(tiny_ar
         assert fix in err
     assert "Traceback" not in err
     out = tmp_path / "out"
-    saved = checkpoint.load(checkpoint.latest_path(str(out)))
+    saved = checkpoint.load(RunFolder(out).latest)
     assert saved["trainer"]["step"] == 3 and saved["sampler"]["position"] == 3 * 4  # the failed step's windows unused
     assert main([*argv, "--resume"]) == 0
     assert losses_by_step(out) == pytest.approx(losses_by_step(tmp_path / "reference"), abs=1e-6)
@@ -148,7 +138,7 @@ def test_out_of_memory_while_the_weights_change_saves_nothing(tiny_argv, tmp_pat
     assert main(tiny_argv("--max_steps=6", "--save_interval=100", "--eval_interval=100")) == 1
     err = capsys.readouterr().err
     assert "out of memory in training step 2" in err and "Nothing was saved" in err
-    assert not checkpoint.latest_path(str(tmp_path / "out")).exists()
+    assert not RunFolder(tmp_path / "out").latest.exists()
 
 
 def test_each_prompt_samples_from_its_own_seeded_stream(tiny_cfg):
@@ -189,5 +179,5 @@ def test_every_evaluation_sets_val_best_and_best_pt_and_the_line_shows_it(tiny_a
         assert re.search(rf"^step {step} \| .* \| val {loss:.4f} \|", out, re.M), step
     best = min(evals.values())
     assert f"best val loss {best:.4f}" in out
-    saved = checkpoint.load(checkpoint.best_path(str(tmp_path / "out")))
+    saved = checkpoint.load(RunFolder(tmp_path / "out").best)
     assert saved["trainer"]["best_val_loss"] == pytest.approx(best) and evals[saved["trainer"]["step"]] == best

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from gpt_trainer import checkpoint  # noqa: E402
+from gpt_trainer.rundir import RunFolder  # noqa: E402
 
 STEPS, EVAL_INTERVAL = 200, 10
 FLAGS = [f"--data_path={ROOT / 'tests' / 'fixtures' / 'classic_poems.txt'}", "--n_layer=2", "--n_head=2",
@@ -76,7 +77,7 @@ def kill_once(out: Path, cache: Path, moment: str, rng: random.Random) -> str:
     """Start (or resume) the run, let it make some progress, and SIGKILL it at `moment`; returns what happened.
     saving: during the 1st to 3rd checkpoint write of this start; evaluating: right after the 1st or 2nd report of a
     step that evaluates (so inside evaluation, sampling or the save after it); random: 0 to 1.5 s into training."""
-    latest = checkpoint.latest_path(str(out))
+    latest = RunFolder(out).latest
     start_step = checkpoint.load(latest)["trainer"]["step"] if latest.exists() else 0
     target = rng.randint(1, 3) if moment == "saving" else rng.randint(1, 2)
     proc = subprocess.Popen(command(out, cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,15 +124,15 @@ def main() -> int:
     for i in range(args.kills):
         outcome = kill_once(faulted, cache, moments[i % 3], rng)
         outcomes.append(outcome)
-        step = checkpoint.load(checkpoint.latest_path(str(faulted)))["trainer"]["step"] \
-            if checkpoint.latest_path(str(faulted)).exists() else 0
+        step = checkpoint.load(RunFolder(faulted).latest)["trainer"]["step"] \
+            if RunFolder(faulted).latest.exists() else 0
         print(f"kill {i + 1:2d}: {outcome:32s} latest checkpoint at step {step}", flush=True)
     finish = subprocess.run(command(faulted, cache), cwd=ROOT, capture_output=True, text=True)
 
     problems = []
     if finish.returncode != 0:
         problems.append(f"the final resume failed: {finish.stderr[-500:]}")
-    for path in (checkpoint.latest_path(str(faulted)), checkpoint.best_path(str(faulted))):
+    for path in (RunFolder(faulted).latest, RunFolder(faulted).best):
         try:
             checkpoint.load(path)
         except Exception as e:  # noqa: BLE001  (any failure to load is the finding)

@@ -11,17 +11,25 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import notice
-
-if TYPE_CHECKING:
-    from .tracking import RunInfo, RunSummary
+from ..config import TrainConfig
+from ..errors import UsageError, notice
+from .base import RunInfo, RunSummary, drop_empty_settings, start_in_first_mode
 
 REACH_TIMEOUT_S = 5.0  # how long the server may take to answer at all before the run logs offline
+PROJECT_NAME = re.compile(r"[0-9A-Za-z_+.\-]{1,100}")  # what SwanLab accepts as a project name
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse, before anything is written, a project name SwanLab would reject after the run started."""
+    project = cfg.swanlab_project or os.environ.get("SWANLAB_PROJECT")
+    if project and not PROJECT_NAME.fullmatch(project):
+        raise UsageError(f"SwanLab project {project!r} (--swanlab_project or $SWANLAB_PROJECT): SwanLab accepts 1 to "
+                         f"100 letters, digits and _ - + . only. Choose a name such as gpt-training.")
 
 
 def swanlab_root() -> Path:
@@ -99,8 +107,7 @@ class SwanLabBackend:
 def start(run: RunInfo) -> SwanLabBackend | None:
     """Start a SwanLab run that cannot hang or crash training; None if SwanLab is off or missing."""
     cfg = run.cfg
-    for name in [name for name, value in os.environ.items() if name.startswith("SWANLAB_") and value == ""]:
-        del os.environ[name]  # compose passes unset settings as empty strings; SwanLab would refuse to start
+    drop_empty_settings("SWANLAB_")
     if os.environ.get("SWANLAB_DEBUG", "").lower() in ("1", "true", "yes"):
         notice("swanlab: SWANLAB_DEBUG would write the API key into SwanLab's debug log; it is off for this run.")
         os.environ["SWANLAB_DEBUG"] = "false"
@@ -114,13 +121,12 @@ def start(run: RunInfo) -> SwanLabBackend | None:
                "pip install 'gpt-trainer[swanlab]').")
         return None
     mode = "offline" if mode == "offline" else choose_cloud_or_offline(swanlab)
-    logdir = Path(cfg.output_dir) / "swanlog"
+    logdir = run.folder.swanlog
     run_id = run.resumed.get("swanlab_id")
-    tags = [cfg.model_size, run.hparams.get("precision", ""), *cfg.wandb_tags.split(",")]
     kwargs = dict(
         project=cfg.swanlab_project or os.environ.get("SWANLAB_PROJECT") or "gpt-training",
         workspace=cfg.swanlab_workspace or os.environ.get("SWANLAB_WORKSPACE") or None,
-        name=run.name, config=run.hparams, tags=[t.strip() for t in tags if t.strip()], logdir=str(logdir),
+        name=run.name, config=run.hparams, tags=run.tags, logdir=str(logdir),
         id=run_id, resume="allow" if run_id else "never",
         settings=swanlab.Settings(
             interactive=False,  # never wait for a key typed at a prompt
@@ -128,8 +134,6 @@ def start(run: RunInfo) -> SwanLabBackend | None:
             probe=swanlab.Settings.Probe(monitor=False),  # the trainer logs its own system/ metrics
         ),
     )
-    from .tracking import start_in_first_mode
-
     def start_in(attempt: str) -> SwanLabBackend:
         with quiet(attempt == "offline"):
             swanlab_run = swanlab.init(mode=attempt, **kwargs)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpt_trainer.cli import main
-from gpt_trainer.wandb_backend import wandb_key_source
+from gpt_trainer.tracking.wandb import wandb_key_source
 from tests.conftest import files_containing, scalars, script_env
 from tests.wandb_offline import run_files
 

@@ -1,12 +1,13 @@
 """TensorBoard with the real library: event files read back with TensorBoard's own EventAccumulator."""
 
+import dataclasses
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt_trainer.cli import main
-from gpt_trainer.config import parse_args
 from gpt_trainer.tracking import RunSummary, start_tracking
-from tests.conftest import scalars
+from tests.conftest import plan_for, scalars
 
 pytestmark = pytest.mark.usefixtures("clean_wandb_env")
 
@@ -21,13 +22,14 @@ def test_samples_go_to_tensorboard_text(poems_argv, tmp_path):
     assert text.startswith("春眠")
 
 
-def test_resumed_tensorboard_run_purges_steps_after_the_checkpoint(tmp_path):
-    cfg = parse_args([f"--output_dir={tmp_path}", "--report_to=tensorboard"])
-    first = start_tracking(cfg, {}, "run")
+def test_resumed_tensorboard_run_purges_steps_after_the_checkpoint(tiny_cfg, tmp_path):
+    plan = dataclasses.replace(plan_for(tiny_cfg(f"--output_dir={tmp_path}", "--report_to=tensorboard")),
+                               run_name="run")
+    first = start_tracking(plan)
     for step in range(1, 7):
         first.log({"train/loss": float(step)}, step)
     first.close(RunSummary())
-    second = start_tracking(cfg, {}, "run", resumed=first.state_dict(), start_step=3)  # the checkpoint was at step 3
+    second = start_tracking(dataclasses.replace(plan, start_step=3), first.state_dict())  # checkpoint at step 3
     for step in range(4, 7):
         second.log({"train/loss": 100.0 + step}, step)
     second.close(RunSummary())

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import notice
-
-if TYPE_CHECKING:
-    from .tracking import RunInfo, RunSummary
+from ..errors import notice
+from .base import RunInfo, RunSummary
 
 
 class TensorBoardBackend:
@@ -35,9 +32,8 @@ class TensorBoardBackend:
 
 
 def start(run: RunInfo) -> TensorBoardBackend | None:
-    logdir = Path(run.cfg.output_dir) / "logs" / run.name
     try:
-        return TensorBoardBackend(logdir, run.hparams, purge_step=run.start_step + 1)
+        return TensorBoardBackend(run.folder.tensorboard_run(run.name), run.hparams, purge_step=run.start_step + 1)
     except ImportError:
         notice("note: tensorboard is not installed, so TensorBoard logs are skipped (pip install tensorboard).")
         return None

@@ -11,13 +11,10 @@ import configparser
 import netrc
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from .errors import notice
-
-if TYPE_CHECKING:
-    from .tracking import RunInfo, RunSummary
+from ..errors import notice
+from .base import RunInfo, RunSummary, drop_empty_settings, start_in_first_mode
 
 WANDB_INIT_TIMEOUT_S = 20.0  # how long to wait for a wandb server before going offline (env WANDB_INIT_TIMEOUT wins)
 
@@ -101,16 +98,13 @@ def sweep_locked_keys() -> set[str]:
 def start(run: RunInfo) -> WandbBackend | None:
     """Start a wandb run that cannot hang or crash training; None if wandb is off or missing."""
     cfg, run_id = run.cfg, run.resumed.get("wandb_id")
-    tags = [cfg.model_size, run.hparams.get("precision", ""), "single-gpu", *cfg.wandb_tags.split(",")]
-    tags = [t.strip()[:64] for t in tags if t.strip()]  # wandb rejects empty tags and tags over 64 characters
+    tags = [tag[:64] for tag in run.tags]  # wandb rejects tags over 64 characters
     try:
         import wandb
     except ImportError:
         notice("note: wandb is not installed, so metrics go to TensorBoard only (pip install wandb to add it).")
         return None
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_PROJECT"):
-        if os.environ.get(name) == "":  # compose passes unset settings as empty strings; wandb would reject them
-            del os.environ[name]
+    drop_empty_settings("WANDB_")
     mode = (cfg.wandb_mode or os.environ.get("WANDB_MODE") or "online").lower()
     if mode == "disabled":
         return None
@@ -123,11 +117,10 @@ def start(run: RunInfo) -> WandbBackend | None:
         entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
         name=run.name, tags=tags, id=run_id, resume="allow" if run_id else None,
         config={k: v for k, v in run.hparams.items() if k not in sweep_locked_keys()},
-        dir=os.environ.get("WANDB_DIR") or cfg.output_dir,
+        dir=os.environ.get("WANDB_DIR") or str(run.folder.path),
     )
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
     settings = wandb.Settings(init_timeout=timeout, login_timeout=timeout)
-    from .tracking import start_in_first_mode
 
     def start_in(attempt: str) -> WandbBackend:
         return WandbBackend(wandb.init(mode=attempt, settings=settings, **kwargs), wandb, cfg.wandb_log_model)

@@ -1,7 +1,7 @@
-"""Experiment tracking: the same metrics, under the same names and steps, to metrics.jsonl and every tracker asked
-for (TensorBoard, wandb, SwanLab). Each tracker is a backend behind one small protocol, started from its own module;
-adding a tracker is one new module and one line in BACKENDS. A `Tracker` with no backends logs nothing (library use,
-tests, and every process but the main one)."""
+"""What every tracker shares: the facts a backend starts from (`RunInfo`), how a run ended (`RunSummary`), the small
+protocol each backend implements, metrics.jsonl (the record every run keeps), the `Tracker` that fans each call out to
+its backends, and the start-up rules wandb and SwanLab both follow. A `Tracker` with no backends logs nothing (library
+use, tests, and every process but the main one)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,23 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import swanlab_backend, tensorboard_backend, wandb_backend
-from .config import TrainConfig
-from .distributed import launched_world
-from .errors import notice
+from ..config import TrainConfig
+from ..errors import notice
+from ..rundir import RunFolder
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunInfo:
-    """What a backend needs to start: the run's flags, name, full resolved config, and where a resumed run stood."""
+    """What a backend needs to start: the flags (each tracker reads its own), the run folder, the run's name, its
+    description (the run plan's, logged as hyper-parameters), its tags, and where a resumed run stood."""
     cfg: TrainConfig
+    folder: RunFolder
     name: str
     hparams: dict
+    tags: list[str] = field(default_factory=list)
     start_step: int = 0
     resumed: dict = field(default_factory=dict)  # the tracker state saved in the checkpoint being resumed
 
@@ -46,12 +47,10 @@ class Backend(Protocol):
     def close(self, summary: RunSummary) -> None: ...
 
 
-# --report_to names -> the function that starts that backend (None when it cannot start; it says why)
-BACKENDS: dict[str, Callable[[RunInfo], Backend | None]] = {
-    "tensorboard": tensorboard_backend.start,
-    "wandb": wandb_backend.start,
-    "swanlab": swanlab_backend.start,
-}
+def drop_empty_settings(prefix: str) -> None:
+    """docker compose passes unset settings as empty strings, which wandb and SwanLab reject: remove them."""
+    for name in [name for name, value in os.environ.items() if name.startswith(prefix) and value == ""]:
+        del os.environ[name]
 
 
 def start_in_first_mode(tracker: str, modes: list[str], start: Callable[[str], Backend]) -> Backend | None:
@@ -70,18 +69,8 @@ def start_in_first_mode(tracker: str, modes: list[str], start: Callable[[str], B
     return None
 
 
-def format_lr(lr: float) -> str:
-    mantissa, exponent = f"{lr:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def default_run_name(cfg: TrainConfig, corpus: str) -> str:
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    return f"{cfg.model_size}-{corpus}-lr{format_lr(cfg.learning_rate)}-bs{cfg.batch_size}-{stamp}"
-
-
 class JsonlBackend:
-    """metrics.jsonl in output_dir: every run keeps a plain record, readable without any tracker installed. It is
+    """metrics.jsonl in the run folder: every run keeps a plain record, readable without any tracker installed. It is
     strict JSON (a non-finite value is written as null) and, like TensorBoard, holds each step once: a resumed run
     first drops the rows after its checkpoint's step, and a run started afresh starts an empty record."""
 
@@ -137,20 +126,15 @@ class Tracker:
         self.backends = []
 
     def state_dict(self) -> dict:
-        """What a resumed run needs to continue the same runs: the name, and each backend's own state (wandb: its
-        id)."""
+        """What a resumed run needs to continue the same runs: the name, and each backend's own state (wandb and
+        SwanLab: their run ids)."""
         state = {"wandb_id": None, "swanlab_id": None, **self.resumed, "run_name": self.run_name}
         for backend in self.backends:
             state.update(getattr(backend, "state_dict", dict)())
         return state
 
-
-def start_tracking(cfg: TrainConfig, hparams: dict, run_name: str, resumed: dict | None = None,
-                   start_step: int = 0) -> Tracker:
-    """metrics.jsonl plus every backend --report_to asks for, on the main process only."""
-    run = RunInfo(cfg, run_name, hparams, start_step, resumed or {})
-    if not launched_world().is_main:
-        return Tracker(run_name=run.name, resumed=resumed)
-    backends = [JsonlBackend(Path(cfg.output_dir) / "metrics.jsonl", keep_through_step=start_step)]
-    backends += [b for b in (BACKENDS[name](run) for name in cfg.trackers()) if b is not None]
-    return Tracker(backends, run.name, resumed)
+    def load_state_dict(self, state: dict) -> None:
+        """The saved state of the runs this one continues (the backends were already started from it: they must
+        reopen the same runs before anything is logged); kept so that a backend not started now keeps its id."""
+        self.run_name = state.get("run_name") or self.run_name
+        self.resumed = {key: value for key, value in state.items() if key != "run_name"}
