@@ -277,8 +277,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def flag_table() -> str:
-    """The Markdown rows of the READMEs' flag tables, generated from the parser: `./dev.sh flags` writes them between
-    the `<!-- flags -->` markers, and a test fails when a README drifts from the parser."""
+    """The Markdown rows of the flag tables in docs/flags.md and docs/zh-CN/flags.md, generated from the parser:
+    `./dev.sh flags` writes them between the `<!-- flags -->` markers, and a test fails when a page drifts from it."""
     rows = []
     for action in build_parser()._actions:
         if not action.option_strings or action.dest == "help":

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,11 @@ def test_nothing_assigns_to_a_train_config():
     assert cfg.batch_size is None  # auto: the run plan resolves it, the configuration keeps what was asked
     outside = [p.name for p in PACKAGE.rglob("*.py") if p.name != "config.py" and "object.__setattr__" in p.read_text()]
     assert outside == []
+
+
+def test_an_install_ships_every_subpackage():
+    """pyproject lists its packages by name: a subpackage left out would be missing from `pip install .` (the image)."""
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    listed = ast.literal_eval(re.search(r"^packages = (\[.*\])$", pyproject, re.M).group(1))
+    present = [".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")]
+    assert sorted(listed) == sorted(present)
