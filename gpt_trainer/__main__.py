@@ -1,5 +1,20 @@
+"""`python -m gpt_trainer` (and `gpt-train`): the training command, or another command named first, so that
+`python -m gpt_trainer sample CHECKPOINT` works as `python -m gpt_trainer.sample CHECKPOINT` does."""
+
+import importlib
 import sys
 
-from .cli import main
+from . import cli
 
-sys.exit(main())
+COMMANDS = ("sample", "sweep", "doctor", "benchmark", "demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return importlib.import_module(f"gpt_trainer.{argv[0]}").main(argv[1:])
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,8 +9,12 @@ plan and the step. `load` upgrades older formats, so every reader sees format 3.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Protocol
 
@@ -18,10 +22,11 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .errors import RunStopped, UsageError
+from .errors import RunStopped, UsageError, notice
 from .rundir import RunFolder
 
 FORMAT_VERSION = 3
+FULL_DISK_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
 
 
@@ -35,6 +40,7 @@ def save_atomic(state: dict, path: Path) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    existed = path.exists()
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -42,11 +48,26 @@ def save_atomic(state: dict, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk (torch's writer may wrap it), a read-only folder
-        reason = getattr(e, "strerror", None) or e
-        raise RunStopped(f"could not write the checkpoint {path} ({reason}). The previous one is kept. Free some "
+        if not path.parent.is_dir():  # the run folder was deleted or unmounted during the save
+            raise FileNotFoundError(errno.ENOENT, "vanished", str(path.parent.parent)) from None
+        kept = "The previous one is kept" if existed else "There was no earlier one"
+        raise RunStopped(f"could not write the checkpoint {path} ({write_error(e, path.parent)}). {kept}. Free some "
                          f"space or fix the folder, then continue with the same command plus --resume.") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_error(error: Exception, folder: Path) -> str:
+    """The reason a write failed in words: the OS's; or, when torch's zip writer wrapped it (a short write on a disk
+    that filled mid-file reads 'unexpected pos N vs M'), no space left when the disk has next to none, else its first
+    line without the C++ source location (`[enforce fail at inline_container.cc:...]`)."""
+    if getattr(error, "strerror", None):
+        return error.strerror
+    free = shutil.disk_usage(folder).free
+    if free < FULL_DISK_BYTES:
+        return f"No space left on device: {free:,} bytes free"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first) or type(error).__name__
 
 
 def remove_interrupted_saves(folder: RunFolder) -> list[str]:
@@ -70,7 +91,28 @@ def restore(state: dict, parts: dict[str, Stateful]) -> None:
     restore_rng_states(state["rng"])
 
 
+class DamagedCheckpoint(UsageError):
+    """A checkpoint whose bytes changed after it was written (a bad disk, a copy cut short)."""
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's bytes, or None. torch.save writes a zip container that records a CRC-32 of
+    every member, which torch.load does not check: a block of zeros in the weights would load as zero weights."""
+    if not zipfile.is_zipfile(path):
+        return None  # not a zip at all: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as container:
+            bad = container.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"its zip container is broken: {e}"
+    return f"{bad} does not match the CRC-32 recorded when it was written" if bad else None
+
+
 def load(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint verified against its CRCs, in the current format."""
+    problem = damage(path)
+    if problem:
+        raise DamagedCheckpoint(f"the checkpoint {path} is damaged ({problem}): it changed after it was written.")
     try:
         # our own file: it holds numpy/python RNG states, which the weights-only loader refuses
         state = torch.load(path, map_location=device, weights_only=False)
@@ -126,6 +168,22 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def load_for_resume(path: Path) -> tuple[dict, Path]:
+    """(the checkpoint, its path) to resume from. A damaged latest.pt of a run folder falls back to its best.pt when
+    that one is intact, with a note; otherwise the run stops, saying so."""
+    fallback = RunFolder(path.parent.parent).best if path.name == "latest.pt" else None
+    try:
+        return load(path), path
+    except DamagedCheckpoint as e:
+        if fallback is None or not fallback.exists() or damage(fallback):
+            raise DamagedCheckpoint(f"{e} There is no intact checkpoint to fall back to: start the run again with "
+                                    f"--overwrite, or into another --output_dir.") from None
+        saved = load(fallback)
+        notice(f"note: {e} Resuming from {fallback} (step {saved['trainer']['step']}) instead; the steps after it "
+               f"are trained again.")
+        return saved, fallback
+
+
 def find_resume_checkpoint(resume: str | None, folder: RunFolder) -> Path | None:
     """--resume: the latest checkpoint of the run folder (None if there is none yet), or an explicit file or run
     folder."""
@@ -140,6 +198,17 @@ def find_resume_checkpoint(resume: str | None, folder: RunFolder) -> Path | None
         raise UsageError(f"--resume {resume}: no checkpoint there. Give a .pt file, a run's output_dir, or plain "
                          f"--resume.")
     return path
+
+
+def check_same_text(saved: dict, digest: str, allowed: bool, path: Path) -> None:
+    """A resume continues on the text the run was trained on, unless --allow_new_data says otherwise (a checkpoint
+    from before digests were recorded is taken as it is)."""
+    before = saved["config"].get("corpus_digest")
+    if before and digest and before != digest and not allowed:
+        raise UsageError(f"cannot resume from {path}: the training text differs from the one this run was trained on "
+                         f"(the run's text had digest {before}, this one {digest}). Point --data_path or --corpus at "
+                         f"the original text, or pass --allow_new_data to continue on this one (config.json then "
+                         f"records the change).")
 
 
 def check_same_shape(saved: dict, cfg: TrainConfig, tokenizer, path: Path) -> None:

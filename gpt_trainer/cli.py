@@ -9,40 +9,47 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
 from pathlib import Path
 
 from . import checkpoint, distributed, tracking
-from .config import TrainConfig, parse_args
+from .config import TrainConfig, given_flags, parse_args
 from .data import TokenData, prepare_data
 from .errors import RunStopped, notice, run_cli
 from .hardware import device_name, memory_in_use, pick_device, resolve_precision
 from .plan import RunPlan, make_plan
-from .rundir import RunFolder
+from .rundir import RunFolder, check_writable_folder
 from .tracking import RunSummary, Tracker, start_tracking
 from .trainer import Diverged, OutOfMemory, Trainer, TrainingFailure, TrainResult, WeightsNotFinite, perplexity
 
 
-def run(cfg: TrainConfig) -> int:
+def run(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
+    """`given`: the flags written on the command line (on --resume, the others keep the run's values)."""
     world, finished = distributed.launched_world(), False
     try:
-        exit_code = run_in(world, cfg)
+        exit_code = run_in(world, cfg, given)
         finished = True
         return exit_code
     finally:
         distributed.stop(world, finished)
 
 
-def run_in(world: distributed.World, cfg: TrainConfig) -> int:
+def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
     """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
     checks the inputs and trains its share; only the main one writes files, logs and prints."""
     folder = check_inputs(cfg)
-    plan, data, saved = plan_run(cfg, world, folder)
+    plan, data, saved = plan_run(cfg, world, folder, given)
     if cfg.dry_run:
         if world.is_main:
             print(json.dumps(plan.describe(), indent=2, ensure_ascii=False))
+        return 0
+    if saved and plan.start_step >= plan.total_steps:  # resuming a finished run changes nothing
+        if world.is_main:
+            print(f"the run in {folder.path} is complete: step {plan.start_step} of {plan.total_steps}. Nothing was "
+                  f"changed; to train further, resume with a larger --max_steps or --epochs.")
         return 0
     lock = take_folder(plan, saved) if world.is_main else None  # noqa: F841  (held until the process ends)
     tracker = start_tracking(plan, saved["tracker"] if saved else None)
@@ -58,7 +65,9 @@ def run_in(world: distributed.World, cfg: TrainConfig) -> int:
 def check_inputs(cfg: TrainConfig) -> RunFolder:
     """Everything that can be refused before the hardware or the data is touched; returns the run folder."""
     folder = RunFolder(Path(sweep_output_dir(cfg)))
-    folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite)
+    cache = Path(cfg.resolved_cache_dir())
+    check_writable_folder(cache, "--cache_dir")
+    folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite, ignore=(cache,))
     tracking.check(cfg)
     return folder
 
@@ -71,12 +80,13 @@ def sweep_output_dir(cfg: TrainConfig) -> str:
     return cfg.output_dir
 
 
-def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder) -> tuple[RunPlan, TokenData, dict | None]:
+def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder,
+             given: frozenset[str]) -> tuple[RunPlan, TokenData, dict | None]:
     """The device, the checkpoint to resume, the token data and the plan resolved from them (nothing written yet)."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
-    saved = checkpoint.load(resume_from) if resume_from else None
+    saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
     device = distributed.start(world, device, cfg.dist_timeout)
     if not world.is_main:
         distributed.barrier(world)  # the main process builds the token cache, the others then read it
@@ -85,7 +95,8 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder) -> t
         distributed.barrier(world)
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
-    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from)
+        checkpoint.check_same_text(saved, data.digest, cfg.allow_new_data, resume_from)
+    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from, given)
     if plan.warmup_note and world.is_main:
         notice(plan.warmup_note)
     return plan, data, saved
@@ -93,8 +104,13 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder) -> t
 
 def take_folder(plan: RunPlan, saved: dict | None):
     """Everything is checked: from here on files change, and only while this process holds the folder's lock (which
-    it returns). config.json is written before any tracker writes."""
+    it returns). The marker first, then config.json, before any tracker writes."""
     lock = plan.folder.hold()
+    plan.folder.mark()
+    if plan.cfg.overwrite:
+        removed = plan.folder.clear()
+        if removed:
+            notice(f"--overwrite: removed the earlier run's {', '.join(removed)} from {plan.folder.path}")
     for name in checkpoint.remove_interrupted_saves(plan.folder):
         notice(f"note: removed {name}, left by a save that was interrupted")
     changes = plan.resume_changes(saved) if saved else {}
@@ -128,14 +144,16 @@ def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
     try:
         with stop_on_signals(trainer):
             result = trainer.train()
-        if result.interrupted_by is not None:
-            exit_code = 128 + result.interrupted_by
+            if result.interrupted_by is None and main:
+                write_samples(trainer, plan.folder.samples)  # a stop request skips the prompts left
+        stopped = result.interrupted_by or trainer.stop_signal
+        if stopped is not None:
+            exit_code = 128 + stopped
             if main:
                 print(f"stopped at step {result.steps}; checkpoint saved to {plan.folder.latest}. Continue with the "
                       f"same command plus --resume.", file=sys.stderr)
             return exit_code
         if main:
-            write_samples(trainer, plan.folder.samples)
             print("\n".join(what_happened(result, plan)))
         exit_code = 0
         return exit_code
@@ -176,8 +194,11 @@ def explain(failure: TrainingFailure, trainer: Trainer) -> str:
                  else "never seen (it was not finite from the start)")
         fp16 = " or use --bf16 / --fp32 instead of fp16 (its range is small)" if plan.precision == "fp16" else ""
         clip = f"tighten --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "enable --grad_clip (e.g. 1.0)"
-        return (f"training diverged: {failure.bad_in_a_row} optimizer steps in a row up to step {failure.step} had a "
-                f"non-finite loss or gradient norm (each was skipped, none applied). The last finite training loss "
+        what = (f"{failure.bad_in_a_row} optimizer steps in a row up to step {failure.step} had a non-finite loss or "
+                f"gradient norm (each was skipped, none applied)" if failure.bad_in_a_row >= cfg.max_bad_steps else
+                f"the validation loss at step {failure.step} is not finite ({failure.bad_in_a_row} step(s) before it "
+                f"had a non-finite loss or gradient and were skipped)")
+        return (f"training diverged: {what}. The last finite training loss "
                 f"was {where}. Try a lower --learning_rate (now {cfg.learning_rate:g}, {failure.lr:.2g} at this "
                 f"step), {clip}{fp16}. The checkpoints saved so far are untouched: {resume}.")
     if isinstance(failure, OutOfMemory):
@@ -211,7 +232,7 @@ def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
     lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s; {'; '.join(losses)}."]
     where = [f"samples in {plan.folder.samples}", f"checkpoints in {plan.folder.checkpoints}"]
     if "tensorboard" in tracking.chosen(plan.cfg.report_to):
-        where.append(f"curves: {tensorboard_command()} --logdir {plan.folder.logs}")
+        where.append(f"curves: {tensorboard_command()} --logdir {shlex.quote(str(plan.folder.logs))}")
     lines.append("; ".join(where))
     if result.evals and result.evals[-1][1] > result.best_val_loss * 1.02:  # 2 %: more than evaluation noise
         lines.append(f"warning: validation loss rose from its best, {result.best_val_loss:.4f}, to "
@@ -226,21 +247,23 @@ def tensorboard_command() -> str:
     if shutil.which("tensorboard") or not beside.exists():
         return "tensorboard"
     with contextlib.suppress(ValueError):  # relative to here: shorter, and what ./dev.sh users can paste as it is
-        return str(beside.relative_to(Path.cwd()))
-    return str(beside)
+        return shlex.quote(str(beside.relative_to(Path.cwd())))
+    return shlex.quote(str(beside))
 
 
 def write_samples(trainer: Trainer, path: Path) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== step {trainer.step} ===\n")
         for prompt in trainer.plan.sample_prompts:
+            if trainer.stop_signal is not None:
+                return
             text = trainer.sample(prompt)
             print(f"--- sample ({prompt!r}) ---\n{text}\n")
             f.write(f"--- {prompt!r} ---\n{text}\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda args: run(parse_args(args)), argv)
+    return run_cli(lambda args: run(parse_args(args), given_flags(sys.argv[1:] if args is None else args)), argv)
 
 
 if __name__ == "__main__":

@@ -110,13 +110,16 @@ class TrainConfig:
                                        "it stops with an error instead of hanging.")
     # output, evaluation, checkpoints
     output_dir: str = _flag("./output_single", "Where checkpoints, logs and samples go.")
-    overwrite: bool = _flag(False, "Start fresh even though output_dir holds a checkpoint (it is replaced).")
+    overwrite: bool = _flag(False, "Start fresh even though output_dir holds a run: every file the run wrote there "
+                                   "(checkpoints, metrics, logs, samples) is removed first; other files are kept.")
     eval_interval: int = _flag(200, "Evaluate (and save) every N optimizer steps.")
     eval_steps: int = _flag(20, "Validation batches per evaluation.")
     log_interval: int = _flag(10, "Print a progress line every N optimizer steps.")
     save_interval: int = _flag(500, "Save the latest checkpoint every N optimizer steps.")
-    resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path.",
-                               nargs="?", const="latest")
+    resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path. Flags "
+                                     "not given keep the values the run used.", nargs="?", const="latest")
+    allow_new_data: bool = _flag(False, "With --resume: continue on text other than the run was trained on (config.json"
+                                        " records the change). Without it such a resume is refused.")
     # experiment tracking
     report_to: str = _flag("all", "Where metrics go besides metrics.jsonl: a comma-separated list of "
                                   "tensorboard, wandb, swanlab; all (= tensorboard,wandb) or none.")
@@ -222,6 +225,17 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
                          f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
                          f"--n_head.")
+    if cfg.min_lr is not None and cfg.min_lr > cfg.learning_rate:
+        raise UsageError(f"--min_lr {cfg.min_lr:g} is above --learning_rate {cfg.learning_rate:g}: the schedule would "
+                         f"climb instead of decaying. Give a --min_lr at most the peak (default: a tenth of it).")
+    if cfg.resume is not None and cfg.overwrite:
+        raise UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them.")
+    if cfg.allow_new_data and cfg.resume is None:
+        raise UsageError("--allow_new_data only means something with --resume: add --resume, or drop it.")
+    name = cfg.wandb_run_name
+    if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+        raise UsageError(f"--wandb_run_name {name!r} is also the name of the TensorBoard folder inside output_dir, so "
+                         f"it must be a plain name: no / or \\, not . or .., not empty. Use e.g. tiny-poems-lr3e-4.")
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
     other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (
@@ -268,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.setdefault("type", inner[0])
         parser.add_argument(f"--{f.name}", default=f.default, **kwargs)
     return parser
+
+
+def given_flags(argv: list[str]) -> frozenset[str]:
+    """The flags written on the command line (on --resume, the others keep the values the run used)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return frozenset(name for token in argv if token.startswith("--")
+                     and (name := token[2:].split("=", 1)[0]) in names)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import CHINESE_PROMPTS, TrainConfig
 from .errors import UsageError, notice
+from .rundir import MARKER
 
 # chinese-poetry at a fixed commit, so the bytes (and so the token cache) never change under a user.
 CHINESE_POETRY_COMMIT = "8ce34a6414c51ee43771db8a575b3074a6ba2299"
@@ -152,7 +153,12 @@ def json_records_to_text(records, path: str) -> str:
 
 
 def read_source_file(path: Path) -> str:
-    text = decode_bytes(path.read_bytes(), str(path))
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror}). Fix its permissions, or move it out of the "
+                         f"--data_path folder.") from None
+    text = decode_bytes(raw, str(path))
     if path.suffix == ".json":
         try:
             return json_records_to_text(json.loads(text), str(path))
@@ -176,7 +182,11 @@ def read_data_path(data_path: str) -> Corpus:
         raise UsageError(f"--data_path {data_path} does not exist. Give a text file or a folder of "
                          f".txt/.json/.jsonl files.")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file())
+        run_folders = {marker.parent for marker in path.rglob(MARKER)}  # what a run wrote is not corpus
+        for folder in sorted(run_folders):
+            notice(f"note: {folder} is a training run's folder inside --data_path; its files are not read as text.")
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file()
+                       and not run_folders & set(p.parents))
         if not files:
             raise UsageError(f"--data_path {data_path} is a folder with no .txt, .json or .jsonl files in it.")
         text = "\n".join(read_source_file(p) for p in files)

@@ -33,10 +33,15 @@ class TokenData:
     tokenizer: object
     corpus: str
     default_prompts: str
+    digest: str = ""  # of the text the tokens came from: a resume checks it is the text the run was trained on
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
 def cache_key(text: str, cfg: TrainConfig) -> str:
-    content = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+    content = text_digest(text)
     vocab = f"-v{cfg.vocab_size}" if cfg.tokenizer == "sentencepiece" else ""
     return f"{content}-{cfg.tokenizer}{vocab}-split{cfg.train_split}"
 
@@ -111,7 +116,7 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
             f"needs at least block_size + 1 = {need}. Use more text, a smaller --block_size, or a different "
             f"--train_split."
         )
-    return TokenData(train, val, tokenizer, corpus.name, corpus.default_prompts)
+    return TokenData(train, val, tokenizer, corpus.name, corpus.default_prompts, text_digest(corpus.text))
 
 
 def windows_in(tokens: np.ndarray, block_size: int) -> int:

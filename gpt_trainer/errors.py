@@ -1,10 +1,15 @@
-"""How the commands talk to the user about problems: a `UsageError` is bad input (one paragraph, exit code 2, no
-traceback), a `RunStopped` ends a run that cannot go on (divergence, a full disk: one paragraph, exit code 1), a
-notice is a one-line note that is not an error, and `run_cli` turns the exceptions into messages and exit codes."""
+"""How the commands talk to the user about problems, in one place: a `UsageError` is bad input (one paragraph, exit
+code 2, no traceback), a `RunStopped` ends a run that cannot go on (divergence, a full disk: one paragraph, exit
+code 1), a notice is a one-line note that is not an error, and `run_cli` turns these, and the failures the machine can
+cause (a full disk, a denied permission, a folder that vanished, memory running out, a second Ctrl-C), into sentences
+and exit codes. Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import threading
 from typing import Callable
 
 
@@ -23,8 +28,60 @@ def notice(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+RESUME = "continue with the same command plus --resume"
+# errno -> what it means for the user and what to do; {path} is the file the system named
+OS_FAILURES = {
+    errno.ENOSPC: "the disk is full ({path} could not be written). Free some space, then " + RESUME + ".",
+    errno.EDQUOT: "the disk quota is used up ({path} could not be written). Free some space, then " + RESUME + ".",
+    errno.EACCES: "permission denied on {path} (this process runs as uid {uid}). Fix its permissions, or choose "
+                  "another folder, then " + RESUME + ".",
+    errno.EPERM: "the system refused an operation on {path} (this process runs as uid {uid}). Fix its permissions, "
+                 "or choose another folder, then " + RESUME + ".",
+    errno.EROFS: "{path} is on a read-only file system. Choose a writable folder, then " + RESUME + ".",
+    errno.ENOENT: "{path} is gone: it vanished while the run used it (deleted, moved or unmounted). Restore it and "
+                  + RESUME + ", or start again.",
+    errno.EIO: "an input/output error on {path}: the disk or the network file system is failing. Check it, then "
+               + RESUME + ".",
+}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: PyTorch's OutOfMemoryError (GPUs), Python's MemoryError, or the CPU allocator's
+    RuntimeError."""
+    text = str(error)
+    return (isinstance(error, MemoryError) or any(k.__name__ == "OutOfMemoryError" for k in type(error).__mro__)
+            or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)))
+
+
+def environment_failure(error: BaseException) -> str | None:
+    """The sentence for a failure the machine caused (found anywhere in the error's chain), or None for a bug."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in OS_FAILURES:
+            path = error.filename or "a file of this run"
+            return OS_FAILURES[error.errno].format(path=path, uid=os.getuid())
+        if is_out_of_memory(error):
+            return ("out of memory: the machine could not give this process the memory it asked for. Use a smaller "
+                    "--model_size, --batch_size (or --batch_size auto on a GPU) or --block_size.")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def quiet_thread_failures(args) -> None:
+    """A background thread (TensorBoard's event writer) that meets a failure of the machine says it in one line; the
+    run itself then stops, or goes on without that writer, with its own sentence. A bug keeps its traceback."""
+    message = environment_failure(args.exc_value)
+    if message is None:
+        threading.__excepthook__(args)
+    else:
+        notice(f"note: a background writer ({args.thread.name if args.thread else 'thread'}) stopped: {message}")
+
+
 def run_cli(command: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a command's main body; bad input becomes `error: ...` on stderr and exit code 2, a stopped run exit 1."""
+    """Run a command's main body: bad input exits 2, a stopped run or a failure of the machine 1, a second Ctrl-C 130;
+    each with one paragraph on stderr and no traceback."""
+    threading.excepthook = quiet_thread_failures
     try:
         return command(argv)
     except UsageError as e:
@@ -33,3 +90,13 @@ def run_cli(command: Callable[[list[str] | None], int], argv: list[str] | None =
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return RunStopped.exit_code
+    except KeyboardInterrupt:
+        print("\nerror: stopped at once (a second Ctrl-C; the first asks for a checkpoint after the current step). "
+              "The checkpoints saved before are kept: " + RESUME + ".", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = environment_failure(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1

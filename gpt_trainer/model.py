@@ -180,7 +180,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         remove = cumulative - sorted_logits.softmax(-1) > top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator)
+    probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all():  # a diverged model has no distribution to draw from: take its likeliest
+        return torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def generate_text(model: GPT, tokenizer, prompt: str, precision: str, tokens: int, temperature: float, top_k: int,

@@ -4,6 +4,7 @@ checkpoint's description and --dry_run all read this one plan, so each value is 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +14,7 @@ import torch
 
 from .autobatch import settle_batch
 from .compiling import wants_compile
-from .config import TrainConfig
+from .config import TrainConfig, validate
 from .data import TokenData, windows_in
 from .distributed import World
 from .rundir import RunFolder
@@ -37,6 +38,7 @@ class RunPlan:
     compile: bool
     run_name: str
     corpus: str
+    corpus_digest: str  # of the text the tokens came from
     vocab_size: int
     train_tokens: int
     val_tokens: int
@@ -74,6 +76,7 @@ class RunPlan:
         """The run as config.json, the trackers' hyper-parameters, the checkpoint and --dry_run record it."""
         return {**self.flags(), "compile": self.compile, "batch_size_choice": self.batch_choice,
                 "device": str(self.device), "precision": self.precision, "corpus": self.corpus,
+                "corpus_digest": self.corpus_digest,
                 "vocab_size": self.vocab_size, "train_tokens": self.train_tokens, "val_tokens": self.val_tokens,
                 "world_size": self.world.size, "global_batch_size": self.global_batch,
                 "resume_from": str(self.resume_from) if self.resume_from else None, "run_name": self.run_name}
@@ -82,14 +85,18 @@ class RunPlan:
         """What differs from the checkpoint among the optimisation flags and the number of processes: {name: [before,
         now]}."""
         before = {**saved["config"], "world_size": saved.get("world_size", 1)}
-        now = {**self.flags(), "world_size": self.world.size}
-        return {name: [before[name], now[name]] for name in (*OPTIMISATION_FLAGS, "world_size")
+        now = {**self.flags(), "world_size": self.world.size, "corpus_digest": self.corpus_digest}
+        return {name: [before[name], now[name]] for name in (*OPTIMISATION_FLAGS, "world_size", "corpus_digest")
                 if name in before and before[name] != now[name]}
 
 
 def make_plan(cfg: TrainConfig, world: World, device: torch.device, precision: str, data: TokenData,
-              folder: RunFolder, saved: dict | None = None, resume_from: Path | None = None) -> RunPlan:
-    """Resolve the run: the batch (which may measure the GPU), the step budget and warm-up, the run's name."""
+              folder: RunFolder, saved: dict | None = None, resume_from: Path | None = None,
+              given: frozenset[str] = frozenset()) -> RunPlan:
+    """Resolve the run: the values a resumed run keeps, the batch (which may measure the GPU), the step budget and
+    warm-up, the run's name. `given`: the flags written on the command line."""
+    if saved:
+        cfg = keep_run_values(cfg, saved, given)
     batch = settle_batch(cfg, data.tokenizer.vocab_size, device, precision, world)
     windows_per_step = batch.micro_batch * batch.accumulation * world.size
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * windows_in(data.train, cfg.block_size) / windows_per_step))
@@ -99,11 +106,26 @@ def make_plan(cfg: TrainConfig, world: World, device: torch.device, precision: s
         accumulation=batch.accumulation, total_steps=total, warmup_steps=warmup,
         compile=wants_compile(cfg.compile, device),
         run_name=run_name(cfg, folder, saved, data.corpus, batch.micro_batch), corpus=data.corpus,
+        corpus_digest=data.digest,
         vocab_size=data.tokenizer.vocab_size, train_tokens=len(data.train), val_tokens=len(data.val),
         sample_prompts=tuple((cfg.sample_prompts or data.default_prompts).split(",")), batch_choice=batch.how,
         warmup_note=warmup_note, resume_from=resume_from, start_step=saved["trainer"]["step"] if saved else 0,
         tags=tags(cfg, device, precision, world),
     )
+
+
+def keep_run_values(cfg: TrainConfig, saved: dict, given: frozenset[str]) -> TrainConfig:
+    """On --resume, every optimisation flag not given now keeps the value the run used (a bare --resume must not fall
+    back to defaults the run never had). A step budget or batch given one way is not mixed with the other way's."""
+    left_open = set(OPTIMISATION_FLAGS) - given
+    if given & {"max_steps", "epochs"}:
+        left_open -= {"max_steps", "epochs"}
+    if "global_batch_size" in given:
+        left_open -= {"batch_size", "gradient_accumulation_steps"}
+    kept = {name: saved["config"][name] for name in left_open if name in saved["config"]}
+    resumed = dataclasses.replace(cfg, **kept)
+    validate(resumed)  # the kept values must agree with the given ones (a new peak below the kept --min_lr, say)
+    return resumed
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:

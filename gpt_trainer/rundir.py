@@ -1,18 +1,26 @@
 """The run folder (--output_dir): one object names every file and folder a run writes, checks the folder before
 anything is written, holds it for one run at a time, and keeps a config.json that tells the truth about every resumed
-segment."""
+segment.
+
+A run folder is recognised by a marker file the program writes before anything else. A folder with other content and
+no marker is never written to: it may be the user's own work (a config.json of theirs, a project folder given as
+`--output_dir .`). --overwrite removes the program's own files, all of them, and nothing else."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from .errors import UsageError
+
+MARKER = ".gpt-trainer-run"
 
 
 @dataclass(frozen=True)
@@ -57,26 +65,73 @@ class RunFolder:
     def lock(self) -> Path:
         return self.path / ".lock"
 
+    @property
+    def wandb(self) -> Path:
+        """wandb's own folder, when WANDB_DIR does not put it elsewhere."""
+        return self.path / "wandb"
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
     def tensorboard_run(self, run_name: str) -> Path:
         return self.logs / run_name
 
+    def own_entries(self) -> list[Path]:
+        """Everything this program writes here (the lock aside, which the running process holds)."""
+        return [self.config_json, self.metrics_jsonl, self.checkpoints, self.logs, self.samples, self.wandb,
+                self.swanlog, self.path / ".config.json.tmp", self.path / ".metrics.jsonl.tmp"]
+
+    def foreign_entries(self, ignore: tuple[Path, ...] = ()) -> list[str]:
+        """The names of what the folder holds that this program did not write; empty for a run folder. Folders of
+        versions before the marker are recognised by their config.json (with `segments`), or by holding checkpoints
+        alone."""
+        if not self.path.is_dir() or self.marker.exists():
+            return []
+        ours = {p.name for p in (*self.own_entries(), self.lock)}
+        if "segments" not in self.previous_config():
+            ours = {self.checkpoints.name, self.lock.name}
+        ignored = [p.resolve() for p in ignore]
+        return sorted(e.name for e in self.path.iterdir()
+                      if e.name not in ours and not any(p.is_relative_to(e.resolve()) for p in ignored))
+
     # ---- before anything is written --------------------------------------------------------------------------------
-    def check_writable(self, resuming: bool, overwrite: bool) -> None:
-        """A folder that is a file, cannot be written, or already holds a run that is neither resumed nor overwritten
-        is refused before anything changes."""
+    def check_writable(self, resuming: bool, overwrite: bool, ignore: tuple[Path, ...] = ()) -> None:
+        """A folder that is a file, cannot be written, holds files this program did not write, or already holds a run
+        that is neither resumed nor overwritten is refused before anything changes. `ignore`: paths inside the folder
+        that are not foreign (a --cache_dir placed there)."""
         out = self.path
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--output_dir {out} is a file, not a folder. Choose another --output_dir.")
-        existing = out if out.exists() else next(p for p in out.parents if p.exists())
-        try:  # a real probe: os.access says yes for root on read-only mounts and in /proc
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
-                pass
-        except OSError as e:
-            raise UsageError(f"--output_dir {out} cannot be written ({existing}: {e.strerror}). Fix its permissions "
-                             f"or choose another --output_dir.") from None
+        check_writable_folder(out, "--output_dir")
+        foreign = self.foreign_entries(ignore)
+        if foreign:
+            shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+            raise UsageError(f"--output_dir {out} already holds files this program did not write ({shown}). A run "
+                             f"writes config.json, metrics.jsonl, samples.txt, checkpoints/ and logs/ there and would "
+                             f"replace yours, so it is left alone (--overwrite too replaces only a run's own files). "
+                             f"Choose a new or empty --output_dir.")
         if self.latest.exists() and not resuming and not overwrite:
             raise UsageError(f"--output_dir {out} already holds a training run ({self.latest}). Pass --resume to "
                              f"continue it, --overwrite to replace it, or choose another --output_dir.")
+
+    def mark(self) -> None:
+        """Claim the folder as a run folder (the first file a run writes)."""
+        if not self.marker.exists():
+            created = f"{datetime.now():%Y-%m-%d %H:%M:%S}"
+            self.marker.write_text(json.dumps({"written_by": "gpt-trainer", "created": created}) + "\n")
+
+    def clear(self) -> list[str]:
+        """--overwrite: remove every file and folder a run writes (TensorBoard runs, samples, trackers' folders
+        included); the names removed."""
+        removed = []
+        for entry in self.own_entries():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+            else:
+                continue
+            removed.append(entry.name)
+        return removed
 
     def hold(self):
         """Take the folder's lock for the life of this process (the OS drops it when the process dies, however it
@@ -115,3 +170,23 @@ class RunFolder:
         tmp = self.path / ".config.json.tmp"
         tmp.write_text(json.dumps({**description, "segments": segments}, indent=2, ensure_ascii=False))
         os.replace(tmp, self.config_json)
+
+
+def check_writable_folder(path: Path, flag: str) -> None:
+    """A folder (existing or to be made) this program can write: not a file, not a broken or looping link, and
+    writable (probed for real: os.access says yes for root on read-only mounts and in /proc)."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{flag} {path} is a symbolic link that leads nowhere (its target is missing, or it points "
+                         f"back to itself). Fix or remove the link, or choose another {flag}.")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder. Choose another {flag}.")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path} cannot be made: {existing} is a file, not a folder. Choose another {flag}.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or errno.errorcode.get(e.errno, str(e))
+        raise UsageError(f"{flag} {path} cannot be written ({existing}: {reason}). Fix its permissions or choose "
+                         f"another {flag}.") from None

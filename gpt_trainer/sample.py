@@ -11,8 +11,8 @@ import sys
 import torch
 
 from . import checkpoint
-from .config import TrainConfig
-from .errors import run_cli
+from .config import RANGES, TrainConfig
+from .errors import UsageError, run_cli
 from .hardware import pick_device, resolve_precision
 from .model import GPT, build_model, generate_text
 from .tokenizer import tokenizer_from_dict
@@ -35,6 +35,11 @@ def sample_command(argv: list[str] | None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = parser.parse_args(argv)
+    # the same ranges as the training flags that mean the same (--tokens is --sample_tokens there)
+    for flag, value, allowed in (("tokens", args.tokens, RANGES["sample_tokens"]), *(
+            (name, getattr(args, name), RANGES[name]) for name in ("temperature", "top_k", "top_p", "seed"))):
+        if value is not None and not allowed.holds(value):
+            raise UsageError(f"--{flag} must be {allowed.describe()} (got {value}).")
     device = pick_device(args.device)
     state = checkpoint.load(args.checkpoint, device)
     model = model_from_checkpoint(state, device)

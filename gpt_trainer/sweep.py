@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import tracking
-from .config import TrainConfig
+from .config import RANGES, TrainConfig, build_parser
 from .errors import UsageError, run_cli
 
 STATE_FILE = "sweep_state.json"
@@ -45,6 +45,9 @@ def load_sweep(path: str) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read the sweep file {path} ({e.strerror}).") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"the sweep file {path} is not UTF-8 text (byte offset {e.start}). Save it as UTF-8, e.g. "
+                         f"`iconv -f <encoding> -t UTF-8 {path} > fixed.yaml`.") from None
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -81,9 +84,31 @@ def check_sweep(config: dict, path: str) -> None:
             close = difflib.get_close_matches(name, FLAGS, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else " `python train_single_gpu.py --help` lists them."
             raise UsageError(f"{path}: parameter `{name}` is not a flag of train_single_gpu.py.{hint}")
+        refused = refused_values(name, spec)
+        if refused:
+            raise UsageError(f"{path}: parameter `{name}` has values train_single_gpu.py would refuse, so every run "
+                             f"given them would fail at once: "
+                             f"{'; '.join(f'{value!r}: {reason}' for value, reason in refused)}.")
     violations = _sweeps().schema_violations_from_proposed_config(config)
     if violations:
         raise UsageError(f"{path} is not a valid wandb sweep: {'; '.join(violations)}.")
+
+
+def refused_values(name: str, spec: dict) -> list[tuple]:
+    """The values of a parameter (listed, fixed, or the ends of a range) that the flag refuses, each with the reason,
+    checked as the agent would pass them."""
+    values = list(spec.get("values") or []) + [spec[key] for key in ("value", "min", "max") if key in spec]
+    refused = []
+    for value in values:
+        try:
+            parsed = getattr(build_parser().parse_args(agent_args({name: value})), name)
+        except UsageError as e:
+            refused.append((value, str(e).split(". Run with --help")[0]))
+            continue
+        allowed = RANGES.get(name)
+        if allowed and parsed is not None and not allowed.holds(parsed):
+            refused.append((value, f"--{name} must be {allowed.describe()}"))
+    return refused
 
 
 def agent_args(params: dict) -> list[str]:
@@ -174,6 +199,9 @@ class LocalSweep:
             trial["status"] = "finished" if code == 0 else f"failed (exit {code})"
             self._save_state()
         self.print_ranking()
+        if self.trials and all(t["status"] != "finished" for t in self.trials):
+            print("every trial failed: see the messages above.", file=sys.stderr)
+            return 1
         return 0
 
     @staticmethod

@@ -56,7 +56,7 @@ class SentencePieceTokenizer:
         with tempfile.TemporaryDirectory() as tmp:
             corpus = os.path.join(tmp, "corpus.txt")
             with open(corpus, "w", encoding="utf-8") as f:
-                f.write(text)
+                f.writelines(piece + "\n" for piece in training_sentences(text))
             prefix = os.path.join(tmp, "sp")
             try:
                 spm.SentencePieceTrainer.train(
@@ -97,6 +97,17 @@ class SentencePieceTokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "model_proto": self.model_proto}
+
+
+SENTENCE_CHARS = 1000  # sentencepiece skips input lines over 4,192 bytes; a CJK character takes 3
+
+
+def training_sentences(text: str):
+    """The corpus as sentencepiece's training lines: long lines (a corpus with no line breaks is one) cut into pieces
+    it keeps, instead of dropped; the tokens are then encoded from the whole text, so nothing is lost."""
+    for line in text.split("\n"):
+        for start in range(0, max(len(line), 1), SENTENCE_CHARS):
+            yield line[start:start + SENTENCE_CHARS]
 
 
 def tokenizer_from_dict(state: dict):

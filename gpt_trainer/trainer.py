@@ -6,6 +6,7 @@ holding the facts; the command words them for the user."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import signal
 import sys
@@ -23,6 +24,7 @@ from . import checkpoint
 from .compiling import compile_or_eager
 from .data import EpochSampler, TokenData, gather_windows, share_of, to_device, validation_windows
 from .distributed import all_reduce
+from .errors import is_out_of_memory
 from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
 from .metrics import ThroughputWindow
 from .model import build_model, generate_text
@@ -39,6 +41,9 @@ class TrainingFailure(Exception):
 
 
 class Diverged(TrainingFailure):
+    """`bad_in_a_row` optimizer steps had a non-finite loss or gradient; 0 when the validation loss was the first
+    number to go non-finite."""
+
     def __init__(self, step: int, bad_in_a_row: int, last_good: tuple[int, float] | None, lr: float):
         super().__init__(f"diverged at step {step}")
         self.step, self.bad_in_a_row, self.last_good, self.lr = step, bad_in_a_row, last_good, lr
@@ -102,6 +107,7 @@ class Trainer:
         self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, plan.precision, cfg.peak_tflops)
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
+        self.folder_existed = plan.folder.path.is_dir()  # the command made it; library use may leave it to save()
 
     # ---- one optimizer step ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +169,16 @@ class Trainer:
         self.model.train()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        """The mean validation loss; None when a stop request came during it (one process: it stops at once, so a
+        container stops within Docker's grace; several processes finish it together and stop after the step)."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         chunks = self.val_batches.split(self.plan.micro_batch)
         for chunk in chunks:
+            if self.stop_signal is not None and not self.world.active:
+                self.model.train()
+                return None
             with autocast(self.device, self.precision):
                 _, loss = self.forward(chunk[:, :-1], chunk[:, 1:])
             total += loss
@@ -185,7 +196,9 @@ class Trainer:
             epoch, sampler_state = self.sampler.epoch, self.sampler.state_dict()
             try:
                 loss, grad_norm = self.train_step()
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
                 loss = None  # handled below, once the error and the tensors its frames hold are gone
             if loss is None:
                 raise OutOfMemory(self.step + 1, self.save_after_out_of_memory(sampler_state))
@@ -194,15 +207,15 @@ class Trainer:
                 self.epoch_loss += loss
                 self.epoch_steps += 1
             elif self.bad_in_a_row >= self.cfg.max_bad_steps:
-                last = (self.last_good[0], self.last_good[1].item()) if self.last_good else None
-                raise Diverged(self.step, self.bad_in_a_row, last, self.plan.lr_at(self.step))
+                raise self.diverged()
             bar.update(1)
             improved = False
             with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
                 epoch_done = self.sampler.epoch > epoch
-                if epoch_done or self.should_eval():  # one evaluation, even when both are due
-                    result.evals.append((self.step, self.evaluate()))
-                    improved = self.record_eval(result.evals[-1][1], epoch_done)
+                val_loss = self.evaluate() if epoch_done or self.should_eval() else None  # one, even when both are due
+                if val_loss is not None:  # None: a stop request interrupted it
+                    result.evals.append((self.step, val_loss))
+                    improved = self.record_eval(val_loss, epoch_done)
             if self.should_log():  # after the evaluation, so the line shows this step's
                 report = self.report(window, grad_norm)
                 result.history.append(report)
@@ -287,6 +300,10 @@ class Trainer:
         self.save(self.plan.folder.latest)
         return self.plan.folder.latest
 
+    def diverged(self) -> Diverged:
+        last = (self.last_good[0], self.last_good[1].item()) if self.last_good else None
+        return Diverged(self.step, self.bad_in_a_row, last, self.plan.lr_at(self.step))
+
     def check_weights_finite(self) -> None:
         """Never sample from, or save over a good checkpoint, a model whose weights are not finite."""
         if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
@@ -297,6 +314,8 @@ class Trainer:
         best.pt); interval evaluations also sample, epoch ends also log the epoch's numbers. Returns whether the
         loss is the best so far."""
         self.check_weights_finite()
+        if not math.isfinite(val_loss):  # the skipped steps left finite weights that no longer predict anything
+            raise self.diverged()
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, val_loss)
@@ -304,7 +323,7 @@ class Trainer:
                           "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
         if epoch_done:
             self.end_epoch(val_loss)
-        if self.should_eval() and self.plan.sample_prompts and self.world.is_main:
+        if self.should_eval() and self.plan.sample_prompts and self.world.is_main and self.stop_signal is None:
             self.tracker.log_samples({p: self.sample(p) for p in self.plan.sample_prompts}, self.step)
         return improved
 
@@ -319,6 +338,8 @@ class Trainer:
             return
         self.check_weights_finite()
         plan = self.plan
+        if self.folder_existed and not plan.folder.path.is_dir():  # deleted or unmounted during the run
+            raise FileNotFoundError(errno.ENOENT, "vanished", str(plan.folder.path))
         about = {"config": plan.describe(), "vocab_size": plan.vocab_size, "tokenizer": self.data.tokenizer.to_dict(),
                  "corpus": plan.corpus, "world_size": plan.world.size}
         checkpoint.save_atomic(checkpoint.assemble(self.checkpoint_parts(), about), path)

@@ -61,6 +61,7 @@ def test_shape_mismatch_names_each_difference(tiny_cfg):
 def test_resume_finds_latest_or_reports_a_missing_path(tmp_path):
     here = RunFolder(tmp_path / "out")
     assert checkpoint.find_resume_checkpoint("latest", here) is None  # nothing yet: start fresh
+    (tmp_path / "run").mkdir()
     checkpoint.save_atomic({}, RunFolder(tmp_path / "run").latest)
     assert checkpoint.find_resume_checkpoint(str(tmp_path / "run"), here) == RunFolder(tmp_path / "run").latest
     with pytest.raises(UsageError, match="no checkpoint there"):

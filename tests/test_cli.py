@@ -17,6 +17,7 @@ import torch
 from gpt_trainer import checkpoint
 from gpt_trainer.cli import main, tensorboard_command, what_happened
 from gpt_trainer.config import TrainConfig
+from gpt_trainer.rundir import RunFolder
 from gpt_trainer.trainer import TrainResult
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, plan_for
 
@@ -254,7 +255,8 @@ def test_a_restart_before_the_first_checkpoint_continues_one_record(tiny_argv, t
     argv = tiny_argv("--max_steps=3", "--eval_interval=3", "--log_interval=1", "--report_to=tensorboard")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"run_name": "first-attempt"}))  # a start killed before saving
+    RunFolder(out).mark()  # a start killed before saving: the marker, config.json and a torn record
+    (out / "config.json").write_text(json.dumps({"run_name": "first-attempt"}))
     (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 12345.678}\n{"step": 2, "train/lo')
     assert main(argv) == 0
     assert [p.name for p in (out / "logs").iterdir()] == ["first-attempt"]
@@ -327,3 +329,81 @@ def test_the_tensorboard_command_is_one_the_user_can_paste(tmp_path, monkeypatch
     assert tensorboard_command() == str(bin_dir / "tensorboard")  # from elsewhere: the full path
     monkeypatch.setenv("PATH", str(bin_dir))
     assert tensorboard_command() == "tensorboard"  # activated: the plain name
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overwrite_leaves_no_trace_of_the_earlier_run_and_keeps_the_users_notes(tiny_argv, tmp_path):
+    out = tmp_path / "out"
+    argv = tiny_argv("--eval_interval=100", "--log_interval=1", "--report_to=tensorboard")
+    assert main([*argv, "--max_steps=3", "--wandb_run_name=first"]) == 0
+    (out / "notes.txt").write_text("lr 3e-4 looked good")
+    assert main([*argv, "--max_steps=2", "--wandb_run_name=second", "--overwrite"]) == 0
+    assert [p.name for p in (out / "logs").iterdir()] == ["second"]
+    samples = (out / "samples.txt").read_text(encoding="utf-8")
+    assert samples.count("=== step") == 1 and samples.startswith("=== step 2 ===")
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert [r["final/total_steps"] for r in rows if "final/total_steps" in r] == [2]
+    assert (out / "notes.txt").read_text() == "lr 3e-4 looked good"
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = tiny_argv("--max_steps=3", "--eval_interval=3", "--report_to=tensorboard")
+    assert main(argv) == 0
+
+    def tree() -> dict:
+        return {str(p.relative_to(out)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                for p in out.rglob("*") if p.is_file()}
+    before = tree()
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert f"the run in {out} is complete: step 3 of 3" in capsys.readouterr().out
+    assert tree() == before
+
+
+def test_a_bare_resume_keeps_the_values_the_run_used(tiny_argv, tmp_path, capsys):
+    resumed, whole = tmp_path / "resumed", tmp_path / "whole"
+    flags = ("--learning_rate=1e-3", "--warmup_steps=0", "--log_interval=1", "--eval_interval=100")
+    assert main(tiny_argv(*flags, "--max_steps=4", f"--output_dir={resumed}")) == 0
+    assert main(tiny_argv("--log_interval=1", "--eval_interval=100", f"--output_dir={resumed}", "--resume",
+                          "--max_steps=6")) == 0
+    assert json.loads((resumed / "config.json").read_text())["segments"][-1]["changed"] == {"max_steps": [4, 6]}
+    assert main(tiny_argv(*flags, "--max_steps=6", f"--output_dir={whole}")) == 0
+
+    def lr_at(out: Path) -> dict:
+        return {r["step"]: r["train/learning_rate"] for r in metrics_rows(out) if "train/learning_rate" in r}
+    assert [lr_at(resumed)[s] for s in (5, 6)] == [lr_at(whole)[s] for s in (5, 6)]
+    # the control: a value given on the command line is taken, and recorded
+    assert main(tiny_argv("--log_interval=1", f"--output_dir={resumed}", "--resume", "--max_steps=7",
+                          "--learning_rate=2e-3")) == 0
+    changed = json.loads((resumed / "config.json").read_text())["segments"][-1]["changed"]
+    assert changed == {"learning_rate": [1e-3, 2e-3], "max_steps": [6, 7]}
+
+
+def test_a_full_disk_at_the_first_save_says_there_was_no_earlier_checkpoint(tiny_argv, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A mock: a disk cannot be made to fill up at exactly the first save here, so torch's writer is made to fail as
+    it does on a full disk (a RuntimeError with its C++ source location)."""
+    def full_disk(state, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    assert main(tiny_argv("--max_steps=2", "--eval_interval=2")) == 1
+    err = capsys.readouterr().err
+    assert "There was no earlier one" in err and "unexpected pos 64 vs 0" in err
+    assert "enforce fail" not in err and "previous one is kept" not in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints" / "latest.pt").exists()
+
+
+def test_the_tensorboard_command_at_the_end_survives_a_path_with_spaces(tiny_argv, tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "my runs" / "first try"
+    assert main(tiny_argv("--max_steps=1", "--report_to=tensorboard", f"--output_dir={out}")) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "curves: " in line)
+    command = shlex.split(line.split("curves: ", 1)[1])
+    assert command[command.index("--logdir") + 1] == str(out / "logs")
+    assert (out / "logs").is_dir()

@@ -198,3 +198,18 @@ def test_the_embedded_poems_are_read_from_the_package(tmp_path, monkeypatch):
     corpus = load_corpus(parse_args([f"--cache_dir={tmp_path}"]))
     assert corpus.name == "builtin" and corpus.text == BUILTIN_POEMS.read_text(encoding="utf-8")
     assert corpus.text.count("\n\n") > 2000 and "春江" in corpus.text and "往事" in corpus.text  # the default prompts
+
+
+def test_a_run_folder_inside_the_data_path_folder_is_not_read_as_corpus(tiny_argv, tmp_path, capsys):
+    from gpt_trainer.cli import main
+    from tests.conftest import CLASSIC_POEMS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.txt").write_text(CLASSIC_POEMS.read_text(encoding="utf-8"), encoding="utf-8")
+    argv = tiny_argv(f"--data_path={data}", f"--output_dir={data / 'run'}", "--eval_interval=2")
+    assert main([*argv, "--max_steps=2"]) == 0
+    assert {"samples.txt", "metrics.jsonl", "config.json"} <= {p.name for p in (data / "run").iterdir()}
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--max_steps=3"]) == 0  # the same text: its own files were not added to it
+    assert f"note: {data / 'run'} is a training run's folder inside --data_path" in capsys.readouterr().err

@@ -1,6 +1,30 @@
+"""Every failure a user can cause ends in a sentence or two on stderr (`error: ...`) with exit code 2 (bad input) or 1
+(the machine or the run), never a traceback, and changes nothing of the user's: `run_cli` and its table of failures in
+gpt_trainer/errors.py, walked here with real conditions (a real full disk on a small tmpfs, a real unreadable file, a
+real allocation the machine refuses, real signals)."""
+
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 import pytest
 
+from gpt_trainer import checkpoint, cli, sample, sweep
 from gpt_trainer.errors import RunStopped, UsageError, run_cli
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, script_env
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_cli_turns_bad_input_into_one_line_and_exit_code_2(capsys):
@@ -35,3 +59,426 @@ def test_run_cli_passes_the_command_s_own_exit_code_and_output_through(capsys):
         return 3
     assert run_cli(command, ["a", "b"]) == 3
     assert capsys.readouterr() == ("checked 2 files, 1 problem\n", "")
+
+
+# ---- the table: every failure a user can cause, each with its sentence ----------------------------------------------
+@dataclass
+class Case:
+    """What a row's setup made: the command and its argv; the user's own files and folders, which must be
+    byte-identical afterwards with nothing added; glob patterns under tmp_path that must match nothing afterwards (what
+    must not be created); and a check of its own."""
+    command: Callable[[list[str]], int]
+    argv: list[str]
+    protect: tuple[Path, ...] = ()
+    absent: tuple[str, ...] = ()
+    after: Callable[[], None] | None = None
+
+
+@dataclass
+class Where:
+    """What a setup builds with: the test's folder, the tiny run's argv, and a real tmpfs."""
+    tmp: Path
+    argv: Callable[..., list[str]]
+    tmpfs: Callable[[Path, str], Path]
+
+
+def contents(path: Path) -> dict:
+    """Every entry at and under `path`, links not followed: a file's SHA-256, a link's target, or "folder"."""
+    def entry(p: Path) -> str:
+        if p.is_symlink():
+            return f"link -> {os.readlink(p)}"
+        return "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    found = {".": entry(path)}
+    if found["."] == "folder":
+        for parent, folders, files in os.walk(path):
+            found.update({str(Path(parent, name).relative_to(path)): entry(Path(parent, name))
+                          for name in folders + files})
+    return found
+
+
+@pytest.fixture
+def tmpfs():
+    """mount(folder, options): a real tmpfs mounted there (root only; elsewhere the row is skipped), unmounted after
+    the test."""
+    mounted = []
+
+    def mount(folder: Path, options: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); it needs root")
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in reversed(mounted):
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)  # a file still open in a leftover thread
+
+
+def trained(w: Where, *extra: str) -> Path:
+    """A finished tiny run in tmp/out."""
+    assert cli.main(w.argv(*extra)) == 0
+    return w.tmp / "out"
+
+
+def zero_a_block(path: Path) -> None:
+    """What a bad disk block does: 4 KiB of zeros in the middle of the file (inside a stored tensor), same size."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    assert any(data[start:start + 4096]), "the block is zeros already: zeroing it would damage nothing"
+    data[start:start + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def run_folder_with_foreign_files(w: Where, *extra: str) -> Case:
+    out = w.tmp / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"experiment": "my own, by hand"}\n')
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "accuracy": 0.93}\n')
+    return Case(cli.main, w.argv("--max_steps=2", *extra), protect=(out,))
+
+
+def project_folder(w: Where) -> Case:
+    project = w.tmp / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "README.md").write_text("# my project\n")
+    (project / "src" / "main.py").write_text("print('hello')\n")
+    return Case(cli.main, w.argv(f"--output_dir={project}", "--max_steps=2"), protect=(project,))
+
+
+def damaged_latest_and_no_best(w: Where) -> Case:
+    out = trained(w, "--max_steps=4", "--eval_interval=4")
+    (out / "checkpoints" / "best.pt").unlink()
+    zero_a_block(out / "checkpoints" / "latest.pt")
+    return Case(cli.main, w.argv("--max_steps=6", "--eval_interval=4", "--resume"), protect=(out,))
+
+
+def flags(*extra: str) -> Callable[[Where], Case]:
+    """Bad flags for a fresh run: refused before the run folder exists."""
+    return lambda w: Case(cli.main, w.argv("--max_steps=2", *extra), absent=("out",))
+
+
+def other_text_same_characters(w: Where) -> Case:
+    """A run trained on poems.txt, resumed on poems_reordered.txt: its lines in reverse order, so the characters (and
+    the vocabulary, and the model's shape) are the same and only the text differs."""
+    original, reordered = w.tmp / "poems.txt", w.tmp / "poems_reordered.txt"
+    shutil.copy(CLASSIC_POEMS, original)
+    out = trained(w, f"--data_path={original}", "--max_steps=2")
+    lines = original.read_text(encoding="utf-8").splitlines(keepends=True)
+    reordered.write_text("".join(reversed(lines)), encoding="utf-8")
+    assert set(reordered.read_text(encoding="utf-8")) == set(original.read_text(encoding="utf-8"))
+    return Case(cli.main, w.argv(f"--data_path={reordered}", "--max_steps=4", "--resume"),
+                protect=(out, original, reordered))
+
+
+def run_name(name: Callable[[Where], str]) -> Callable[[Where], Case]:
+    """The TensorBoard folder is output_dir/logs/<run name>: a name with a path in it would write outside."""
+    return lambda w: Case(cli.main, w.argv(f"--wandb_run_name={name(w)}", "--report_to=tensorboard", "--max_steps=2"),
+                          absent=("out", "**/escape"))
+
+
+def diverging(w: Where) -> Case:
+    """A learning rate so high that the validation loss is not finite at the first evaluation, long before
+    --max_bad_steps skipped steps in a row: no checkpoint of the ruined weights is written."""
+    return Case(cli.main, w.argv("--learning_rate=1e8", "--grad_clip=0", "--max_bad_steps=50", "--eval_interval=1",
+                                 "--dropout=0", "--max_steps=60"), absent=("out/checkpoints/*",))
+
+
+def full_disk(size: str) -> Callable[[Where], Case]:
+    """A real disk that fills at the first checkpoints (~760 KiB each): with 300k, config.json, metrics.jsonl and
+    TensorBoard's events fit and the first latest.pt does not; with 1m, latest.pt fits and best.pt fills the disk
+    part-way through."""
+    def setup(w: Where) -> Case:
+        disk = w.tmpfs(w.tmp / "disk", f"size={size}")
+        return Case(cli.main, w.argv(f"--output_dir={disk / 'out'}", "--report_to=tensorboard", "--max_steps=4",
+                                     "--eval_interval=2"), absent=("disk/out/checkpoints/.*",))
+    return setup
+
+
+def disk_full_at_start(size: str) -> Callable[[Where], Case]:
+    """A real disk with no room for the run's first files: 4k fills before config.json is written, 12k when
+    TensorBoard writes its first event."""
+    def setup(w: Where) -> Case:
+        disk = w.tmpfs(w.tmp / "disk", f"size={size}")
+        return Case(cli.main, w.argv(f"--output_dir={disk / 'out'}", "--report_to=tensorboard", "--max_steps=2"),
+                    absent=("disk/out/checkpoints",))
+    return setup
+
+
+def cache_dir(where: Callable[[Where], Path]) -> Callable[[Where], Case]:
+    def setup(w: Where) -> Case:
+        cache = where(w)
+        return Case(cli.main, w.argv(f"--cache_dir={cache}", "--max_steps=2"), protect=(cache,), absent=("out",))
+    return setup
+
+
+def a_file(w: Where) -> Path:
+    (w.tmp / "cache.txt").write_text("my notes\n")
+    return w.tmp / "cache.txt"
+
+
+def on_a_read_only_disk(w: Where) -> Path:
+    return w.tmpfs(w.tmp / "read-only", "ro,size=64k") / "cache"
+
+
+def output_dir_link(target: Callable[[Path], Path]) -> Callable[[Where], Case]:
+    def setup(w: Where) -> Case:
+        link = w.tmp / "link"
+        link.symlink_to(target(w.tmp))
+        return Case(cli.main, w.argv(f"--output_dir={link}", "--max_steps=2"), protect=(link,), absent=("missing",))
+    return setup
+
+
+def unreadable_file_in_data_folder(w: Where) -> Case:
+    """As root every file is readable, so the unreadable one is a real one that fails to read: /proc/self/mem (EIO)."""
+    data = w.tmp / "corpus"
+    data.mkdir()
+    shutil.copy(CLASSIC_POEMS, data / "good.txt")
+    (data / "bad.txt").symlink_to("/proc/self/mem")
+    return Case(cli.main, w.argv(f"--data_path={data}", "--max_steps=2"), protect=(data,), absent=("out",))
+
+
+def sweep_file(text: str, encoding: str = "utf-8") -> Callable[[Where], Case]:
+    def setup(w: Where) -> Case:
+        path = w.tmp / "sweep.yaml"
+        path.write_bytes(text.encode(encoding))
+        return Case(sweep.main, [str(path), "--check"], protect=(path,))
+    return setup
+
+
+CHECKPOINT_V2 = ROOT / "tests" / "fixtures" / "checkpoint_v2.pt"
+
+
+def sample_with(flag: str) -> Callable[[Where], Case]:
+    return lambda w: Case(sample.main, [str(CHECKPOINT_V2), flag, "--device=cpu"], protect=(CHECKPOINT_V2,))
+
+
+def model_too_large(w: Where) -> Case:
+    """A real allocation the machine refuses: a 2,000,000-wide attention layer wants 48 TB at once. The corpus has 3
+    characters, so the embeddings allocated (and filled) before it stay small (a 1,079-character vocabulary would
+    fill 8.6 GB first)."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("vm.overcommit_memory=1: the kernel would grant the 48 TB and kill the process when it fills them")
+    corpus = w.tmp / "abc.txt"
+    corpus.write_text("ab\n" * 200)
+    peak, started = maxrss_bytes(), time.monotonic()
+
+    def fails_fast_without_eating_memory():
+        assert time.monotonic() - started < 30
+        assert maxrss_bytes() - peak < 2**30
+
+    return Case(cli.main, w.argv(f"--data_path={corpus}", "--n_layer=1", "--n_head=1", "--n_embd=2000000"),
+                after=fails_fast_without_eating_memory)
+
+
+def row(name: str, setup: Callable[[Where], Case], exit_code: int, message: str):
+    return pytest.param(setup, exit_code, message, id=name)
+
+
+FAILURES = [
+    row("output_dir holds the user's config.json and metrics.jsonl", run_folder_with_foreign_files, 2,
+        r"already holds files this program did not write \(config\.json, metrics\.jsonl\)"),
+    row("the same with --overwrite", lambda w: run_folder_with_foreign_files(w, "--overwrite"), 2,
+        r"already holds files this program did not write \(config\.json, metrics\.jsonl\)"),
+    row("output_dir is a project folder", project_folder, 2,
+        r"project already holds files this program did not write \(README\.md, src\)"),
+    row("latest.pt damaged, no best.pt", damaged_latest_and_no_best, 2,
+        r"latest\.pt is damaged \(\S+/data/\d+ does not match the CRC-32 .*There is no intact checkpoint to fall back "
+        r"to: start the run again with --overwrite"),
+    row("--min_lr above --learning_rate", flags("--min_lr=1e-2", "--learning_rate=1e-3"), 2,
+        r"--min_lr 0\.01 is above --learning_rate 0\.001"),
+    row("resume on other text with the same characters", other_text_same_characters, 2,
+        r"cannot resume from \S+latest\.pt: the training text differs .* pass --allow_new_data"),
+    row("--wandb_run_name ../../escape", run_name(lambda w: "../../escape"), 2,
+        r"'\.\./\.\./escape' .* must be a plain name"),
+    row("--wandb_run_name an absolute path", run_name(lambda w: str(w.tmp / "elsewhere" / "escape")), 2,
+        r"must be a plain name"),
+    row("diverges at an evaluation before --max_bad_steps", diverging, 1,
+        r"^error: training diverged: the validation loss at step \d+ is not finite"),
+    row("a real full disk (tmpfs) mid-run", full_disk("300k"), 1,
+        r"could not write the checkpoint \S+latest\.pt \(No space left on device\)\. There was no earlier one\."),
+    row("a real disk that fills in the middle of a checkpoint", full_disk("1m"), 1,
+        r"could not write the checkpoint \S+\.pt \(No space left on device"),
+    row("a real disk full at start-up (tmpfs)", disk_full_at_start("4k"), 1, r"^error: the disk is full"),
+    row("a real disk full when TensorBoard starts", disk_full_at_start("12k"), 1, r"^error: the disk is full"),
+    row("--cache_dir is a file", cache_dir(a_file), 2, r"--cache_dir \S+cache\.txt is a file, not a folder"),
+    row("--cache_dir on a read-only disk (tmpfs)", cache_dir(on_a_read_only_disk), 2,
+        r"--cache_dir \S+ cannot be written \(\S+: Read-only file system\)"),
+    row("--cache_dir in /proc", cache_dir(lambda w: Path("/proc/gpt_trainer_cache")), 2,
+        r"--cache_dir /proc/gpt_trainer_cache cannot be written"),
+    row("--output_dir a dangling symlink", output_dir_link(lambda tmp: tmp / "missing"), 2,
+        r"--output_dir \S+link is a symbolic link that leads nowhere"),
+    row("--output_dir a symlink to itself", output_dir_link(lambda tmp: tmp / "link"), 2,
+        r"--output_dir \S+link is a symbolic link that leads nowhere"),
+    row("an unreadable file in the --data_path folder", unreadable_file_in_data_folder, 2,
+        r"bad\.txt cannot be read \(Input/output error\)"),
+    row("a GB18030 sweep file", sweep_file("method: grid\n# 学习率\nparameters:\n  seed: {values: [1, 2]}\n",
+                                           "gb18030"), 2, r"sweep\.yaml is not UTF-8 text \(byte offset \d+\)"),
+    row("a Latin-1 sweep file", sweep_file("method: grid\n# réglages\nparameters:\n  seed: {values: [1, 2]}\n",
+                                           "latin-1"), 2, r"sweep\.yaml is not UTF-8 text"),
+    row("a sweep whose values are all refused", sweep_file("method: grid\nparameters:\n"
+                                                           "  learning_rate: {values: [-1, 0]}\n"), 2,
+        r"`learning_rate` has values train_single_gpu\.py would refuse.*: -1: --learning_rate must be .*; 0: "
+        r"--learning_rate must be"),
+    row("sample --temperature=nan", sample_with("--temperature=nan"), 2, r"--temperature must be .* \(got nan\)"),
+    row("sample --temperature=-1", sample_with("--temperature=-1"), 2, r"--temperature must be .* \(got -1\.0\)"),
+    row("sample --top_k=-5", sample_with("--top_k=-5"), 2, r"--top_k must be at least 0 \(got -5\)"),
+    row("sample --tokens=-3", sample_with("--tokens=-3"), 2, r"--tokens must be at least 0 \(got -3\)"),
+    row("sample --top_p=2", sample_with("--top_p=2"), 2, r"--top_p must be in \(0, 1\] \(got 2\.0\)"),
+    row("a model too large for memory", model_too_large, 1, r"^error: out of memory: "),
+]
+
+
+@pytest.mark.parametrize("setup, exit_code, message", FAILURES)
+def test_every_failure_a_user_can_cause_ends_in_a_sentence(setup, exit_code, message, tmp_path, tiny_argv, tmpfs,
+                                                           capsys, monkeypatch):
+    # a thread that dies prints its traceback to stderr, as it does outside pytest (pytest turns it into a warning)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    case = setup(Where(tmp_path, tiny_argv, tmpfs))
+    before = {path: contents(path) for path in case.protect}
+    capsys.readouterr()  # what the setup printed
+    threads = set(threading.enumerate())
+    code = case.command(case.argv)
+    for thread in set(threading.enumerate()) - threads:  # what the command's own threads print comes before the end
+        thread.join(timeout=5)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert code == exit_code, err
+    assert last.startswith("error: ") and re.search(message, last), err
+    assert "Traceback" not in err and "enforce fail" not in err, err
+    for path, was in before.items():
+        assert contents(path) == was, f"{path} changed"
+    for pattern in case.absent:
+        assert not list(tmp_path.glob(pattern)), f"{pattern} was created"
+    if case.after:
+        case.after()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_an_intact_best_pt(tiny_argv, tmp_path, capsys):
+    argv = tiny_argv("--max_steps=4", "--eval_interval=4")
+    assert cli.main(argv) == 0
+    checkpoints = tmp_path / "out" / "checkpoints"
+    zero_a_block(checkpoints / "latest.pt")
+    capsys.readouterr()
+    assert cli.main([*argv, "--resume", "--max_steps=6"]) == 0
+    captured = capsys.readouterr()
+    fell_back = (r"latest\.pt is damaged \(.*\): it changed after it was written\. Resuming from "
+                 + re.escape(str(checkpoints / "best.pt")) + r" \(step 4\) instead")
+    assert re.search(fell_back, captured.err), captured.err
+    assert f"resumed from {checkpoints / 'best.pt'} at step 4" in captured.out
+    assert checkpoint.load(checkpoints / "latest.pt")["trainer"]["step"] == 6  # intact again, and the run complete
+
+
+def test_resuming_on_other_text_with_allow_new_data_trains_and_config_json_records_it(tiny_argv, tmp_path, tmpfs):
+    case = other_text_same_characters(Where(tmp_path, tiny_argv, tmpfs))
+    assert cli.main([*case.argv, "--allow_new_data"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert [segment["from_step"] for segment in config["segments"]] == [0, 2]
+    assert "corpus_digest" in config["segments"][-1]["changed"]
+    assert checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")["trainer"]["step"] == 4
+
+
+# ---- failures that come mid-run, from outside: the real script in a subprocess, real signals ------------------------
+def start_training(tmp_path: Path, cache: Path, *extra: str, group: bool = False) -> subprocess.Popen:
+    """train_single_gpu.py on the classic poems into tmp/out, printing a row per step; group=True: in its own process
+    group, as a terminal's foreground job is (Ctrl-C goes to the group)."""
+    argv = [f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache}", f"--output_dir={tmp_path / 'out'}", *TINY_SHAPE,
+            "--max_steps=100000", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000", *extra]
+    return subprocess.Popen([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], cwd=ROOT, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group)
+
+
+def wait_for_rows(proc: subprocess.Popen, metrics: Path, rows: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < rows:
+        assert proc.poll() is None, f"training ended early (exit {proc.returncode}): {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{metrics} has fewer than {rows} rows after {timeout} s"
+        time.sleep(0.05)
+
+
+def ends_in_a_sentence(err: str, words: str) -> None:
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and words in last, err
+    assert "Traceback" not in err, err
+
+
+@pytest.fixture
+def stop_at_the_end():
+    """Kill what a test started if it is still running when the test ends (a failed assertion)."""
+    started = []
+    yield started.append
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_with_exit_130(tmp_path, cache_dir, stop_at_the_end):
+    # a bigger model than the tiny one: its steps and saves take long enough for the second Ctrl-C to come while the
+    # first is being honoured (with the tiny model the run could finish its save and exit in between)
+    proc = start_training(tmp_path, cache_dir, "--n_layer=4", "--n_head=4", "--n_embd=256", "--block_size=64",
+                          "--batch_size=8", group=True)
+    stop_at_the_end(proc)
+    wait_for_rows(proc, tmp_path / "out" / "metrics.jsonl", 3)
+    err = []
+
+    def read_stderr():  # the second Ctrl-C right after the first was seen
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("SIGINT: saving a checkpoint"):
+                os.killpg(proc.pid, signal.SIGINT)
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
+    proc.stdout.read()
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(err)
+    assert proc.returncode == 130, err
+    ends_in_a_sentence(err, "stopped at once (a second Ctrl-C")
+    assert not list((tmp_path / "out" / "checkpoints").glob(".*.tmp-*"))  # a save cut short leaves no stray file
+
+
+@pytest.mark.slow
+def test_the_output_folder_deleted_mid_run_stops_with_exit_1(tmp_path, cache_dir, stop_at_the_end):
+    out = tmp_path / "out"
+    proc = start_training(tmp_path, cache_dir, "--save_interval=25", "--max_steps=400")  # ~3 s if it went on
+    stop_at_the_end(proc)
+    wait_for_rows(proc, out / "metrics.jsonl", 3)
+    while out.exists():  # what `rm -rf out` does to a folder a process writes to: try until it is gone
+        shutil.rmtree(out, ignore_errors=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    ends_in_a_sentence(err, f"{out} is gone: it vanished while the run used it")
+    assert not out.exists()  # not made again by the run
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_long_evaluation_stops_within_seconds(tmp_path, cache_dir, stop_at_the_end, capsys):
+    # 20,000 validation batches: about 10 s of evaluation on a CPU, so finishing it would miss the 5 s
+    proc = start_training(tmp_path, cache_dir, "--eval_interval=5", "--eval_steps=20000", "--save_interval=5")
+    stop_at_the_end(proc)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    wait_for_rows(proc, metrics, 4)  # steps 1-4 are logged; step 5 takes milliseconds, then its evaluation starts
+    time.sleep(1.0)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    with capsys.disabled():
+        print(f"\nSIGTERM during an evaluation: exited {took:.2f} s after the signal")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert took < 5, f"exited {took:.1f} s after SIGTERM"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    assert not any("eval/loss" in row for row in rows)  # the evaluation was cut short, not finished
+    assert checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")["trainer"]["step"] == 5  # a whole step
+    assert "SIGTERM: saving a checkpoint" in err and "Traceback" not in err

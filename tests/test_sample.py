@@ -39,3 +39,20 @@ def test_checkpoints_of_earlier_formats_still_sample(capsys):
     assert main([str(fixtures / "checkpoint_v2.pt"), "--prompts=春,月", "--tokens=12", "--device=cpu", "--seed=1"]) == 0
     assert capsys.readouterr().out == ("--- '春' ---\n春\n晓上是闻闻鸟故思落晓明\n\n"
                                        "--- '月' ---\n月鸟不啼\n雨望明落上头故\n\n\n")
+
+
+def test_the_sample_command_of_the_package_works_as_the_sample_module(capsys):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    fixture = str(root / "tests" / "fixtures" / "checkpoint_v2.pt")
+    args = [fixture, "--prompts=春,月", "--tokens=8", "--seed", "1", "--device", "cpu"]
+
+    def python_m(*argv):
+        return subprocess.run([sys.executable, "-m", *argv], cwd=root, capture_output=True, text=True, timeout=120)
+    module, package = python_m("gpt_trainer.sample", *args), python_m("gpt_trainer", "sample", *args)
+    assert module.returncode == package.returncode == 0, module.stderr + package.stderr
+    assert package.stdout == module.stdout and module.stdout.startswith("--- '春' ---\n春")
+    refused = python_m("gpt_trainer.sample", fixture, "--temperature=-1")
+    assert refused.returncode == 2 and "--temperature must be" in refused.stderr

@@ -173,3 +173,33 @@ def test_an_interrupted_sweep_resumes_the_running_trial(tmp_path, cache_dir):
     assert f"resumed from {out / 'trial-001' / 'checkpoints' / 'latest.pt'}" in again.stdout
     state = json.loads((out / "sweep_state.json").read_text())["trials"]
     assert [t["status"] for t in state] == ["finished", "finished"]
+
+
+@pytest.mark.parametrize("parameter, values, named", [
+    ("learning_rate", [-1, 0], ["-1: --learning_rate must be", "0: --learning_rate must be"]),
+    ("batch_size", [0], ["0: --batch_size must be at least 1"]),
+])
+def test_check_refuses_a_sweep_whose_values_are_all_invalid(tmp_path, capsys, parameter, values, named):
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
+              "parameters": {parameter: {"values": values}}}
+    assert main([write(tmp_path, "bad.yaml", yaml.safe_dump(config)), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"parameter `{parameter}` has values train_single_gpu.py would refuse" in err
+    assert all(n in err for n in named)
+    config["parameters"][parameter] = {"values": [1.0e-3, 2.0e-3] if parameter == "learning_rate" else [4, 8]}
+    assert main([write(tmp_path, "good.yaml", yaml.safe_dump(config)), "--check"]) == 0  # the control
+
+
+def test_the_local_runner_exits_1_when_every_trial_failed(tmp_path, cache_dir, capsys):
+    """A missing --data_path is a valid flag value (--check cannot see it), so each trial fails only when it runs."""
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
+              "parameters": {"data_path": {"value": str(tmp_path / "no-such-corpus.txt")},
+                             "cache_dir": {"value": str(cache_dir)}, "max_steps": {"value": 2},
+                             "learning_rate": {"values": [1.0e-3, 2.0e-3]}}}
+    sweep_file = write(tmp_path, "grid.yaml", yaml.safe_dump(config))
+    assert main([sweep_file, "--check"]) == 0
+    out = tmp_path / "sweep"
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 1
+    assert "every trial failed" in capsys.readouterr().err
+    state = json.loads((out / "sweep_state.json").read_text())["trials"]
+    assert [t["status"] for t in state] == ["failed (exit 2)"] * 2

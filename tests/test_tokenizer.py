@@ -53,3 +53,12 @@ def test_sentencepiece_samples_never_show_replacement_characters():
     ids = tok.encode("𠀀春")  # a character only byte pieces can spell
     assert tok.decode(ids) == "𠀀春"
     assert tok.decode(ids[1:]) == "春"  # its first byte cut off: the rest of it is left out, not shown as U+FFFD
+
+
+def test_sentencepiece_trains_on_a_corpus_with_no_line_breaks_and_round_trips_it():
+    text = CLASSIC_POEMS.read_text(encoding="utf-8").replace("\n", "")
+    assert "\n" not in text and len(text.encode()) > 4192  # one line, longer than sentencepiece keeps as a sentence
+    tok = SentencePieceTokenizer.train(text, vocab_size=1500)  # its 1,079 characters, 256 bytes and some merges
+    assert tok.vocab_size == 1500
+    ids = tok.encode(text)
+    assert len(ids) < len(text) and tok.decode(ids) == text

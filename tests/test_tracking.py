@@ -140,3 +140,46 @@ def test_metrics_jsonl_keeps_each_step_once_and_stays_strict_json(tmp_path):
     assert path.read_text() == ""
 
 
+def test_a_failing_backend_costs_that_backend_only(tmp_path, capsys):
+    class FullDiskBackend:
+        """Writes to /dev/full, where every write fails with the real ENOSPC of a full disk."""
+        name = "tensorboard"
+        calls = 0
+
+        def log(self, metrics, step):
+            FullDiskBackend.calls += 1
+            with open("/dev/full", "w") as f:
+                f.write(json.dumps(metrics))
+
+        def log_samples(self, samples, step):
+            self.log(samples, step)
+
+        def close(self, summary):
+            self.log({}, summary.step)
+
+    jsonl = JsonlBackend(tmp_path / "metrics.jsonl", keep_through_step=0)
+    tracker = Tracker([FullDiskBackend(), jsonl], "run")
+    for step in (1, 2, 3):
+        tracker.log({"train/loss": 1.0 / step}, step)
+    tracker.log_samples({"春": "春江"}, 3)
+    tracker.close(RunSummary(final={"final/total_steps": 3}, step=3))
+    err = capsys.readouterr().err
+    assert err.count("is off for the rest of this run") == 1 and FullDiskBackend.calls == 1
+    assert "tensorboard: logging failed (OSError: [Errno 28] No space left on device)" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["final/total_steps"] == 3  # closed: final row
+    assert tracker.backends == []
+
+
+def test_rows_that_are_not_utf8_are_kept_as_they_were_on_resume(tiny_argv, tmp_path):
+    argv = tiny_argv("--max_steps=2", "--eval_interval=2", "--log_interval=1")
+    assert main(argv) == 0
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    bad = b'{"step": 1, "note": "\xff\xfe"}\n'  # a damaged block: not UTF-8, at a step the checkpoint covers
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(lines[0] + bad + b"".join(lines[1:]))
+    before = metrics.read_bytes()
+    assert main([*argv, "--resume", "--max_steps=3"]) == 0
+    after = metrics.read_bytes()
+    assert after.startswith(before) and bad in after  # every kept row byte for byte, then the new steps
+    assert [json.loads(line)["step"] for line in after[len(before):].splitlines()][0] == 3

@@ -110,3 +110,16 @@ def test_key_sources_in_wandb_order_without_reading_the_key_out(tmp_path, monkey
     assert wandb_key_source() == str(netrc_file)
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     assert wandb_key_source() == "WANDB_API_KEY"
+
+
+def test_a_netrc_other_users_can_read_gets_a_warning_naming_chmod_600(capsys):
+    netrc_file = Path(os.environ["HOME"]) / ".netrc"
+    netrc_file.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    netrc_file.chmod(0o644)
+    assert wandb_key_source() == str(netrc_file)
+    out, err = capsys.readouterr()
+    assert "can be read by other users of this machine (mode 644)" in err and f"chmod 600 {netrc_file}" in err
+    assert FAKE_KEY not in out + err
+    netrc_file.chmod(0o600)  # the control: a private file is used without a word
+    assert wandb_key_source() == str(netrc_file)
+    assert capsys.readouterr() == ("", "")

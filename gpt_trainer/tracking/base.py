@@ -74,12 +74,15 @@ class JsonlBackend:
     strict JSON (a non-finite value is written as null) and, like TensorBoard, holds each step once: a resumed run
     first drops the rows after its checkpoint's step, and a run started afresh starts an empty record."""
 
+    name = "metrics.jsonl"
+
     def __init__(self, path: Path, keep_through_step: int):
         self.path = path
-        rows = path.read_text(encoding="utf-8").splitlines() if path.exists() and keep_through_step else []
+        # bytes that are not UTF-8 (a damaged disk block, an edit) are carried over as they were, not decoded
+        rows = path.read_text("utf-8", "surrogateescape").splitlines() if path.exists() and keep_through_step else []
         kept = [row for row in rows if (step := _step_of(row)) is not None and step <= keep_through_step]
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
+        tmp.write_text("".join(row + "\n" for row in kept), "utf-8", "surrogateescape")
         os.replace(tmp, path)
 
     def log(self, metrics: dict, step: int) -> None:
@@ -104,25 +107,34 @@ def _step_of(row: str) -> int | None:
 
 
 class Tracker:
-    """What the trainer logs to: fans every call out to its backends."""
+    """What the trainer logs to: fans every call out to its backends. A backend that fails (a full disk under
+    TensorBoard's files, a tracker's bug) costs that backend, said once, never the run: the checkpoints and the other
+    backends go on."""
 
     def __init__(self, backends: list[Backend] = (), run_name: str = "", resumed: dict | None = None):
         self.backends, self.run_name = list(backends), run_name
         self.resumed = resumed or {}  # carried on, so a restart with fewer trackers does not forget a wandb id
 
+    def each(self, action: str, call: Callable[[Backend], None]) -> None:
+        for backend in list(self.backends):
+            try:
+                call(backend)
+            except Exception as e:  # noqa: BLE001 - whatever a tracker raises, training goes on
+                self.backends.remove(backend)
+                name = getattr(backend, "name", type(backend).__name__)
+                notice(f"{name}: {action} failed ({type(e).__name__}: {str(e)[:160]}); {name} is off for the rest "
+                       f"of this run (the checkpoints and the other trackers go on).")
+
     def log(self, metrics: dict, step: int) -> None:
-        for backend in self.backends:
-            backend.log(metrics, step)
+        self.each("logging", lambda backend: backend.log(metrics, step))
 
     def log_samples(self, samples: dict[str, str], step: int) -> None:
-        for backend in self.backends:
-            backend.log_samples(samples, step)
+        self.each("logging samples", lambda backend: backend.log_samples(samples, step))
 
     def close(self, summary: RunSummary) -> None:
         """Close every backend; `summary.final` (only for a completed run) also goes to TensorBoard's HParams table."""
         summary.final = {k: v for k, v in summary.final.items() if math.isfinite(v)}
-        for backend in self.backends:
-            backend.close(summary)
+        self.each("closing", lambda backend: backend.close(summary))
         self.backends = []
 
     def state_dict(self) -> dict:

@@ -65,6 +65,8 @@ def quiet(offline: bool):
 
 
 class SwanLabBackend:
+    name = "swanlab"
+
     def __init__(self, run, swanlab_module, logdir: Path, offline: bool):
         self.run, self.swanlab, self.logdir, self.offline = run, swanlab_module, logdir, offline
         self.failed = False

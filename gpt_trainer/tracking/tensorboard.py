@@ -9,6 +9,8 @@ from .base import RunInfo, RunSummary
 
 
 class TensorBoardBackend:
+    name = "tensorboard"
+
     def __init__(self, logdir: Path, hparams: dict, purge_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 

@@ -8,6 +8,7 @@ into anything that is logged or saved; only where it would come from is reported
 from __future__ import annotations
 
 import configparser
+import contextlib
 import netrc
 import os
 from pathlib import Path
@@ -26,6 +27,10 @@ def wandb_key_source() -> str | None:
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     netrc_path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     if netrc_path.is_file():
+        with contextlib.suppress(OSError):
+            if netrc_path.stat().st_mode & 0o044:
+                notice(f"warning: {netrc_path} holds API keys and can be read by other users of this machine (mode "
+                       f"{netrc_path.stat().st_mode & 0o777:o}). Make it private: chmod 600 {netrc_path}")
         try:
             # an explicit path skips the owner/permission check, so a read-only mount from the host works
             if netrc.netrc(str(netrc_path)).authenticators(host):
@@ -48,6 +53,8 @@ def wandb_key_source() -> str | None:
 
 
 class WandbBackend:
+    name = "wandb"
+
     def __init__(self, run, wandb_module, log_model: bool):
         self.run, self.wandb, self.log_model = run, wandb_module, log_model
         self.table_rows: list = []
