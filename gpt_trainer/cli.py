@@ -88,11 +88,7 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder,
     resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
     saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
     device = distributed.start(world, device, cfg.dist_timeout)
-    if not world.is_main:
-        distributed.barrier(world)  # the main process builds the token cache, the others then read it
-    data = prepare_data(cfg)
-    if world.is_main:
-        distributed.barrier(world)
+    data = prepare_data(cfg)  # the first process to take the cache's lock prepares; the others then read its work
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
         checkpoint.check_same_text(saved, data.digest, cfg.allow_new_data, resume_from)

@@ -74,6 +74,9 @@ class TrainConfig:
     corpus: str | None = _flag(None, "A named corpus instead of --data_path.", choices=list(CORPORA))
     cache_dir: str | None = _flag(None, "Where downloads and token caches live (default: $GPT_TRAINER_CACHE or "
                                         "~/.cache/gpt_trainer).")
+    text_field: str = _flag("text", "The field of .json/.jsonl records that holds the text (MiniMind's data: text).")
+    prepare_workers: int = _flag(0, "Processes that encode the corpus with --tokenizer sentencepiece (0: every usable "
+                                    "core); char encoding is one vectorised table look-up, faster in one process.")
     tokenizer: str = _flag("char", "Tokenizer kind.", choices=["char", "sentencepiece"])
     vocab_size: int = _flag(4000, "Vocabulary size for --tokenizer sentencepiece.")
     train_split: float = _flag(0.9, "Fraction of tokens used for training; the rest is validation.")
@@ -204,7 +207,8 @@ RANGES = {
     "dropout": FRACTION_BELOW_1, "vocab_size": Range(2), "train_split": FRACTION_OPEN, "batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1, "epochs": POSITIVE, "max_steps": AT_LEAST_1, "learning_rate": POSITIVE,
     "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
-    "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "eval_interval": AT_LEAST_1, "eval_steps": AT_LEAST_1,
+    "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "prepare_workers": NON_NEGATIVE, "eval_interval": AT_LEAST_1,
+    "eval_steps": AT_LEAST_1,
     "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": NON_NEGATIVE, "temperature": POSITIVE,
     "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_allowed=False), "max_bad_steps": AT_LEAST_1,
     "dist_timeout": POSITIVE, "global_batch_size": AT_LEAST_1,
@@ -264,15 +268,24 @@ class _UsageErrorParser(argparse.ArgumentParser):
         raise UsageError(f"{message}. Run with --help to see every flag.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# the flags that say which text and tokens a run trains on (python -m gpt_trainer.prepare takes these alone)
+DATA_FLAGS = ("use_chinese", "data_path", "corpus", "cache_dir", "text_field", "prepare_workers", "tokenizer",
+              "vocab_size", "train_split", "seed")
+
+
+def build_parser(only: tuple[str, ...] | None = None, prog: str = "train_single_gpu.py",
+                 description: str = "Train a small GPT from scratch on one GPU or the CPU.") -> argparse.ArgumentParser:
+    """The command line of every TrainConfig field (or of the fields `only` names)."""
     parser = _UsageErrorParser(
-        prog="train_single_gpu.py",
+        prog=prog,
         allow_abbrev=False,  # `--learn 1e-3` must not silently mean --learning_rate
-        description="Train a small GPT from scratch on one GPU or the CPU.",
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         kwargs = dict(f.metadata)
         annotation = hints[f.name]
         inner = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]

@@ -5,12 +5,16 @@ tools/build_builtin_poems.py, licence in poems_builtin_LICENSE.txt)."""
 from __future__ import annotations
 
 import codecs
+import functools
+import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +62,50 @@ REMOTE_CORPORA = {
 }
 
 
-@dataclass
+CHUNK_BYTES = 8 << 20  # the text is read, decoded and encoded in line-aligned pieces of about this many bytes
+SOURCE_SUFFIXES = (".txt", ".json", ".jsonl")  # each also as .gz
+
+
 class Corpus:
-    name: str
-    text: str
-    default_prompts: str
+    """Training text: held in memory (the small named corpora), or files streamed in line-aligned pieces
+    (--data_path), so that preparing a corpus of gigabytes never holds it whole."""
+
+    def __init__(self, name: str, text: str | None = None, default_prompts: str | None = None,
+                 files: tuple[Path, ...] = (), text_field: str = "text"):
+        self.name, self._text, self.default_prompts = name, text, default_prompts
+        self.files, self.text_field = tuple(files), text_field
+
+    def pieces(self):
+        """(text, source bytes) pieces whose concatenation is the whole text; files are joined by a line break."""
+        if self._text is not None:
+            yield self._text, len(self._text.encode("utf-8"))
+            return
+        for i, path in enumerate(self.files):
+            if i:
+                yield "\n", 0
+            yield from file_pieces(path, self.text_field)
+
+    @property
+    def text(self) -> str:
+        """The whole text in memory: for small corpora and tests; preparation streams `pieces()` instead."""
+        return self._text if self._text is not None else "".join(text for text, _ in self.pieces())
+
+    @property
+    def parsed(self) -> bool:
+        """Whether its text is parsed out of JSON (preparation then keeps the text of its first pass for the second)."""
+        return any(source_kind(p) in (".json", ".jsonl") for p in self.files)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files) if self._text is None else len(self._text.encode("utf-8"))
+
+    def identity(self) -> str:
+        """What the token cache is keyed on: each file's path, size and modification time (no need to read a corpus
+        of gigabytes to find its cache), or the digest of a text held in memory."""
+        if self._text is not None:
+            return "text:" + hashlib.sha256(self._text.encode("utf-8")).hexdigest()
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+        return "files:" + hashlib.sha256(json.dumps([stats, self.text_field]).encode()).hexdigest()
 
 
 class CorpusUnavailable(UsageError):
@@ -126,76 +169,248 @@ def decode_bytes(raw: bytes, path: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def poem_to_text(item: dict) -> str | None:
-    """A chinese-poetry record (`paragraphs` list, with `title` or `rhythmic`) or a {"text": ...} record."""
+def poem_to_text(item: dict, text_field: str = "text") -> str | None:
+    """A chinese-poetry record (`paragraphs` list, with `title` or `rhythmic`) or a {"text": ...} record (the field
+    --text_field names)."""
     if isinstance(item.get("paragraphs"), list):
         heading = item.get("rhythmic") or item.get("title") or ""
         body = "".join(str(p) for p in item["paragraphs"])
         return f"{heading}\n{body}\n" if heading else f"{body}\n"
-    if isinstance(item.get("text"), str):
-        return item["text"].rstrip("\n") + "\n"
+    if isinstance(item.get(text_field), str):
+        return item[text_field].rstrip("\n") + "\n"
     return None
 
 
-def json_records_to_text(records, path: str) -> str:
+def no_records_error(path: str, count: int, text_field: str) -> UsageError:
+    return UsageError(f"{path}: none of its {count} JSON records has a `paragraphs` list or a `{text_field}` string, "
+                      f"so there is nothing to train on. Use the chinese-poetry layout, {{\"{text_field}\": ...}} "
+                      f"records, or --text_field to name the field that holds the text.")
+
+
+def json_records_to_text(records, path: str, text_field: str = "text") -> str:
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):
-        raise UsageError(f"{path}: expected a JSON list of records with `paragraphs` or `text`, found "
+        raise UsageError(f"{path}: expected a JSON list of records with `paragraphs` or `{text_field}`, found "
                          f"{type(records).__name__}.")
-    texts = [t for t in (poem_to_text(r) for r in records if isinstance(r, dict)) if t]
+    texts = [t for t in (poem_to_text(r, text_field) for r in records if isinstance(r, dict)) if t]
     if records and not texts:
-        raise UsageError(
-            f"{path}: none of its {len(records)} JSON records has a `paragraphs` list or a `text` string, "
-            f"so there is nothing to train on. Use the chinese-poetry layout or {{\"text\": ...}} records."
-        )
+        raise no_records_error(path, len(records), text_field)
     return "\n".join(texts)
 
 
-def read_source_file(path: Path) -> str:
+def source_kind(path: Path) -> str:
+    """.txt, .json or .jsonl, for a file and its gzip-compressed variant (x.jsonl.gz is .jsonl); other names: .txt."""
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    return suffixes[0] if suffixes and suffixes[0] in SOURCE_SUFFIXES else ".txt"
+
+
+def is_source(path: Path) -> bool:
+    """A file a folder's corpus is read from: .txt, .json, .jsonl, or one of them gzip-compressed (x.jsonl.gz)."""
+    inner = path.suffixes[-2:-1] if path.suffix == ".gz" else path.suffixes[-1:]
+    return bool(inner) and inner[0] in SOURCE_SUFFIXES
+
+
+def unreadable(path: Path, error: Exception) -> UsageError:
+    reason = getattr(error, "strerror", None) or error
+    return UsageError(f"{path} cannot be read ({reason}). Fix its permissions or replace it, or move it out of the "
+                      f"--data_path folder.")
+
+
+def open_source(path: Path):
     try:
-        raw = path.read_bytes()
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except OSError as e:
-        raise UsageError(f"{path} cannot be read ({e.strerror}). Fix its permissions, or move it out of the "
-                         f"--data_path folder.") from None
-    text = decode_bytes(raw, str(path))
-    if path.suffix == ".json":
+        raise unreadable(path, e) from None
+
+
+def read_blocks(path: Path):
+    """The file's bytes in blocks of CHUNK_BYTES (decompressed for .gz); a read error names the file."""
+    with open_source(path) as f:
+        while True:
+            try:
+                block = f.read(CHUNK_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                raise unreadable(path, e) from None
+            if not block:
+                return
+            yield block
+
+
+def first_bad_byte(path: Path, codec: str) -> int | None:
+    """Where the file stops decoding as `codec`, or None when all of it does (a character cut at the very end aside:
+    the incremental decoder holds it back)."""
+    decoder, offset = codecs.getincrementaldecoder(codec)(), 0
+    for block in read_blocks(path):
+        held_back = len(decoder.getstate()[0])  # the start of a character the last block cut: counted already
         try:
-            return json_records_to_text(json.loads(text), str(path))
+            decoder.decode(block)
+        except UnicodeDecodeError as e:
+            return offset - held_back + e.start
+        offset += len(block)
+    return None
+
+
+def detect_encoding(path: Path) -> str:
+    """utf-8-sig, gb18030 (with a notice), or "wide" (UTF-16/32, decoded whole), found by streaming the file once
+    per version of it (preparation reads a corpus twice)."""
+    stat = path.stat()
+    return _detected_encoding(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _detected_encoding(path: Path, size: int, mtime_ns: int) -> str:
+    if wide_encoding(next(read_blocks(path), b"")):
+        return "wide"
+    bad = first_bad_byte(path, "utf-8-sig")
+    if bad is None:
+        return "utf-8-sig"
+    if first_bad_byte(path, "gb18030") is None:
+        notice(f"note: {path} is not UTF-8; decoded it as GB18030/GBK.")
+        return "gb18030"
+    raise UsageError(f"{path} is neither UTF-8, UTF-16/32 nor GB18030/GBK text (first bad byte at offset {bad}). "
+                     f"Convert it, e.g. `iconv -f <encoding> -t UTF-8 {path} > fixed.txt`, and pass the converted "
+                     f"file.")
+
+
+def text_pieces(path: Path):
+    """(text, bytes) pieces of a text file, line-aligned (a line longer than a few pieces is cut, never a character
+    or a CR LF pair), line breaks made LF. A character cut short at the very end is left out, with a note."""
+    codec = detect_encoding(path)
+    if codec == "wide":
+        raw = b"".join(read_blocks(path))
+        yield decode_bytes(raw, str(path)), len(raw)
+        return
+    decoder, rest, chars = codecs.getincrementaldecoder(codec)(), b"", 0
+    for block in read_blocks(path):
+        data = rest + block
+        cut = data.rfind(b"\n") + 1 or (len(data) if len(data) > 4 * CHUNK_BYTES else 0)
+        if data[cut - 1:cut] == b"\r":
+            cut -= 1  # the CR of a CR LF pair waits for its LF
+        data, rest = data[:cut], data[cut:]
+        if data:
+            text = clean_text(decoder.decode(data), path, chars)
+            chars += len(text)
+            yield text, len(data)
+    text = clean_text(decoder.decode(rest), path, chars)
+    if text or rest:
+        yield text, len(rest)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        notice(f"note: {path} ends in the middle of a character (a file cut short?); that character is left out.")
+
+
+def utf8_pieces(path: Path):
+    """(text, bytes) line-aligned pieces of a UTF-8 file this program wrote (the first pass's text), decoded exactly
+    as written: no byte-order mark or line-break handling."""
+    decoder, rest = codecs.getincrementaldecoder("utf-8")(), b""
+    for block in read_blocks(path):
+        data = rest + block
+        cut = data.rfind(b"\n") + 1 or (len(data) if len(data) > 4 * CHUNK_BYTES else 0)
+        data, rest = data[:cut], data[cut:]
+        yield decoder.decode(data), len(data)
+    yield decoder.decode(rest, final=True), len(rest)
+
+
+def clean_text(text: str, path: Path, chars_before: int) -> str:
+    if "\0" in text:
+        raise UsageError(f"{path} contains NUL characters (at character {chars_before + text.index(chr(0)):,}), so "
+                         f"it is not plain text: a binary file, or text in an encoding that was not recognised. "
+                         f"Convert it to UTF-8.")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def jsonl_pieces(path: Path, text_field: str):
+    """The texts of a JSON-lines file's records (one per line), joined by line breaks, in pieces; a line that is not
+    JSON stops preparation, naming the file and the line."""
+    lineno, records, kept, partial = 0, 0, 0, ""
+    for piece, nbytes in itertools.chain(text_pieces(path), [(None, 0)]):  # None: the end, for a last line
+        lines = (partial + (piece or "")).split("\n")
+        partial = lines.pop() if piece is not None else ""
+        filled = [line for line in lines if line.strip()]
+        records += len(filled)
+        texts = [text for item in parse_json_lines(filled, lines, lineno, path)
+                 if isinstance(item, dict) and (text := poem_to_text(item, text_field))]
+        lineno += len(lines)
+        yield "".join(("\n" if kept or i else "") + text for i, text in enumerate(texts)), nbytes
+        kept += len(texts)
+    if records and not kept:
+        raise no_records_error(str(path), records, text_field)
+
+
+def parse_json_lines(filled: list[str], lines: list[str], first_lineno: int, path: Path) -> list:
+    """The records of a piece's non-blank lines, parsed in one call (a JSON array of them: C speed, not a Python
+    loop per line); when that fails, line by line, to name the line that is not JSON."""
+    try:
+        items = json.loads("[" + ",".join(filled) + "]")
+        if len(items) == len(filled):  # a line holding two values, "1, 2", would pass as two records
+            return items
+    except json.JSONDecodeError:
+        pass
+    items = []
+    for offset, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}, line {first_lineno + offset}: not valid JSON ({e.msg}). Fix or remove that "
+                                 f"line.") from None
+    return items
+
+
+def file_pieces(path: Path, text_field: str = "text"):
+    """(text, source bytes) pieces of one source file, whatever its format."""
+    kind = source_kind(path)
+    if kind == ".jsonl":
+        yield from jsonl_pieces(path, text_field)
+    elif kind == ".json":
+        raw = b"".join(read_blocks(path))
+        text = decode_bytes(raw, str(path))
+        try:
+            yield json_records_to_text(json.loads(text), str(path), text_field), len(raw)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from None
-        return json_records_to_text(records, str(path))
-    return text
+    else:
+        yield from text_pieces(path)
 
 
-def read_data_path(data_path: str) -> Corpus:
+def read_source_file(path: Path, text_field: str = "text") -> str:
+    return "".join(text for text, _ in file_pieces(path, text_field))
+
+
+def is_empty(path: Path) -> bool:
+    """No bytes to read (its size says so, or a .gz holds nothing); a file that cannot be read says so here."""
+    if path.stat().st_size and path.suffix != ".gz":
+        return False
+    with open_source(path) as f:
+        try:
+            return not f.read(1)
+        except (OSError, EOFError, zlib.error) as e:
+            raise unreadable(path, e) from None
+
+
+def read_data_path(data_path: str, text_field: str = "text") -> Corpus:
+    """The files of --data_path, to be streamed: a file, or every .txt/.json/.jsonl (and .gz) file below a folder,
+    in name order; run folders and empty files are skipped, each with a note."""
     path = Path(data_path).expanduser()
     if not path.exists():
         raise UsageError(f"--data_path {data_path} does not exist. Give a text file or a folder of "
                          f".txt/.json/.jsonl files.")
-    if path.is_dir():
-        run_folders = {marker.parent for marker in path.rglob(MARKER)}  # what a run wrote is not corpus
-        for folder in sorted(run_folders):
-            notice(f"note: {folder} is a training run's folder inside --data_path; its files are not read as text.")
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file()
-                       and not run_folders & set(p.parents))
-        if not files:
-            raise UsageError(f"--data_path {data_path} is a folder with no .txt, .json or .jsonl files in it.")
-        text = "\n".join(read_source_file(p) for p in files)
-    else:
-        text = read_source_file(path)
-    if not text.strip():
-        raise UsageError(f"--data_path {data_path} holds no text (it is empty or only whitespace). Point it at your "
-                         f"corpus.")
-    return Corpus(path.name, text, default_prompts_for(text))
+    if not path.is_dir():
+        return Corpus(path.name, files=(path,), text_field=text_field)
+    run_folders = {marker.parent for marker in path.rglob(MARKER)}  # what a run wrote is not corpus
+    for folder in sorted(run_folders):
+        notice(f"note: {folder} is a training run's folder inside --data_path; its files are not read as text.")
+    files = sorted(p for p in path.rglob("*") if is_source(p) and p.is_file() and not run_folders & set(p.parents))
+    empty = [p for p in files if is_empty(p)]
+    if empty:
+        notice(f"note: skipped {len(empty)} empty file(s) in --data_path: {', '.join(p.name for p in empty[:5])}")
+    files = [p for p in files if p not in empty]
+    if not files:
+        raise UsageError(f"--data_path {data_path} is a folder with no .txt, .json or .jsonl files in it (or only "
+                         f"empty ones).")
+    return Corpus(path.name, files=tuple(files), text_field=text_field)
 
 
 def default_prompts_for(text: str) -> str:
@@ -320,5 +535,5 @@ def chinese_default(cache_dir: str) -> Corpus:
 
 def load_corpus(cfg: TrainConfig) -> Corpus:
     if cfg.data_path:
-        return read_data_path(cfg.data_path)
+        return read_data_path(cfg.data_path, cfg.text_field)
     return load_named(cfg.corpus or "chinese", cfg.resolved_cache_dir())

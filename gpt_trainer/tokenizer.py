@@ -3,9 +3,11 @@ every checkpoint, so sampling needs nothing but the checkpoint."""
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import tempfile
+from typing import Iterable
+
+import numpy as np
 
 from .errors import UsageError
 
@@ -51,34 +53,33 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> "SentencePieceTokenizer":
+        return cls.train_on(training_sentences(text), vocab_size)
+
+    @classmethod
+    def train_on(cls, sentences: Iterable[str], vocab_size: int) -> "SentencePieceTokenizer":
         import sentencepiece as spm
 
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = os.path.join(tmp, "corpus.txt")
-            with open(corpus, "w", encoding="utf-8") as f:
-                f.writelines(piece + "\n" for piece in training_sentences(text))
-            prefix = os.path.join(tmp, "sp")
-            try:
-                spm.SentencePieceTrainer.train(
-                    input=corpus,
-                    model_prefix=prefix,
-                    vocab_size=vocab_size,
-                    model_type="bpe",
-                    character_coverage=0.9995,  # Chinese has thousands of characters; rare ones fall back to bytes
-                    byte_fallback=True,  # so every character, even 𠀀, round-trips
-                    normalization_rule_name="identity",  # keep full-width punctuation exactly as written
-                    remove_extra_whitespaces=False,
-                    add_dummy_prefix=False,  # a dummy space per line would not survive the round trip
-                    required_chars="▁",  # the whitespace piece, else spaces in a space-free corpus decode as '▁'
-                    split_digits=True,
-                    input_sentence_size=2_000_000,
-                    shuffle_input_sentence=True,
-                    minloglevel=2,
-                )
-            except RuntimeError as e:
-                raise UsageError(vocab_size_problem(str(e), vocab_size)) from None
-            with open(prefix + ".model", "rb") as f:
-                return cls(f.read())
+        model = io.BytesIO()  # from an iterator into memory: the model records no temporary path, so the same
+        try:  # sentences always give the same model, byte for byte
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type="bpe",
+                character_coverage=0.9995,  # Chinese has thousands of characters; rare ones fall back to bytes
+                byte_fallback=True,  # so every character, even 𠀀, round-trips
+                normalization_rule_name="identity",  # keep full-width punctuation exactly as written
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=False,  # a dummy space per line would not survive the round trip
+                required_chars="▁",  # the whitespace piece, else spaces in a space-free corpus decode as '▁'
+                split_digits=True,
+                input_sentence_size=2_000_000,
+                shuffle_input_sentence=True,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise UsageError(vocab_size_problem(str(e), vocab_size)) from None
+        return cls(model.getvalue())
 
     @property
     def vocab_size(self) -> int:
@@ -133,3 +134,64 @@ def vocab_size_problem(error: str, vocab_size: int) -> str:
                 f"more, or --tokenizer char.")
     return (f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus ({error.splitlines()[0]}). "
             f"Try another --vocab_size, or --tokenizer char.")
+
+
+# ---- encoding in worker processes (this module is light: a worker imports it, not torch) ---------------------------
+UNICODE_SIZE = 0x110000
+_worker: dict = {}  # what each worker process encodes with, set once by `start_worker`
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def characters_in(text: str) -> np.ndarray:
+    """The code points a piece of text uses (vectorised: one count per code point, not a Python loop per
+    character)."""
+    return np.flatnonzero(np.bincount(code_points(text)))
+
+
+def start_worker(tokenizer_state: dict, dtype: str) -> None:
+    _worker.update(dtype=dtype, kind=tokenizer_state["kind"])
+    if tokenizer_state["kind"] == "char":
+        table = np.full(UNICODE_SIZE, -1, dtype=np.int64)
+        table[[ord(c) for c in tokenizer_state["chars"]]] = np.arange(len(tokenizer_state["chars"]))
+        _worker["table"] = table
+    else:
+        _worker["tokenizer"] = tokenizer_from_dict(tokenizer_state)
+
+
+def encode_piece(text: str) -> bytes:
+    """The ids of a piece of text as bytes of the cache's dtype (in a worker started by `start_worker`)."""
+    if _worker["kind"] == "char":
+        ids = _worker["table"][code_points(text)]
+    else:
+        ids = np.asarray(_worker["tokenizer"].encode(text), dtype=np.int64)
+    return ids.astype(_worker["dtype"]).tobytes()
+
+
+WORKER_FUNCTIONS = {"characters_in": characters_in, "start_worker": start_worker, "encode_piece": encode_piece}
+
+
+def serve() -> None:
+    """A worker process (`python -m gpt_trainer.tokenizer`): answer (function name, argument) requests read from
+    stdin with pickled results on stdout, until stdin closes. It imports this module and numpy only."""
+    import pickle
+    import sys
+
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            name, argument = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            answer = ("ok", WORKER_FUNCTIONS[name](*argument))
+        except Exception as e:  # noqa: BLE001 - sent back to the parent, which raises it
+            answer = ("error", f"{type(e).__name__}: {e}")
+        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    serve()

@@ -22,7 +22,7 @@ def test_gb18030_text_is_decoded_with_a_notice(tmp_path, capsys):
     corpus = read_data_path(str(path))
     assert corpus.text == "春江潮水连海平\n海上明月共潮生\n"
     assert "GB18030" in capsys.readouterr().err
-    assert corpus.default_prompts == CHINESE_PROMPTS
+    assert corpora.default_prompts_for(corpus.text) == CHINESE_PROMPTS
 
 
 def test_bom_is_stripped(tmp_path):
@@ -33,7 +33,7 @@ def test_bom_is_stripped(tmp_path):
 def test_undecodable_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\x81\x30\xff\x7f\x80" * 10)
     with pytest.raises(UsageError, match="neither UTF-8, UTF-16/32 nor GB18030.*iconv"):
-        read_data_path(str(tmp_path / "bad.txt"))
+        read_data_path(str(tmp_path / "bad.txt")).text  # files are read as they are streamed
 
 
 @pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
@@ -48,7 +48,7 @@ def test_utf16_and_utf32_are_decoded_with_or_without_a_bom(tmp_path, capsys, cod
 def test_text_with_nul_characters_is_refused(tmp_path):
     (tmp_path / "binary.txt").write_bytes(b"poems\x00\x01\x02 and then some more bytes")
     with pytest.raises(UsageError, match="contains NUL characters"):
-        read_data_path(str(tmp_path / "binary.txt"))
+        read_data_path(str(tmp_path / "binary.txt")).text
 
 
 def test_folder_of_chinese_poetry_json_and_jsonl(tmp_path):
@@ -68,7 +68,7 @@ def test_folder_of_chinese_poetry_json_and_jsonl(tmp_path):
 def test_bad_json_names_the_file(tmp_path, content, message):
     (tmp_path / "x.json").write_text(content)
     with pytest.raises(UsageError, match=message):
-        read_data_path(str(tmp_path / "x.json"))
+        read_data_path(str(tmp_path / "x.json")).text
 
 
 # ---- downloads, against a real HTTP server on 127.0.0.1 -------------------------------------------------------------
@@ -213,3 +213,133 @@ def test_a_run_folder_inside_the_data_path_folder_is_not_read_as_corpus(tiny_arg
     capsys.readouterr()
     assert main([*argv, "--resume", "--max_steps=3"]) == 0  # the same text: its own files were not added to it
     assert f"note: {data / 'run'} is a training run's folder inside --data_path" in capsys.readouterr().err
+
+
+# ---- streaming in pieces: the text does not depend on where the pieces are cut ---------------------------------------
+STREAM_TEXT = ("静夜思\r\n床前明月光，疑是地上霜。😀𠀀\r\n\r\nplain ascii line\r\n"
+               + "长" * 300 + "😀𠀀x" * 50 + "\r\n末行 ends with a lone CR\r")
+
+
+@pytest.mark.parametrize("bom", ["", "\ufeff"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_pieces_of_any_size_decode_to_the_text_of_a_whole_file_read(tmp_path, monkeypatch, chunk, bom):
+    raw = (bom + STREAM_TEXT).encode("utf-8")
+    path = tmp_path / "stream.txt"
+    path.write_bytes(raw)
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    pieces = list(read_data_path(str(path)).pieces())
+    assert "".join(text for text, _ in pieces) == corpora.decode_bytes(raw, str(path))
+    assert sum(nbytes for _, nbytes in pieces) == len(raw)  # the progress bar counts every source byte once
+    assert len(pieces) > 5  # it was streamed, not read whole
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_gb18030_in_tiny_pieces_decodes_as_a_whole_file_read(tmp_path, monkeypatch, chunk):
+    raw = ("春江潮水连海平\r\n海上明月共潮生\r\n" * 5 + "滟" * 100 + "\r\n").encode("gb18030")
+    (tmp_path / "gbk.txt").write_bytes(raw)
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    assert read_data_path(str(tmp_path / "gbk.txt")).text == corpora.decode_bytes(raw, "gbk.txt")
+
+
+JSONL_RECORDS = [{"text": "床前明月光，\n疑是地上霜。"},
+                 {"title": "静夜思", "paragraphs": ["举头望明月，", "低头思故乡。"]},
+                 {"other": "no text field: skipped"}, {"text": "line one\nline two 😀𠀀\n\n"},
+                 {"text": "长" * 200 + "\\n is not a break"},
+                 {"rhythmic": "虞美人", "paragraphs": ["春花秋月何时了？"]}]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_jsonl_records_split_across_pieces_give_the_text_of_the_whole_records(tmp_path, monkeypatch, chunk):
+    lines = [json.dumps(r, ensure_ascii=False) for r in JSONL_RECORDS]
+    assert all("\n" not in line for line in lines) and "\\n" in lines[0]  # escaped newlines inside records
+    (tmp_path / "records.jsonl").write_text("\r\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n",
+                                            encoding="utf-8")
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    expected = corpora.json_records_to_text([json.loads(line) for line in lines], "records.jsonl")
+    assert read_data_path(str(tmp_path / "records.jsonl")).text == expected
+
+
+# ---- formats and bad input -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [7, 8 << 20])
+def test_gzip_files_read_as_their_uncompressed_twins(tmp_path, monkeypatch, chunk):
+    import gzip
+
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    plain = {"poems.txt": STREAM_TEXT.encode("utf-8"),
+             "records.jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in JSONL_RECORDS).encode("utf-8"),
+             "ci.song.0.json": json.dumps(POEMS, ensure_ascii=False).encode("utf-8")}
+    for name, raw in plain.items():
+        (tmp_path / name).write_bytes(raw)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(raw))
+        twin = read_data_path(str(tmp_path / name)).text
+        assert twin.strip() and read_data_path(str(tmp_path / f"{name}.gz")).text == twin
+
+
+def test_a_folder_reads_only_gzip_files_of_the_known_formats(tmp_path):
+    import gzip
+
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress("春江花月夜\n".encode("utf-8")))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress('{"text": "鹅鹅鹅"}\n'.encode("utf-8")))
+    (tmp_path / "table.csv.gz").write_bytes(gzip.compress(b"not,read\n"))
+    (tmp_path / "archive.tar.gz").write_bytes(gzip.compress(b"not read either\n"))
+    corpus = read_data_path(str(tmp_path))
+    assert [p.name for p in corpus.files] == ["a.txt.gz", "b.jsonl.gz"]
+    assert corpus.text == "春江花月夜\n\n鹅鹅鹅\n"
+
+
+@pytest.mark.parametrize("name", ["records.jsonl", "records.json"])
+def test_text_field_names_the_field_that_holds_the_text(tmp_path, name):
+    records = [{"content": "床前明月光，疑是地上霜。"}, {"content": "举头望明月，低头思故乡。"}]
+    body = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) if name.endswith("l") else json.dumps(records)
+    (tmp_path / name).write_text(body, encoding="utf-8")
+    expected = "床前明月光，疑是地上霜。\n\n举头望明月，低头思故乡。\n"
+    assert read_data_path(str(tmp_path / name), "content").text == expected
+    with pytest.raises(UsageError, match=r"none of its 2 JSON records has a `paragraphs` list or a `text` string.*"
+                                         r"--text_field"):
+        read_data_path(str(tmp_path / name)).text
+
+
+def test_empty_files_among_others_are_skipped_with_a_note_naming_them(tmp_path, capsys):
+    import gzip
+
+    (tmp_path / "a.txt").write_text("春江花月夜\n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "hollow.jsonl.gz").write_bytes(gzip.compress(b""))
+    (tmp_path / "z.txt").write_text("海上明月\n", encoding="utf-8")
+    corpus = read_data_path(str(tmp_path))
+    assert "skipped 2 empty file(s) in --data_path: empty.txt, hollow.jsonl.gz" in capsys.readouterr().err
+    assert [p.name for p in corpus.files] == ["a.txt", "z.txt"] and corpus.text == "春江花月夜\n\n海上明月\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 8 << 20])
+def test_a_file_cut_inside_its_last_character_loses_only_that_character(tmp_path, monkeypatch, capsys, chunk):
+    raw = "春江花月夜\n海上明月".encode("utf-8")
+    (tmp_path / "cut.txt").write_bytes(raw[:-1])  # the last of 月's three bytes is gone
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    assert read_data_path(str(tmp_path / "cut.txt")).text == "春江花月夜\n海上明"
+    assert f"{tmp_path / 'cut.txt'} ends in the middle of a character" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8 << 20])
+def test_a_malformed_json_line_names_the_file_and_the_line(tmp_path, monkeypatch, chunk):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"text": "床前明月光"}\n\n{"text": "疑是地上霜"}\r\n{"text": "举头望明月",\n{"text": "x"}\n',
+                    encoding="utf-8")
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    with pytest.raises(UsageError, match=rf"^{path}, line 4: not valid JSON"):
+        read_data_path(str(path)).text
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 8 << 20])
+@pytest.mark.parametrize("bad", [b"\xff\xfe\xff", "春".encode("utf-8")[:1] + b"\xff\xff"])  # 2nd: after a lead byte
+def test_undecodable_bytes_name_the_file_and_the_first_bad_byte(tmp_path, monkeypatch, chunk, bad):
+    raw = "春江潮水连海平\r\n海上明月".encode("utf-8") + bad + "共潮生\n".encode("utf-8")
+    path = tmp_path / "bad.txt"
+    path.write_bytes(raw)
+    with pytest.raises(UnicodeDecodeError) as whole:
+        raw.decode("utf-8")
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    with pytest.raises(UsageError, match="neither UTF-8, UTF-16/32 nor GB18030") as error:
+        read_data_path(str(path)).text
+    assert str(path) in str(error.value)
+    assert f"first bad byte at offset {whole.value.start})" in str(error.value)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -5,6 +7,7 @@ from gpt_trainer import data as data_module
 from gpt_trainer.errors import UsageError
 from gpt_trainer.corpora import Corpus
 from gpt_trainer.data import EpochSampler, prepare_data, validation_windows
+from gpt_trainer.tokenizer import CharTokenizer
 
 
 def test_tokens_are_cached_on_disk_and_not_recomputed(tiny_cfg, tmp_path, monkeypatch):
@@ -34,7 +37,7 @@ def test_sentencepiece_is_announced_only_once_trained_never_before_a_size_error(
         prepare_data(tiny_cfg(f"--cache_dir={tmp_path}", "--tokenizer=sentencepiece", "--vocab_size=100000"))
     assert "sentencepiece model" not in capsys.readouterr().err and not list(tmp_path.glob("tokens/*"))
     prepare_data(tiny_cfg(f"--cache_dir={tmp_path}", "--tokenizer=sentencepiece", "--vocab_size=2000"))
-    assert "trained a 2000-token sentencepiece model on 4,919 characters" in capsys.readouterr().err  # the control
+    assert "trained a 2000-token sentencepiece model on 166 of 166 lines" in capsys.readouterr().err  # the control
 
 
 def test_corpus_shorter_than_a_block_is_a_usage_error(tiny_cfg, tmp_path):
@@ -97,3 +100,116 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_notice_never_trained_on(tiny_cf
     assert "is damaged" in capsys.readouterr().err
     assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
     assert data_module.cache_damage(folder) is None
+
+
+# ---- streaming preparation: the ids the whole-text algorithm gave, whatever the pieces and the workers ---------------
+def mixed_folder(root):
+    """A --data_path folder of every format: the classic poems (.txt), chinese-poetry .json, .jsonl and GBK text."""
+    import json
+
+    from tests.conftest import CLASSIC_POEMS
+
+    folder = root / "mixed"
+    folder.mkdir()
+    (folder / "a_classic.txt").write_text(CLASSIC_POEMS.read_text(encoding="utf-8"), encoding="utf-8")
+    poems = [{"title": "静夜思", "paragraphs": ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]},
+             {"rhythmic": "虞美人", "paragraphs": ["春花秋月何时了？往事知多少。"]}] * 10
+    (folder / "b_ci.song.0.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    (folder / "c_records.jsonl").write_text("\n".join(json.dumps({"text": f"鹅鹅鹅，曲项向天歌。{i}\n白毛浮绿水"},
+                                                                 ensure_ascii=False) for i in range(30)) + "\n",
+                                            encoding="utf-8")
+    (folder / "d_gbk.txt").write_bytes(("春眠不觉晓，处处闻啼鸟。\r\n夜来风雨声，花落知多少。\r\n" * 20).encode("gbk"))
+    return folder
+
+
+def vocabulary(tokenizer) -> list:
+    """The pieces (and sentencepiece's scores) in id order: the model proto also records where it was trained."""
+    if tokenizer.kind == "char":
+        return tokenizer.chars
+    return [(tokenizer.sp.id_to_piece(i), tokenizer.sp.get_score(i)) for i in range(tokenizer.vocab_size)]
+
+
+@pytest.mark.parametrize("chunk", [None, 512])  # None: the default piece size, 512: many pieces (no line is cut)
+@pytest.mark.parametrize("source", ["classic", "mixed"])
+@pytest.mark.parametrize("tokenizer", ["char", "sentencepiece"])
+def test_prepared_ids_equal_those_of_the_whole_text_algorithm(tiny_cfg, tmp_path, monkeypatch, source, tokenizer,
+                                                              chunk):
+    from gpt_trainer import corpora
+    from gpt_trainer.corpora import read_data_path
+    from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer
+    from tests.conftest import CLASSIC_POEMS
+
+    if chunk:
+        monkeypatch.setattr(corpora, "CHUNK_BYTES", chunk)
+    path = CLASSIC_POEMS if source == "classic" else mixed_folder(tmp_path)
+    cfg = tiny_cfg(f"--data_path={path}", f"--cache_dir={tmp_path / 'cache'}", f"--tokenizer={tokenizer}",
+                   "--vocab_size=1500")
+    data = prepare_data(cfg)
+    text = read_data_path(str(path)).text
+    assert "白毛浮绿水" in text and "花落知多少" in text if source == "mixed" else "春江花月夜" in text
+    whole = CharTokenizer.train(text) if tokenizer == "char" else SentencePieceTokenizer.train(text, 1500)
+    expected = np.array(whole.encode(text))
+    assert data.tokenizer.vocab_size == whole.vocab_size and vocabulary(data.tokenizer) == vocabulary(whole)
+    assert np.array_equal(np.concatenate([data.train, data.val]), expected)
+    assert len(data.train) == int(len(expected) * cfg.train_split)
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "sentencepiece"])
+def test_the_number_of_workers_does_not_change_a_byte_of_the_cache(tiny_cfg, tmp_path, monkeypatch, tokenizer):
+    from gpt_trainer import corpora
+    from tests.conftest import CLASSIC_POEMS
+
+    big = tmp_path / "big.txt"
+    big.write_text(CLASSIC_POEMS.read_text(encoding="utf-8") * 20, encoding="utf-8")
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", 16 << 10)
+    assert len(list(corpora.read_data_path(str(big)).pieces())) > 10
+    folders = []
+    for workers in (1, 3):
+        cfg = tiny_cfg(f"--data_path={big}", f"--cache_dir={tmp_path / f'cache{workers}'}", f"--tokenizer={tokenizer}",
+                       "--vocab_size=1500", f"--prepare_workers={workers}")
+        data = prepare_data(cfg)
+        assert data.built
+        folders.append(data.folder)
+    assert folders[0].name == folders[1].name
+    for name in ("train.bin", "val.bin", "tokenizer.pkl"):
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+
+
+def test_a_complete_cache_is_used_without_reading_the_corpus_and_a_changed_file_makes_a_new_one(tiny_cfg, tmp_path,
+                                                                                                monkeypatch):
+    from gpt_trainer import corpora
+    from tests.conftest import CLASSIC_POEMS
+
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CLASSIC_POEMS.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = tiny_cfg(f"--data_path={corpus}", f"--cache_dir={tmp_path / 'cache'}")
+    first = prepare_data(cfg)
+    assert first.built
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("read the corpus although its cache is complete")
+    with monkeypatch.context() as patched:
+        patched.setattr(corpora, "file_pieces", must_not_read)
+        again = prepare_data(cfg)
+    assert not again.built and again.folder == first.folder
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("新添一行，缓存随之而变。\n")
+    changed = prepare_data(cfg)
+    assert changed.built and changed.folder != first.folder and changed.folder.parent == first.folder.parent
+    added = len("新添一行，缓存随之而变。\n")
+    assert len(changed.train) + len(changed.val) == len(first.train) + len(first.val) + added
+
+
+def test_text_parsed_out_of_json_keeps_its_own_line_breaks_through_both_passes(tiny_cfg, tmp_path):
+    """A CR inside a JSON string is text, not a line break: the first pass keeps the parsed text for the second,
+    which must encode exactly it (a re-read that made CR into LF would change the ids)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    records = [{"text": f"第{i}行\r有回车\u2028与分隔符，\ufeff开头" * 3} for i in range(60)]
+    (folder / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    cfg = tiny_cfg(f"--data_path={folder}", f"--cache_dir={tmp_path / 'cache'}", "--block_size=8")
+    data = prepare_data(cfg)
+    text = "\n".join(r["text"] + "\n" for r in records)
+    ids = np.concatenate([np.asarray(data.train), np.asarray(data.val)])
+    assert ids.tolist() == CharTokenizer.train(text).encode(text)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gpt_trainer"
 LAYERS = ["errors", "config", "hardware", "distributed", "tokenizer", "model", "compiling", "rundir", "corpora",
           "metrics", "data", "checkpoint", "autobatch", "plan", "tracking.base", "tracking.tensorboard",
           "tracking.wandb", "tracking.swanlab", "tracking", "trainer", "cli", "demo", "sample", "sweep", "doctor",
-          "benchmark", "__main__", "__init__"]
+          "benchmark", "prepare", "__main__", "__init__"]
 
 
 def module_name(path: Path) -> str:

@@ -1,0 +1,149 @@
+"""`python -m gpt_trainer.prepare`: the token cache a training run will find, prepared ahead of it, once, safely."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt_trainer.prepare import main
+from tests.conftest import CLASSIC_POEMS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SONG_CI = REPO_ROOT.parent / "shared" / "data" / "song_ci.txt"  # the shared realistic corpus, where there is one
+
+
+def complete_caches(cache: Path) -> list:
+    tokens = cache / "tokens"
+    return sorted(p for p in tokens.iterdir() if not p.name.startswith(".")) if tokens.exists() else []
+
+
+def staging_folders(cache: Path) -> list:
+    return sorted((cache / "tokens").glob(".staging-*"))
+
+
+def test_prepare_reports_the_tokens_and_the_cache_then_finds_it_complete(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = [f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache}", "--tokenizer=char", "--train_split=0.8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    [folder] = complete_caches(cache)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+    assert (f"classic_poems.txt: {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens, "
+            f"vocabulary {meta['vocab_size']:,} (char), prepared in ") in out
+    assert out.rstrip().endswith(f": {folder}")
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert f"(char), found complete in the cache: {folder}" in again and "prepared in" not in again
+    assert complete_caches(cache) == [folder]
+
+
+def test_prepare_refuses_a_training_flag_and_writes_nothing(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache}", "--max_steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--max_steps" in err and "Traceback" not in err
+    assert not cache.exists()
+
+
+def test_a_malformed_json_line_exits_2_naming_the_file_and_line_and_leaves_no_cache(tmp_path, capsys):
+    corpus, cache = tmp_path / "records.jsonl", tmp_path / "cache"
+    lines = [json.dumps({"text": "床前明月光，疑是地上霜。" * 3}, ensure_ascii=False)] * 40
+    lines[36] = '{"text": "举头望明月'
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main([f"--data_path={corpus}", f"--cache_dir={cache}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {corpus}, line 37: not valid JSON" in err and "Traceback" not in err
+    assert complete_caches(cache) == [] and staging_folders(cache) == []
+
+
+# ---- as separate processes ------------------------------------------------------------------------------------------
+def prepare_cmd(corpus: Path, cache: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "gpt_trainer.prepare", f"--data_path={corpus}", f"--cache_dir={cache}", *extra]
+
+
+def worktree_env() -> dict:
+    """This checkout's code, whatever is installed in the environment."""
+    paths = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+
+
+def big_corpus(tmp_path: Path, source: str) -> tuple[Path, str]:
+    """About 20 MB of text (the shared Song ci, or the classic poems, repeated) and a vocabulary size that fits it:
+    sentencepiece, whose encoding in the workers takes seconds, so there is time to kill a preparation in it."""
+    if source == "song_ci":
+        if not SONG_CI.exists():
+            pytest.skip(f"{SONG_CI} is not in this checkout")
+        raw, vocab = SONG_CI.read_bytes(), "6500"
+    else:
+        raw, vocab = CLASSIC_POEMS.read_bytes(), "1500"
+    corpus = tmp_path / f"{source}_big.txt"
+    corpus.write_bytes(raw * max(1, 20_000_000 // len(raw)))
+    return corpus, vocab
+
+
+def run_prepare(corpus: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(prepare_cmd(corpus, cache, *extra), env=worktree_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["classic", "song_ci"])
+def test_a_preparation_killed_mid_way_leaves_no_cache_and_the_next_run_prepares_it_whole(tmp_path, source):
+    corpus, vocab = big_corpus(tmp_path, source)
+    cache, flags = tmp_path / "cache", ("--tokenizer=sentencepiece", f"--vocab_size={vocab}", "--prepare_workers=2")
+    proc = subprocess.Popen(prepare_cmd(corpus, cache, *flags), env=worktree_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:  # killed once it is writing tokens into its staging folder
+        if any((s / "train.bin").exists() and (s / "train.bin").stat().st_size for s in staging_folders(cache)):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the preparation ended before it could be killed: {proc.communicate()}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and its encoding workers, as the OOM killer or a node loss would
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    for _ in range(100):  # the workers are gone too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("a worker of the killed preparation is still running")
+    assert complete_caches(cache) == [] and len(staging_folders(cache)) == 1
+
+    second = run_prepare(corpus, cache, *flags)
+    assert second.returncode == 0, second.stderr
+    assert "prepared in" in second.stdout
+    [folder] = complete_caches(cache)
+    assert staging_folders(cache) == []
+    clean = run_prepare(corpus, tmp_path / "clean", *flags)
+    assert clean.returncode == 0, clean.stderr
+    [clean_folder] = complete_caches(tmp_path / "clean")
+    assert clean_folder.name == folder.name
+    for name in ("train.bin", "val.bin"):
+        assert (folder / name).read_bytes() == (clean_folder / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_node_prepare_the_cache_once(tmp_path):
+    corpus, cache = tmp_path / "poems.txt", tmp_path / "cache"
+    corpus.write_bytes(CLASSIC_POEMS.read_bytes() * 700)  # 10 MB: a few seconds of sentencepiece encoding
+    flags = ("--tokenizer=sentencepiece", "--vocab_size=1500", "--prepare_workers=1")
+    procs = [subprocess.Popen(prepare_cmd(corpus, cache, *flags), env=worktree_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(proc.communicate(timeout=300), proc.returncode) for proc in procs]
+    assert [code for _, code in results] == [0, 0], results
+    outs = sorted(out for (out, _), _ in results)
+    assert ["found complete in the cache" in out for out in outs] == [True, False], outs
+    assert "prepared in" in outs[1] and "prepared in" not in outs[0]
+    [folder] = complete_caches(cache)
+    assert all(out.rstrip().endswith(f": {folder}") for out in outs)
+    errs = "".join(err for (_, err), _ in results)
+    assert errs.count("trained a 1500-token sentencepiece model") == 1  # the second one waited, then trained nothing
