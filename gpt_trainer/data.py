@@ -27,8 +27,8 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .corpora import Corpus, default_prompts_for, load_corpus, sha256_file, utf8_pieces
 from .errors import UsageError, notice
-from .tokenizer import (UNICODE_SIZE, WORKER_FUNCTIONS, CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict,
-                        training_sentences)
+from .tokenizer import (UNICODE_SIZE, WORKER_FUNCTIONS, CharTokenizer, SentencePieceTokenizer, characters_in,
+                        tokenizer_from_dict, training_sentences)
 
 
 CACHE_FILES = ("train.bin", "val.bin", "tokenizer.pkl")
@@ -157,9 +157,8 @@ def scan(corpus: Corpus, cfg: TrainConfig, workers: int, spill=None):
     texts = counted(corpus.pieces(), progress, spill)
     if cfg.tokenizer == "char":
         seen = np.zeros(UNICODE_SIZE, dtype=bool)
-        with Workers(workers) as pool:
-            for used in pool.map("characters_in", tee_head(texts, head)):
-                seen[used] = True
+        for text in tee_head(texts, head):
+            seen[characters_in(text)] = True
         progress.close()
         tokenizer = CharTokenizer([chr(c) for c in np.flatnonzero(seen)])
         blank = all(c.isspace() for c in tokenizer.chars)

@@ -170,7 +170,7 @@ def encode_piece(text: str) -> bytes:
     return ids.astype(_worker["dtype"]).tobytes()
 
 
-WORKER_FUNCTIONS = {"characters_in": characters_in, "start_worker": start_worker, "encode_piece": encode_piece}
+WORKER_FUNCTIONS = {"start_worker": start_worker, "encode_piece": encode_piece}
 
 
 def serve() -> None:
