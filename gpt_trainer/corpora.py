@@ -281,36 +281,41 @@ def text_pieces(path: Path):
         raw = b"".join(read_blocks(path))
         yield decode_bytes(raw, str(path)), len(raw)
         return
-    decoder, rest, chars = codecs.getincrementaldecoder(codec)(), b"", 0
-    for block in read_blocks(path):
-        data = rest + block
-        cut = data.rfind(b"\n") + 1 or (len(data) if len(data) > 4 * CHUNK_BYTES else 0)
-        if data[cut - 1:cut] == b"\r":
-            cut -= 1  # the CR of a CR LF pair waits for its LF
-        data, rest = data[:cut], data[cut:]
-        if data:
-            text = clean_text(decoder.decode(data), path, chars)
-            chars += len(text)
-            yield text, len(data)
-    text = clean_text(decoder.decode(rest), path, chars)
-    if text or rest:
-        yield text, len(rest)
+    decoder, chars = codecs.getincrementaldecoder(codec)(), 0
+    for data in line_aligned(path, hold_cr=True):
+        text = clean_text(decoder.decode(data), path, chars)
+        chars += len(text)
+        yield text, len(data)
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         notice(f"note: {path} ends in the middle of a character (a file cut short?); that character is left out.")
 
 
-def utf8_pieces(path: Path):
-    """(text, bytes) line-aligned pieces of a UTF-8 file this program wrote (the first pass's text), decoded exactly
-    as written: no byte-order mark or line-break handling."""
-    decoder, rest = codecs.getincrementaldecoder("utf-8")(), b""
+def line_aligned(path: Path, hold_cr: bool = False):
+    """The file's bytes in pieces that end at a line break (a line longer than four blocks is cut; an incremental
+    decoder keeps the character such a cut splits), the rest of the file last. With hold_cr, a piece never ends
+    between the CR and LF of a pair, so the pair becomes one line break."""
+    rest = b""
     for block in read_blocks(path):
         data = rest + block
         cut = data.rfind(b"\n") + 1 or (len(data) if len(data) > 4 * CHUNK_BYTES else 0)
-        data, rest = data[:cut], data[cut:]
+        if hold_cr and data[cut - 1:cut] == b"\r":
+            cut -= 1
+        if cut:
+            yield data[:cut]
+        rest = data[cut:]
+    if rest:
+        yield rest
+
+
+def utf8_pieces(path: Path):
+    """(text, bytes) line-aligned pieces of a UTF-8 file this program wrote (the first pass's text), decoded exactly
+    as written: no byte-order mark or line-break handling."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for data in line_aligned(path):
         yield decoder.decode(data), len(data)
-    yield decoder.decode(rest, final=True), len(rest)
+    decoder.decode(b"", final=True)
 
 
 def clean_text(text: str, path: Path, chars_before: int) -> str:

@@ -149,7 +149,7 @@ def counted(pieces, progress: Progress, spill=None):
         yield text
 
 
-def scan(corpus: Corpus, cfg: TrainConfig, workers: int, spill=None):
+def scan(corpus: Corpus, cfg: TrainConfig, spill=None):
     """The first pass: (the tokenizer, the default prompts). Char: every character the corpus uses
     (vectorised); sentencepiece: trained on a seeded sample of at most SP_SENTENCES lines. The text read goes to
     `spill` too, when given."""
@@ -211,7 +211,7 @@ def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path) -> None:
     spill = staging / "text.tmp" if corpus.parsed else None
     try:
         with open(spill, "wb") if spill else contextlib.nullcontext() as spilled:
-            tokenizer, prompts = scan(corpus, cfg, workers, spilled)
+            tokenizer, prompts = scan(corpus, cfg, spilled)
         dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
         second = utf8_pieces(spill) if spill else corpus.pieces()
         progress, tokens = Progress("encoding", spill.stat().st_size if spill else corpus.source_bytes), 0
