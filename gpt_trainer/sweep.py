@@ -1,26 +1,37 @@
 """Hyper-parameter sweeps from a wandb sweep file, checked before anything runs, and run locally with no server.
 
-    python -m gpt_trainer.sweep sweep_config.yaml [--max_runs N] [--output_dir output_sweep]
+    python -m gpt_trainer.sweep sweep_config.yaml [--max_runs N] [--count N] [--output_dir output_sweep]
 
-The same file works with `wandb sweep` + `wandb agent`. Locally, trials run one after another, each in its own output
-folder (with its own TensorBoard run and HParams), suggested by wandb's own sweep engine (the `sweeps` package: grid,
-random, and bayes, which it computes offline). A restarted sweep skips finished trials and resumes an interrupted one.
-Hyperband early termination needs a wandb server; locally every trial runs to the end."""
+The same file works with `wandb sweep` + `wandb agent`. Locally, a worker runs trials one after another, each in its own
+output folder (with its own TensorBoard run and HParams), suggested by wandb's own sweep engine (the `sweeps` package:
+grid, random, and bayes, which it computes offline). A restarted sweep skips finished trials and resumes an interrupted
+one. Hyperband early termination needs a wandb server; locally every trial runs to the end.
+
+Several workers can run one sweep: start the same command several times (one per GPU with CUDA_VISIBLE_DEVICES=i, or a
+Slurm job array whose nodes share the folder). They claim trials from OUTPUT_DIR/sweep_state.json under a file lock, so
+no trial runs twice; a trial whose worker died is resumed by the next worker that looks. --max_runs is the sweep's total
+over all workers, --count what this worker runs at most (like `wandb agent --count`): a job array of K tasks with
+--count 1 runs K trials. On a cluster the folder must be on storage whose file locks work across nodes (NFSv4, Lustre
+mounted with flock)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -29,6 +40,8 @@ from .config import RANGES, TrainConfig, build_parser
 from .errors import UsageError, run_cli
 
 STATE_FILE = "sweep_state.json"
+LOCK_FILE = "sweep_state.lock"  # held only while a worker reads, changes and writes the state, never while it trains
+INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}  # saved, or killed early
 FLAGS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -129,14 +142,51 @@ def best_metric(metrics_file: Path, metric: str, goal: str) -> float | None:
     return min(values) if goal == "minimize" else max(values)
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on a file for the block, as data.py's `held` (not imported from there: that module loads
+    torch). Workers on other nodes wait on the same file where the shared storage passes flock on (NFSv4, Lustre
+    mounted with flock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def try_claim(path: Path) -> IO | None:
+    """A trial's claim lock, taken without waiting; None while another process holds it. A process that dies loses its
+    locks (the kernel, or for a lost node the NFS server when its lease ends, drops them), so a lock we can take
+    means nobody runs that trial any more."""
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def owner(trial: dict) -> str:
+    """The worker that last claimed a trial, for the messages (a state from before workers had owners has none)."""
+    who = trial.get("owner")
+    return f"worker {who['host']}:{who['pid']}" if who else "an earlier worker"
+
+
 class LocalSweep:
+    """One worker of a local sweep. Several workers (processes on one machine, or on nodes sharing the folder) run one
+    sweep together: each claims a trial from the shared state file under a lock, trains it with no lock held, and
+    records its result under the lock again."""
+
     def __init__(self, config: dict, sweep_file: str, root: Path, report_to: str):
         self.config, self.root, self.report_to = config, root, report_to
         self.metric = config.get("metric", {}).get("name", "eval/loss")
         self.goal = config.get("metric", {}).get("goal", "minimize")
         self.program = self._program(config.get("program", "train_single_gpu.py"), sweep_file)
         self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        self.trials = self._load_state()
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.trials: list[dict] = []
+        with self._locked_state():  # a changed sweep file is refused here, before anything runs
+            pass
 
     @staticmethod
     def _program(program: str, sweep_file: str) -> Path:
@@ -144,6 +194,14 @@ class LocalSweep:
             if candidate.is_file():
                 return candidate
         raise UsageError(f"the sweep's program {program} was found neither here nor next to {sweep_file}.")
+
+    # ---- the shared state: read and written only under the lock ----
+    @contextlib.contextmanager
+    def _locked_state(self):
+        """The state as it is now, for the block: other workers change the file, so it is read again each time."""
+        with locked(self.root / LOCK_FILE):
+            self.trials = self._load_state()
+            yield
 
     def _load_state(self) -> list[dict]:
         state_path = self.root / STATE_FILE
@@ -156,62 +214,127 @@ class LocalSweep:
         return state["trials"]
 
     def _save_state(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Written whole and renamed into place: a worker killed while writing leaves the previous state."""
         tmp = self.root / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "trials": self.trials}, indent=1))
         os.replace(tmp, self.root / STATE_FILE)
 
-    def _next_trial(self) -> dict | None:
-        unfinished = [t for t in self.trials if t["status"] == "running"]
-        if unfinished:
-            return unfinished[0]  # interrupted last time: resume it
-        sweeps = _sweeps()
-        done = [sweeps.SweepRun(config={k: {"value": v} for k, v in t["params"].items()},
-                                state=sweeps.RunState.finished,
-                                summary_metrics={self.metric: t["metric"]} if t["metric"] is not None else {})
-                for t in self.trials]
-        suggestion = sweeps.next_run(self.config, done, validate=False)
-        if suggestion is None:  # a grid is exhausted
-            return None
-        trial = {"name": f"trial-{len(self.trials) + 1:03d}", "status": "running", "metric": None,
-                 "params": {k: v["value"] for k, v in suggestion.config.items()}}
-        self.trials.append(trial)
+    def _claim_path(self, trial: dict) -> Path:
+        return self.root / f"{trial['name']}.claim"
+
+    # ---- claiming a trial ----
+    def _claim(self, max_runs: int | None) -> tuple[dict | None, IO | None, str]:
+        """Under the state lock, a trial for this worker and its claim lock: one whose worker is gone (to resume),
+        else a new suggestion. With nothing to claim, the trial is None and the text says why."""
+        with self._locked_state():
+            for trial in self._running():
+                claim = try_claim(self._claim_path(trial))
+                if claim:
+                    note = f"taken over from {owner(trial)}, which is gone: resuming it"
+                    return self._own(trial), claim, note
+            if max_runs is not None and len(self.trials) >= max_runs:
+                return None, None, f"the sweep has its {max_runs} trials (--max_runs)"
+            suggestion = _sweeps().next_run(self.config, self._sweep_runs(), validate=False)
+            if suggestion is None:
+                return None, None, f"all {len(self.trials)} points of the grid are taken"
+            trial = {"name": f"trial-{len(self.trials) + 1:03d}", "status": "running", "metric": None,
+                     "params": {k: v["value"] for k, v in suggestion.config.items()}}
+            claim = try_claim(self._claim_path(trial))
+            if claim is None:  # a name the state has never listed, yet someone runs it
+                raise UsageError(f"{self._claim_path(trial)} is held by a worker although {STATE_FILE} does not list "
+                                 f"{trial['name']}: was the state file deleted while workers ran?")
+            self.trials.append(trial)
+            return self._own(trial), claim, "new"
+
+    def _running(self) -> list[dict]:
+        return [t for t in self.trials if t["status"] == "running"]
+
+    def _own(self, trial: dict) -> dict:
+        trial["owner"] = self.me  # for the messages only: the claim lock, not this, says whether the owner lives
+        self._save_state()
         return trial
 
+    def _sweep_runs(self) -> list:
+        """Every trial as the sweep engine's runs, those in flight as running: a grid then never hands one point to
+        two workers, and bayes knows what is being tried."""
+        sweeps = _sweeps()
+        states = {"finished": sweeps.RunState.finished, "running": sweeps.RunState.running}
+        return [sweeps.SweepRun(name=t["name"], config={k: {"value": v} for k, v in t["params"].items()},
+                                state=states.get(t["status"], sweeps.RunState.failed),
+                                summary_metrics={self.metric: t["metric"]} if t["metric"] is not None else {})
+                for t in self.trials]
+
+    def _record(self, trial: dict, code: int) -> str:
+        """Under the state lock, the trial's result; its claim file goes (claims are looked at only under this lock,
+        and only for running trials, so nobody can be locking it)."""
+        with self._locked_state():
+            trial = next(t for t in self.trials if t["name"] == trial["name"])
+            trial["metric"] = best_metric(self.root / trial["name"] / "metrics.jsonl", self.metric, self.goal)
+            trial["status"] = "finished" if code == 0 else f"failed (exit {code})"
+            self._save_state()
+            self._claim_path(trial).unlink(missing_ok=True)
+        return trial["status"]
+
+    # ---- running ----
     def command(self, trial: dict) -> list[str]:
         return [sys.executable, str(self.program), *agent_args(trial["params"]),
                 f"--output_dir={self.root / trial['name']}", f"--report_to={self.report_to}",
                 f"--wandb_run_name={trial['name']}", "--resume"]
 
-    def run(self, max_runs: int | None) -> int:
-        while max_runs is None or sum(t["status"] != "running" for t in self.trials) < max_runs:
-            trial = self._next_trial()
+    def run(self, max_runs: int | None, count: int | None) -> int:
+        """Claims and runs trials until there is nothing to claim or this worker has run `count` of them."""
+        statuses = []
+        while count is None or len(statuses) < count:
+            trial, claim, note = self._claim(max_runs)
             if trial is None:
+                print(f"\nnothing to claim: {note}.{self._others_running()}", flush=True)
                 break
-            self._save_state()
-            print(f"\n=== {trial['name']}: {' '.join(agent_args(trial['params']))}", flush=True)
-            code = self._run_child(self.command(trial))
-            if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-                print(f"sweep interrupted during {trial['name']} (its checkpoint is saved); run the same command again "
-                      f"to resume it and continue the sweep.", file=sys.stderr)
-                return code
-            trial["metric"] = best_metric(self.root / trial["name"] / "metrics.jsonl", self.metric, self.goal)
-            trial["status"] = "finished" if code == 0 else f"failed (exit {code})"
-            self._save_state()
-        self.print_ranking()
-        if self.trials and all(t["status"] != "finished" for t in self.trials):
+            with claim:  # held (by us and the child) while the trial trains: other workers see it taken
+                print(f"\n=== {trial['name']}: {' '.join(agent_args(trial['params']))}", flush=True)
+                if note != "new":
+                    print(f"({note})", flush=True)
+                code = self._run_child(self.command(trial), claim)
+                if code in INTERRUPTED:
+                    print(f"sweep interrupted during {trial['name']} (its checkpoint is saved); run the same command "
+                          f"again (or any worker of this sweep) to resume it and continue the sweep.", file=sys.stderr)
+                    return code if code > 0 else 128 - code
+                statuses.append(self._record(trial, code))
+        else:
+            print(f"\nthis worker has run its {count} trial(s) (--count).", flush=True)
+        self.print_ranking()  # of every worker's trials: the state as last read under the lock, just now
+        if statuses and "finished" not in statuses:
             print("every trial failed: see the messages above.", file=sys.stderr)
             return 1
         return 0
 
+    def _others_running(self) -> str:
+        running = [f"{t['name']} ({owner(t)})" for t in self._running()]
+        return f" Still running: {', '.join(running)}." if running else ""
+
     @staticmethod
-    def _run_child(cmd: list[str]) -> int:
-        """Ctrl-C reaches the child too (same process group); we wait for it to save its checkpoint and stop."""
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def _run_child(cmd: list[str], claim: IO) -> int:
+        """The child inherits the claim lock, so the trial stays taken until the worker AND the child are gone (a
+        worker killed alone leaves a child still training or saving). Ctrl-C in a terminal reaches the child by itself
+        (same process group), so we ignore it and wait for the child to save; a SIGTERM sent to the worker alone
+        (`kill`, `docker stop`) is passed on, and the child saves and stops."""
+        child = None
+        stopping = []
+
+        def pass_on(signum, frame):
+            stopping.append(signum)
+            if child is not None:
+                child.send_signal(signum)
+
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on)}
         try:
-            return subprocess.call(cmd)
+            child = subprocess.Popen(cmd, pass_fds=(claim.fileno(),))
+            if stopping:  # it came while the child was being started
+                child.send_signal(signal.SIGTERM)
+            return child.wait()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def ranked(self) -> list[dict]:
         scored = [t for t in self.trials if t["metric"] is not None and math.isfinite(t["metric"])]
@@ -226,7 +349,8 @@ class LocalSweep:
             print(f"{i:<5}{t['name']:<11}{t['metric']:>12.4f}  " + "  ".join(f"{k}={t['params'][k]}" for k in varying))
         for t in self.trials:
             if t not in ranked:
-                print(f"{'-':<5}{t['name']:<11}{'-':>12}  {t['status']}")
+                status = f"running ({owner(t)})" if t["status"] == "running" else t["status"]
+                print(f"{'-':<5}{t['name']:<11}{'-':>12}  {status}")
         if ranked:
             best = ranked[0]
             print(f"\nbest: {best['name']} ({self.metric} {best['metric']:.4f})\n  python {self.program} "
@@ -235,9 +359,15 @@ class LocalSweep:
 
 
 def sweep_command(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sweep", description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n\n")[-1])
     parser.add_argument("sweep_file", help="a wandb sweep YAML, e.g. sweep_config.yaml")
-    parser.add_argument("--max_runs", type=int, default=None, help="stop after this many trials (grid: all by default)")
+    parser.add_argument("--max_runs", type=int, default=None,
+                        help="the sweep's number of trials, all workers together: none is started once the sweep has "
+                             "this many (grid: all by default)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="this worker runs at most this many trials, taken-over ones included (default: until "
+                             "there is nothing left to claim)")
     parser.add_argument("--output_dir", default="output_sweep", help="one folder per trial below this")
     parser.add_argument("--report_to", default="tensorboard",
                         help="trackers for each trial, as for training: a comma-separated list of "
@@ -247,8 +377,12 @@ def sweep_command(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     tracking.chosen(args.report_to)  # a bad list stops here, before the first trial
     config = load_sweep(args.sweep_file)
-    if args.max_runs is None and config["method"] != "grid" and not args.check:
-        raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N.")
+    for flag in ("max_runs", "count"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, not {getattr(args, flag)}.")
+    if args.max_runs is None and args.count is None and config["method"] != "grid" and not args.check:
+        raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N (the sweep's "
+                         f"total) or --count N (this worker's share).")
     if args.check:
         program = config.get("program", "train_single_gpu.py")
         if not Path(program).is_file():  # `wandb agent` runs the program from the folder it is started in
@@ -257,7 +391,7 @@ def sweep_command(argv: list[str] | None) -> int:
                              f"{program} is, or give its path in the sweep file's `program:`.")
         print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}")
         return 0
-    return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs)
+    return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs, args.count)
 
 
 def main(argv: list[str] | None = None) -> int:

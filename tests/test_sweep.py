@@ -2,8 +2,10 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,199 @@ def test_the_local_runner_exits_1_when_every_trial_failed(tmp_path, cache_dir, c
     assert "every trial failed" in capsys.readouterr().err
     state = json.loads((out / "sweep_state.json").read_text())["trials"]
     assert [t["status"] for t in state] == ["failed (exit 2)"] * 2
+
+
+# ---- several workers on one sweep -----------------------------------------------------------------------------------
+# A quick program stands in for train_single_gpu.py: it takes the same arguments, logs each start (with its worker's
+# pid) to FAKE_LOG, trains for a random 0.2-1 s (so that the workers' claims interleave and a race is likely), and
+# writes a metrics.jsonl as training does. FAKE_WAIT_FOR=N holds each trial until N trials have started (the first
+# N can only start on N different workers, so every worker gets one); FAKE_HANG=1 keeps it running until it is
+# signalled. On SIGTERM it logs that it saved and exits 143, as training does.
+FAKE_PROGRAM = r'''
+import json, os, random, signal, sys, time
+from pathlib import Path
+
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+log = os.environ["FAKE_LOG"]
+
+
+def note(event):
+    line = json.dumps({"event": event, "output_dir": args["output_dir"], "resume": "--resume" in sys.argv,
+                       "worker": os.getppid(), "argv": sys.argv[1:]}) + "\n"
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, line.encode())  # one small appending write: lines of concurrent trials do not mix
+    os.close(fd)
+
+
+def save_and_stop(signum, frame):
+    note("saved")
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, save_and_stop)
+note("start")
+deadline = time.time() + 20
+while time.time() < deadline and sum('"start"' in line for line in open(log)) < int(os.environ.get("FAKE_WAIT_FOR", 0)):
+    time.sleep(0.05)
+time.sleep(30 if os.environ.get("FAKE_HANG") else random.uniform(0.2, 1.0))
+Path(args["output_dir"]).mkdir(parents=True, exist_ok=True)
+loss = float(args["learning_rate"]) * 1000 + float(args.get("batch_size", 0))
+Path(args["output_dir"], "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/loss": loss}) + "\n")
+'''
+
+
+def fake_sweep(tmp_path, parameters: dict, method: str = "grid") -> str:
+    program = tmp_path / "fake_train.py"
+    program.write_text(FAKE_PROGRAM)
+    config = {"program": str(program), "method": method, "metric": {"name": "eval/loss", "goal": "minimize"},
+              "parameters": parameters}
+    return write(tmp_path, f"{method}.yaml", yaml.safe_dump(config))
+
+
+def start_worker(sweep_file: str, out: Path, *flags: str, group: bool = False, **env: str) -> subprocess.Popen:
+    """A worker as a user starts one: its own process, here with the fake program's settings in its environment."""
+    return subprocess.Popen([sys.executable, "-m", "gpt_trainer.sweep", sweep_file, f"--output_dir={out}",
+                             "--report_to=none", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=group, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def finish(worker: subprocess.Popen, timeout: float = 120) -> str:
+    out, err = worker.communicate(timeout=timeout)
+    assert worker.returncode == 0, err
+    return out
+
+
+def logged(log: Path, event: str = "start") -> list[dict]:
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return [row for row in rows if row["event"] == event]
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def trials(out: Path) -> list[dict]:
+    return json.loads((out / "sweep_state.json").read_text())["trials"]
+
+
+def test_three_workers_started_together_run_each_grid_point_exactly_once(tmp_path):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4, 3.0e-4]},
+                                       "batch_size": {"values": [2, 4]}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    workers = [start_worker(sweep_file, out, FAKE_LOG=str(log), FAKE_WAIT_FOR="3") for _ in range(3)]
+    printed = [finish(w) for w in workers]
+
+    starts = logged(log)
+    folders = [s["output_dir"] for s in starts]
+    assert len(folders) == 6 and len(set(folders)) == 6  # six trials, none run twice
+    assert {s["worker"] for s in starts} == {w.pid for w in workers}  # each worker ran at least one
+    state = trials(out)
+    assert [t["status"] for t in state] == ["finished"] * 6
+    assert sorted((t["params"]["learning_rate"], t["params"]["batch_size"]) for t in state) == \
+        sorted(itertools.product([1e-4, 2e-4, 3e-4], [2, 4]))  # every grid point, once
+    assert sorted(folders) == sorted(str(out / t["name"]) for t in state)
+    for t in state:  # the owner recorded is the worker that ran it
+        assert t["metric"] is not None and t["owner"]["pid"] in {s["worker"] for s in starts
+                                                               if s["output_dir"] == str(out / t["name"])}
+    for text in printed:  # each worker's ranking covers all trials, whoever ran them
+        assert "nothing to claim: all 6 points of the grid are taken" in text
+        assert all(f" {t['name']} " in text for t in state)
+    assert not list(out.glob("*.claim"))  # claims of finished trials are removed
+
+
+def test_a_dead_workers_trial_is_resumed_by_the_next_worker_and_a_live_ones_is_left_alone(tmp_path):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    first = start_worker(sweep_file, out, "--count=1", group=True, FAKE_LOG=str(log), FAKE_HANG="1")
+    try:
+        wait_until(lambda: logged(log))
+        # while the first worker lives, a second one leaves its trial alone and takes the other grid point
+        second = finish(start_worker(sweep_file, out, FAKE_LOG=str(log)))
+        assert [(s["output_dir"], s["worker"]) for s in logged(log)][0] == (str(out / "trial-001"), first.pid)
+        assert [s["output_dir"] for s in logged(log)] == [str(out / "trial-001"), str(out / "trial-002")]
+        assert f"Still running: trial-001 (worker {socket.gethostname()}:{first.pid})" in second
+        state = trials(out)
+        assert [t["status"] for t in state] == ["running", "finished"]
+        assert state[0]["owner"]["pid"] == first.pid and state[0]["params"] != state[1]["params"]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its trial, as a node that dies
+        first.wait()
+    assert [t["status"] for t in trials(out)] == ["running", "finished"]  # nobody recorded anything
+
+    third = start_worker(sweep_file, out, FAKE_LOG=str(log))
+    printed = finish(third)
+    assert f"taken over from worker {socket.gethostname()}:{first.pid}, which is gone: resuming it" in printed
+    resumed = logged(log)[-1]
+    assert len(logged(log)) == 3 and resumed["worker"] == third.pid
+    assert resumed["output_dir"] == str(out / "trial-001") and resumed["resume"]  # the same folder, --resume
+    state = trials(out)
+    assert [t["status"] for t in state] == ["finished", "finished"] and state[0]["owner"]["pid"] == third.pid
+
+
+def test_count_is_this_workers_share_and_max_runs_the_sweeps_total(tmp_path, monkeypatch, capsys):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4, 3.0e-4]}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    worker = [sweep_file, f"--output_dir={out}", "--report_to=none"]
+    assert main([*worker, "--count=1", "--max_runs=2"]) == 0  # as one task of a job array
+    assert len(logged(log)) == 1 and [t["status"] for t in trials(out)] == ["finished"]
+    assert "this worker has run its 1 trial(s) (--count)" in capsys.readouterr().out
+    assert main([*worker, "--count=1", "--max_runs=2"]) == 0
+    assert len(logged(log)) == 2 and len(trials(out)) == 2
+    capsys.readouterr()
+    assert main([*worker, "--max_runs=2"]) == 0  # the sweep has its two: this worker starts none
+    assert len(logged(log)) == 2 and "nothing to claim: the sweep has its 2 trials" in capsys.readouterr().out
+    assert main(worker) == 0  # no total: the grid's last point
+    assert len(logged(log)) == 3 and [t["status"] for t in trials(out)] == ["finished"] * 3
+
+    random_file = fake_sweep(tmp_path, {"learning_rate": {"min": 1.0e-4, "max": 1.0e-3}}, method="random")
+    assert main([random_file, f"--output_dir={tmp_path / 'random'}", "--count=1"]) == 0  # --count bounds it too
+    assert len(trials(tmp_path / "random")) == 1 and len(logged(log)) == 4
+
+
+def test_a_changed_sweep_file_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4]}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 0
+    fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}})  # the same file, edited
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 2
+    assert "holds a different sweep" in capsys.readouterr().err and len(logged(log)) == 1
+
+
+def test_sigterm_sent_to_the_worker_alone_reaches_its_trial_which_saves_and_is_resumed_later(tmp_path):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4]}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    worker = start_worker(sweep_file, out, FAKE_LOG=str(log), FAKE_HANG="1")  # `kill` or `docker stop`: no group
+    wait_until(lambda: logged(log))
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM and "run the same command again" in err
+    assert [s["output_dir"] for s in logged(log, "saved")] == [str(out / "trial-001")]
+    assert [t["status"] for t in trials(out)] == ["running"]
+    finish(start_worker(sweep_file, out, FAKE_LOG=str(log)))
+    assert logged(log)[-1]["resume"] and [t["status"] for t in trials(out)] == ["finished"]
+
+
+@pytest.mark.slow
+def test_two_workers_train_a_2_point_grid_in_parallel_with_the_real_program(tmp_path, cache_dir, clean_wandb_env):
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
+              "metric": {"name": "eval/loss", "goal": "minimize"},
+              "parameters": {**tiny_sweep_params(), "n_layer": {"value": 1}, "data_path": {"value": str(CLASSIC_POEMS)},
+                             "cache_dir": {"value": str(cache_dir)}, "max_steps": {"value": 4},
+                             "eval_interval": {"value": 2}, "learning_rate": {"values": [1.0e-4, 3.0e-3]}}}
+    sweep_file = write(tmp_path, "grid.yaml", yaml.safe_dump(config))
+    out = tmp_path / "sweep"
+    workers = [start_worker(sweep_file, out) for _ in range(2)]
+    printed = "".join(finish(w, timeout=300) for w in workers)
+    state = trials(out)
+    assert [t["status"] for t in state] == ["finished", "finished"]
+    assert sorted(t["params"]["learning_rate"] for t in state) == [1e-4, 3e-3]
+    for t in state:  # each trial ran once, in its own folder, and its metric is its own folder's
+        assert printed.count(f"=== {t['name']}:") == 1
+        rows = [json.loads(line) for line in (out / t["name"] / "metrics.jsonl").read_text().splitlines()]
+        assert t["metric"] == min(r["eval/loss"] for r in rows if "eval/loss" in r)
+        assert (out / t["name"] / "checkpoints" / "latest.pt").exists()
