@@ -85,10 +85,14 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder,
     """The device, the checkpoint to resume, the token data and the plan resolved from them (nothing written yet)."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
+    device = distributed.start(world, device, cfg.dist_timeout)
     resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
     saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
-    device = distributed.start(world, device, cfg.dist_timeout)
-    data = prepare_data(cfg)  # the first process to take the cache's lock prepares; the others then read its work
+    distributed.check_same_checkpoint(world, (str(resume_from) if saved else None,
+                                              saved["trainer"]["step"] if saved else None))
+    # on each node the first process to take the cache's lock prepares, the others then read its work; nodes that
+    # find the cache ready wait for those still preparing, however long that takes
+    data = distributed.everyone_does(world, "preparing the token data", lambda: prepare_data(cfg), cfg.dist_timeout)
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
         checkpoint.check_same_text(saved, data.digest, cfg.allow_new_data, resume_from)
@@ -155,6 +159,11 @@ def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
         return exit_code
     except TrainingFailure as failure:
         raise RunStopped(explain(failure, trainer)) from None
+    except RuntimeError as error:
+        lost = distributed.missing_peers(trainer.world, error)
+        if lost is None:
+            raise
+        raise RunStopped(lost) from None
     finally:
         summary = RunSummary(checkpoints=[plan.folder.best, plan.folder.latest], exit_code=exit_code)
         if exit_code == 0:

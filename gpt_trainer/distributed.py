@@ -1,14 +1,28 @@
 """Several processes (torchrun, accelerate launch): PyTorch's own process group, NCCL on CUDA (RCCL on ROCm goes by
-the same name) and gloo on the CPU. Without a launcher's environment everything here is a no-op for one process."""
+the same name) and gloo on the CPU. Without a launcher's environment everything here is a no-op for one process.
+
+Each process also notes what it is doing in the job's key-value store (the one torchrun, or rank 0, serves at
+MASTER_ADDR:MASTER_PORT), so a process that waits for the others can say which of them it waits for, and a long step
+that only some processes take (preparing a corpus) is told from a process that died."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .errors import RunStopped, UsageError, notice
+
+# how often every process says it is alive (the tests shorten it; a silent one is named after --dist_timeout)
+HEARTBEAT_S = float(os.environ.get("GPT_TRAINER_HEARTBEAT_S", "5"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,11 @@ def start(world: World, device: torch.device, timeout_s: float) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
+    global _roll
+    if "MASTER_PORT" in os.environ:  # every launcher sets it (the process group's own rendezvous needs it)
+        _roll = Roll(world, timeout_s)
+        _roll.report("joined")
+        _roll.start_beating()
     return device
 
 
@@ -50,6 +69,8 @@ def stop(world: World, finished: bool) -> None:
     """Leave the process group. Processes that finished wait for each other first: gloo can abort a process that
     tears its group down while another still uses it (the main process samples after training). One that failed
     leaves at once; the launcher stops the others."""
+    if _roll is not None:
+        _roll.stopped.set()
     if world.active and dist.is_initialized():
         if finished:
             dist.barrier()
@@ -65,3 +86,142 @@ def all_reduce(tensor: torch.Tensor, world: World, op=dist.ReduceOp.SUM) -> torc
     if world.active:
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+# ---- who is doing what: the job's roll call ------------------------------------------------------------------------
+class Roll:
+    """This process's line in the job's store: where it runs and what it does; read by the others when they wait."""
+
+    def __init__(self, world: World, timeout_s: float):
+        self.world, self.timeout_s, self.host = world, timeout_s, socket.gethostname()
+        # keys of this attempt only: torchrun's store lives on across the restarts of one job
+        self.prefix = (f"gpt_trainer/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                       f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+        self.store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
+                                   is_master=False, timeout=timedelta(seconds=max(timeout_s, 30)),
+                                   wait_for_workers=False)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def start_beating(self) -> None:
+        """A heartbeat from a thread of its own for the whole run: a process that is busy alone (preparing a
+        corpus) still answers; one that died, froze or lost its node falls silent."""
+        def keep_beating():
+            while not self.stopped.wait(HEARTBEAT_S):
+                with contextlib.suppress(Exception):  # the store's host may be gone at the end: nothing to tell
+                    self.beat()
+        threading.Thread(target=keep_beating, daemon=True, name="heartbeat").start()
+
+    def report(self, doing: str) -> None:
+        with self.lock:
+            self.store.set(f"{self.prefix}doing/{self.world.rank}", f"{self.host}: {doing}")
+
+    def beat(self) -> None:
+        with self.lock:
+            self.store.add(f"{self.prefix}beat/{self.world.rank}", 1)
+
+    def read(self, what: str, rank: int) -> str | None:
+        key = f"{self.prefix}{what}/{rank}"
+        with self.lock:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def others(self) -> dict[int, str]:
+        """What each other process last said it was doing."""
+        return {rank: self.read("doing", rank) or "(never joined)" for rank in range(self.world.size)
+                if rank != self.world.rank}
+
+
+_roll: Roll | None = None
+
+
+def report(doing: str) -> None:
+    """Tell the others what this process is doing now (no-op for one process)."""
+    if _roll is not None:
+        _roll.report(doing)
+
+
+def everyone_does(world: World, doing: str, work, timeout_s: float):
+    """`work()` on every process, then wait for all: however long some take (a node preparing its token cache while
+    another found it ready), as long as they are alive; one silent for `timeout_s` stops the wait, named."""
+    if _roll is None or not world.active:
+        return work()
+    _roll.report(doing)
+    result = work()
+    _roll.store.set(f"{_roll.prefix}done {doing}/{world.rank}", "1")
+    _wait_for_the_others(world, doing, timeout_s)
+    return result
+
+
+def _wait_for_the_others(world: World, doing: str, timeout_s: float) -> None:
+    last_beat, last_change, started, said = {}, {}, time.monotonic(), 0.0
+    while True:
+        missing = [r for r in range(world.size) if _roll.read(f"done {doing}", r) is None]
+        if not missing:
+            return
+        now = time.monotonic()
+        for rank in missing:
+            beat = _roll.read("beat", rank)
+            if beat != last_beat.get(rank, "unseen"):
+                last_beat[rank], last_change[rank] = beat, now
+        silent = [r for r in missing if now - last_change[r] > timeout_s]
+        if silent:
+            raise RunStopped(f"rank(s) {', '.join(map(str, silent))} stopped answering while {doing}: no sign of "
+                             f"life for {timeout_s:g} s (--dist_timeout). {whereabouts(silent)}. Its own log says "
+                             f"why (it may have died, or its node lost the network).")
+        if world.is_main and now - said >= 60 and now - started >= 30:
+            said = now
+            notice(f"waiting for rank(s) {', '.join(map(str, missing))} ({whereabouts(missing)}), "
+                   f"{now - started:.0f} s so far")
+        time.sleep(0.5)
+
+
+def whereabouts(ranks: list[int]) -> str:
+    """`rank 1 on n2: step 40; ...`: what the named processes last said they were doing."""
+    said = _roll.others() if _roll else {}
+    return "; ".join(f"rank {rank} on {said.get(rank, '?')}" for rank in ranks)
+
+
+def missing_peers(world: World, error: BaseException) -> str | None:
+    """The explanation of a collective that failed because another process did not arrive in time or died (gloo
+    raises a RuntimeError naming a time-out or a lost connection); None for any other error."""
+    text = str(error)
+    if not world.active or _roll is None or not any(sign in text for sign in ("Timed out", "Connection", "closed")):
+        return None
+    here, said = _roll.read("doing", world.rank) or "?", _roll.others()
+    behind = [rank for rank, doing in said.items() if step_in(doing) < step_in(here)] or silent(list(said))
+    waited = (f"waited --dist_timeout {_roll.timeout_s:g} s for" if "Timed out" in text
+              else "lost its connection to")
+    culprit = (f"Rank(s) {', '.join(map(str, behind))} did not arrive: " if behind
+               else "All are alive and reached the same step, so one of them hangs inside it: ")
+    return (f"rank {world.rank} ({here}) {waited} the other processes. {culprit}{whereabouts(behind or sorted(said))}. "
+            f"Its own log says why (an error, a hang, a lost node).")
+
+
+def silent(ranks: list[int]) -> list[int]:
+    """The ranks whose heartbeat does not move over a few beats: dead, frozen, or cut off."""
+    before = {rank: _roll.read("beat", rank) for rank in ranks}
+    time.sleep(2.5 * HEARTBEAT_S)
+    return [rank for rank in ranks if _roll.read("beat", rank) == before[rank]]
+
+
+def step_in(doing: str) -> int:
+    found = re.search(r"step (\d+)", doing)
+    return int(found.group(1)) if found else -1
+
+
+def check_same_checkpoint(world: World, found: tuple) -> None:
+    """Every process must resume from the same checkpoint: one on a node that does not see the run folder (not on
+    shared storage) would start fresh beside the others."""
+    if not world.active:
+        return
+    everyone = [None] * world.size
+    dist.all_gather_object(everyone, (socket.gethostname(), *found))
+    main_host, *main_found = everyone[0]
+    astray = [(rank, host, what) for rank, (host, *what) in enumerate(everyone) if what != main_found]
+    if astray:
+        rank, host, (path, step) = astray[0]
+        sees = f"sees {path} at step {step}" if path else "sees no checkpoint"
+        raise UsageError(f"--resume: rank 0 on {main_host} resumes from {main_found[0] or 'nothing'}"
+                         f"{f' (step {main_found[1]})' if main_found[1] is not None else ''}, but rank {rank} on "
+                         f"{host} {sees}. Every node must see the same output folder: put --output_dir on storage "
+                         f"all nodes share (NFS, Lustre, a ReadWriteMany volume). Nothing was changed.")

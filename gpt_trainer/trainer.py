@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .compiling import compile_or_eager
 from .data import EpochSampler, TokenData, gather_windows, share_of, to_device, validation_windows
+from . import distributed
 from .distributed import all_reduce
 from .errors import is_out_of_memory
 from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
@@ -194,6 +195,7 @@ class Trainer:
         window, started = self.throughput_window(), time.perf_counter()
         while self.step < self.plan.total_steps and self.stop_requested() is None:
             epoch, sampler_state = self.sampler.epoch, self.sampler.state_dict()
+            distributed.report(f"step {self.step + 1}")  # a process that waits for this one can name it
             try:
                 loss, grad_norm = self.train_step()
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:

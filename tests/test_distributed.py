@@ -1,11 +1,13 @@
 """Several processes for real: torchrun and accelerate launch with two CPU processes on gloo, each one thread."""
 
 import json
+import re
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,107 @@ def test_resuming_with_another_number_of_processes_is_reported(tiny_cfg):
     one, two = plan_for(cfg), plan_for(cfg, world=World(0, 0, 2))
     assert two.resume_changes({"config": one.flags(), "world_size": 1}) == {"world_size": [1, 2]}
     assert one.resume_changes({"config": one.flags()}) == {}  # checkpoints from before: one process
+
+
+# ---- several nodes: two processes started by hand with the variables a launcher sets, rank 0 serving the store ----
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(argv_of_rank, env: dict | None = None) -> list[subprocess.Popen]:
+    """Rank 0 and rank 1 as two "nodes" of one process each (what srun + a plain launch, or two pods, give)."""
+    port = free_port()
+    return [subprocess.Popen(argv_of_rank(rank), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**ENV, **(env or {}), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                  "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for rank in (0, 1)]
+
+
+WAITING_SCRIPT = """
+import os, sys, time, torch
+from gpt_trainer import distributed
+from gpt_trainer.errors import RunStopped
+world = distributed.launched_world()
+distributed.start(world, torch.device("cpu"), 2.0)
+def work():
+    if world.rank == 1:
+        if sys.argv[1] == "dies":
+            os._exit(3)
+        time.sleep(5)  # preparing for longer than the 2 s --dist_timeout
+    return f"rank {world.rank} prepared"
+try:
+    print(distributed.everyone_does(world, "preparing the token data", work, 2.0), flush=True)
+except RunStopped as e:
+    print(f"stopped: {e}", flush=True)
+    os._exit(1)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("rank_1", ["slow", "dies"])
+def test_a_long_preparation_is_waited_for_and_a_process_that_died_meanwhile_is_named(tmp_path, rank_1):
+    script = tmp_path / "wait.py"
+    script.write_text(WAITING_SCRIPT)
+    ranks = start_ranks(lambda rank: [sys.executable, str(script), rank_1], env={"GPT_TRAINER_HEARTBEAT_S": "0.2"})
+    outputs = [proc.communicate(timeout=60)[0] for proc in ranks]
+    if rank_1 == "slow":  # 5 s of work against a 2 s time-out: alive, so waited for
+        assert [proc.returncode for proc in ranks] == [0, 0], outputs
+        assert "rank 0 prepared" in outputs[0] and "rank 1 prepared" in outputs[1]
+    else:
+        assert ranks[0].returncode == 1, outputs
+        assert (f"stopped: rank(s) 1 stopped answering while preparing the token data: no sign of life for 2 s "
+                f"(--dist_timeout). rank 1 on {socket.gethostname()}: preparing the token data") in outputs[0]
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_see_the_run_folder_stops_the_resume_naming_it(tmp_path, cache_dir):
+    shared = tmp_path / "shared"
+    first = launch([sys.executable, *training(shared, cache_dir, "--max_steps=2", "--eval_interval=2")])
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.relative_to(shared) for p in shared.rglob("*"))
+    # rank 1 is on a "node" whose --output_dir is a local folder, not the shared one
+    ranks = start_ranks(lambda rank: [sys.executable, *training(shared if rank == 0 else tmp_path / "local", cache_dir,
+                                                                  "--max_steps=4", "--eval_interval=2", "--resume")])
+    outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [2, 2], outputs
+    assert (f"rank 0 on {socket.gethostname()} resumes from {shared / 'checkpoints' / 'latest.pt'} (step 2), but rank "
+            f"1 on {socket.gethostname()} sees no checkpoint. Every node must see the same output folder") in outputs[0]
+    assert sorted(p.relative_to(shared) for p in shared.rglob("*")) == before  # nothing written
+    assert not (tmp_path / "local").exists() or not any((tmp_path / "local").iterdir())
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_answering_is_named_after_dist_timeout(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    ranks = start_ranks(lambda rank: [sys.executable, *training(out, cache_dir, "--max_steps=100000",
+                                                                  "--eval_interval=100000", "--dist_timeout=3")],
+                        env={"GPT_TRAINER_HEARTBEAT_S": "0.5"})
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 5:
+            assert time.monotonic() < deadline and ranks[0].poll() is None, ranks[0].communicate()[0][-3000:]
+            time.sleep(0.1)
+        ranks[1].send_signal(signal.SIGSTOP)  # alive but silent: a hung process
+        output = ranks[0].communicate(timeout=60)[0]
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode == 1, output[-3000:]
+    # rank 1 stopped before or inside the step rank 0 waits in: named either way (its heartbeat stopped too)
+    found = re.search(rf"rank 0 \({socket.gethostname()}: step (\d+)\) waited --dist_timeout 3 s for the other "
+                      rf"processes. Rank\(s\) 1 did not arrive: rank 1 on {socket.gethostname()}: step (\d+)", output)
+    assert found and int(found.group(2)) in (int(found.group(1)) - 1, int(found.group(1))), output[-3000:]
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_doctor_distributed_shows_what_each_process_sees_and_that_they_meet():
+    done = launch([*TORCHRUN, "-m", "gpt_trainer.doctor", "--distributed", "--timeout=30"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] RANK:" in done.stdout and f"[rank {rank}] backend:                   gloo" in done.stdout
+        assert re.search(rf"\[rank {rank}\] rendezvous endpoint: +\S+:\d+, reached from 127\.0\.0\.1 on lo",
+                         done.stdout)
+    assert re.search(r"joined: +all 2 processes: rank 0 on \S+ \(pid \d+\), rank 1 on \S+ \(pid \d+\)", done.stdout)
