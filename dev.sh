@@ -7,6 +7,7 @@
 #   ./dev.sh flags  rewrite the flag tables in docs/flags.md and docs/zh-CN/flags.md from the parser
 #   ./dev.sh faults SIGKILL a small run 20 times, resume it each time, check nothing was lost or doubled (~2 minutes)
 #   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
+#   ./dev.sh slurm-test   the Slurm recipes on a real two-node Slurm cluster started here (needs root; installs Slurm)
 # TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's
 # CPU-only wheel index, which is far smaller than the default CUDA build).
 set -euo pipefail
@@ -41,6 +42,7 @@ case "${1:-}" in
   test)
     setup
     "$VENV/bin/ruff" check gpt_trainer tests tools docker train_single_gpu.py
+    bash -n tools/slurm_cluster.sh examples/slurm/train.sbatch examples/slurm/sweep.sbatch
     "$VENV/bin/python" -m pytest -q "${@:2}"
     ;;
   faults)
@@ -55,8 +57,12 @@ case "${1:-}" in
     setup  # hadolint comes with the dev tools
     PATH="$PWD/$VENV/bin:$PATH" bash tests/test_container.sh
     ;;
+  slurm-test)
+    setup
+    "$VENV/bin/python" -m tests.slurm_stage
+    ;;
   *)
-    sed -n '2,11p' "$0" >&2
+    sed -n '2,12p' "$0" >&2
     exit 2
     ;;
 esac
