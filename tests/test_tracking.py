@@ -171,6 +171,30 @@ def test_a_failing_backend_costs_that_backend_only(tmp_path, capsys):
     assert tracker.backends == []
 
 
+def test_a_backend_dropped_after_a_failure_keeps_its_run_id_in_the_checkpoint(capsys):
+    class KilledWandb:
+        """A wandb run whose own process was killed (Slurm's SIGTERM reaches it too): every call fails."""
+        name = "wandb"
+
+        def log(self, metrics, step):
+            raise ConnectionResetError("Connection lost")
+
+        def state_dict(self):
+            return {"wandb_id": "abc123"}
+
+    class Broken(KilledWandb):
+        name = "swanlab"
+
+        def state_dict(self):
+            raise RuntimeError("no state either")
+
+    tracker = Tracker([KilledWandb(), Broken()], "run", resumed={"swanlab_id": "sw1"})
+    tracker.log({"train/loss": 1.0}, 1)
+    assert tracker.backends == [] and capsys.readouterr().err.count("is off for the rest of this run") == 2
+    # the resumed run continues the same wandb run; a backend that cannot say its state keeps the saved one
+    assert tracker.state_dict() == {"wandb_id": "abc123", "swanlab_id": "sw1", "run_name": "run"}
+
+
 def test_rows_that_are_not_utf8_are_kept_as_they_were_on_resume(tiny_argv, tmp_path):
     argv = tiny_argv("--max_steps=2", "--eval_interval=2", "--log_interval=1")
     assert main(argv) == 0

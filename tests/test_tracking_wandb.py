@@ -1,21 +1,28 @@
 """wandb with the real library, offline: where a key comes from (never the key), modes, no key, no network, no
 package; the run files are read back record by record (tests/wandb_offline.py)."""
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from gpt_trainer.cli import main
-from gpt_trainer.tracking.wandb import wandb_key_source
+from gpt_trainer.config import parse_args
+from gpt_trainer.rundir import RunFolder
+from gpt_trainer.tracking.base import RunInfo
+from gpt_trainer.tracking.wandb import WandbBackend, log_lost_rows_again, wandb_key_source
+from gpt_trainer.tracking.wandb_records import BLOCK
 from tests.conftest import files_containing, scalars, script_env
-from tests.wandb_offline import run_files
+from tests.wandb_offline import history_rows, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_KEY = "FAKEKEY_" + "x7" * 20  # well-formed (40+ word characters) and easy to search for
@@ -123,3 +130,107 @@ def test_a_netrc_other_users_can_read_gets_a_warning_naming_chmod_600(capsys):
     netrc_file.chmod(0o600)  # the control: a private file is used without a word
     assert wandb_key_source() == str(netrc_file)
     assert capsys.readouterr() == ("", "")
+
+
+def wandb_cores(parent: int) -> list[int]:
+    """The wandb-core processes `parent` started (wandb's Go service process, one per process that calls wandb.init)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"wandb-core" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # a process that ended while we looked
+            continue
+    return found
+
+
+def logged_pairs(rows: list[dict], step_key: str) -> list[tuple[int, str]]:
+    """(step, metric) for every metric of every row, sorted; wandb's own columns and the samples table left out."""
+    return sorted((row[step_key], key) for row in rows for key in row
+                  if not key.startswith(("_", "samples")) and key not in ("step", "global_step"))
+
+
+@pytest.mark.slow
+def test_a_slurm_sigterm_that_also_stops_wandb_core_loses_no_step(tiny_argv, tmp_path):
+    """Slurm (requeue, preemption, scancel) sends SIGTERM to every process of the job step, wandb's own wandb-core
+    too, which exits without writing the rows it held (wandb/wandb#9963). The resumed run continues the same wandb run
+    and logs those rows again from metrics.jsonl: every step is in the run once."""
+    steps = 120
+    env = script_env(WANDB_MODE="offline", HOME=os.environ["HOME"])
+    args = [sys.executable, str(ROOT / "train_single_gpu.py"),
+            *tiny_argv(f"--max_steps={steps}", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000",
+                       "--report_to=wandb")]
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 40):
+        time.sleep(0.05)
+    cores = wandb_cores(proc.pid)
+    for pid in [proc.pid, *cores]:  # the same moment, as Slurm does
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and cores, err[-3000:]
+    kept = {row["global_step"] for row in history_rows(run_files(tmp_path / "out")[0])}
+    stopped_at = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert stopped_at < steps and len(kept) < stopped_at  # the premise: the killed wandb-core lost the last rows
+
+    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    files = run_files(tmp_path / "out")
+    assert len(files) == 2 and files[0].name == files[1].name  # one wandb run id, continued
+    wandb_rows = [row for f in files for row in history_rows(f)]
+    jsonl_rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train_steps = sorted(row["global_step"] for row in wandb_rows if "train/loss" in row)
+    assert train_steps == list(range(1, steps + 1))  # each step exactly once across the segments
+    assert [row["step"] for row in jsonl_rows if "train/loss" in row] == list(range(1, steps + 1))
+    assert logged_pairs(wandb_rows, "global_step") == logged_pairs(jsonl_rows, "step")  # every metric row, once
+    assert re.search(rf"wandb: logged again the \d+ rows \(steps \d+-{stopped_at}\) that the earlier segment's wandb "
+                     rf"process lost", resumed.stderr), resumed.stderr[-3000:]
+
+
+def test_a_run_file_cut_off_anywhere_reads_back_up_to_the_cut(tmp_path):
+    import wandb
+
+    run = wandb.init(mode="offline", dir=tmp_path, settings=wandb.Settings(silent=True))
+    for step in range(1, 401):
+        run.log({"train/loss": 1 / step, "note": "x" * (step % 300), "global_step": step})  # records of many sizes
+    run.finish()
+    [path] = run_files(tmp_path)
+    data, whole = path.read_bytes(), history_rows(path)
+    assert len(data) > 3 * BLOCK and [row["global_step"] for row in whole] == list(range(1, 401))
+    cut = path.with_name("cut.wandb")
+    for size in [*range(0, len(data), 4099), BLOCK + BLOCK // 2]:  # inside records, headers and blocks
+        cut.write_bytes(data[:size])
+        rows = history_rows(cut)
+        assert rows == whole[:len(rows)]
+    assert len(rows) > 0  # the cut in the middle of the second block keeps the rows written before it
+
+
+class StandInRun:
+    """Stands in for an online wandb run resumed from a server (none is reachable here): wandb.init fills a resumed
+    run's summary from the server, so summary["global_step"] is the last step the server received."""
+    id, dir = "abc123", "/nonexistent/files"
+
+    def __init__(self, summary: dict):
+        self.summary, self.settings, self.logged = summary, SimpleNamespace(mode="online"), []
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, row: dict):
+        self.logged.append(row)
+
+
+@pytest.mark.parametrize("summary, replayed", [({"global_step": 3}, [4, 4, 5]), ({}, []),
+                                               ({"global_step": 5}, [])])
+def test_online_a_resumed_run_logs_again_the_steps_after_the_servers_last(tmp_path, summary, replayed):
+    folder = RunFolder(tmp_path)
+    rows = [{"step": s, "train/loss": s / 10} for s in range(1, 6)] + [{"step": 4, "eval/loss": None},
+                                                                        {"step": 6, "train/loss": 0.6}]
+    folder.metrics_jsonl.write_text("".join(json.dumps(row) + "\n" for row in sorted(rows, key=lambda r: r["step"]))
+                                    + '{"step": 7, "tr')  # the tail a kill cut short
+    backend = WandbBackend(StandInRun(summary), None, log_model=False)
+    run = RunInfo(parse_args([]), folder, "run", {}, start_step=5, resumed={"wandb_id": "abc123"})
+    log_lost_rows_again(backend, run)  # step 6 is after the checkpoint (step 5): never part of the run
+    assert [row["global_step"] for row in backend.run.logged] == replayed

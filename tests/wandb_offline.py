@@ -1,61 +1,18 @@
-"""Reads a wandb offline run file back (wandb 0.31 ships no public reader). Layout, checked against real files:
-a 7-byte header (':W&B', 0xBEE1, version 0), then 32 KiB blocks of LevelDB-style records, each
-<crc32 u32, length u16, type u8> + payload; types FULL=1, FIRST=2, MIDDLE=3, LAST=4; every record a protobuf Record."""
+"""Reading wandb offline run files back: the reader lives in the package (gpt_trainer/tracking/wandb_records.py),
+where a resumed run reads what its earlier segments logged."""
 
-from __future__ import annotations
-
-import json
-import struct
-import zlib
+import sys
 from pathlib import Path
 
-BLOCK = 32 * 1024
-HEADER = 7
+from gpt_trainer.tracking.wandb_records import history_rows, read_records
 
-
-def read_records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2
-
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
-    records, pending, pos = [], b"", HEADER
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:  # a block's tail too short for a record header is padding
-            pos += left
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        if kind == 0:  # zero padding at the end of a block
-            pos += left
-            continue
-        payload = data[pos + HEADER:pos + HEADER + length]
-        assert crc == zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF, f"bad CRC at offset {pos}"
-        pos += HEADER + length
-        if kind == 1:
-            records.append(payload)
-        elif kind == 2:
-            pending = payload
-        elif kind == 3:
-            pending += payload
-        elif kind == 4:
-            records.append(pending + payload)
-    parsed = []
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        parsed.append(record)
-    return parsed
-
-
-def history_rows(path: Path) -> list[dict]:
-    rows = []
-    for record in read_records(path):
-        if record.WhichOneof("record_type") == "history":
-            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+__all__ = ["history_rows", "read_records", "run_files"]
 
 
 def run_files(root: Path) -> list[Path]:
-    """Offline run files under root, oldest first."""
+    """Offline run files under root, oldest first, once this process's wandb is done writing: `run.finish()` can
+    return before wandb-core has written the last block (seen with 0.31 offline), and `wandb.teardown()` waits for it.
+    A training subprocess waits for it on exit already."""
+    if getattr(sys.modules.get("wandb"), "teardown", None):
+        sys.modules["wandb"].teardown()
     return sorted(Path(root).glob("**/offline-run-*/run-*.wandb"))

@@ -5,6 +5,7 @@ use, tests, and every process but the main one)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -121,9 +122,16 @@ class Tracker:
                 call(backend)
             except Exception as e:  # noqa: BLE001 - whatever a tracker raises, training goes on
                 self.backends.remove(backend)
+                self.keep_state_of(backend)
                 name = getattr(backend, "name", type(backend).__name__)
                 notice(f"{name}: {action} failed ({type(e).__name__}: {str(e)[:160]}); {name} is off for the rest "
                        f"of this run (the checkpoints and the other trackers go on).")
+
+    def keep_state_of(self, backend: Backend) -> None:
+        """A dropped backend's run id stays in the checkpoint, so the resumed run continues that run (a wandb process
+        that Slurm's SIGTERM killed costs this segment its wandb, not the run its history)."""
+        with contextlib.suppress(Exception):  # a broken backend may fail to say its state too: keep what there was
+            self.resumed.update(getattr(backend, "state_dict", dict)())
 
     def log(self, metrics: dict, step: int) -> None:
         self.each("logging", lambda backend: backend.log(metrics, step))

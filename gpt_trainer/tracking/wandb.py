@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import json
 import netrc
 import os
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 from ..errors import notice
 from .base import RunInfo, RunSummary, drop_empty_settings, start_in_first_mode
+from .wandb_records import history_rows
 
 WANDB_INIT_TIMEOUT_S = 20.0  # how long to wait for a wandb server before going offline (env WANDB_INIT_TIMEOUT wins)
 
@@ -73,6 +76,32 @@ class WandbBackend:
     def state_dict(self) -> dict:
         return {"wandb_id": self.run.id}
 
+    @property
+    def offline(self) -> bool:
+        return self.run.settings.mode in ("offline", "dryrun")
+
+    def run_dirs(self) -> list[Path]:
+        """This run's local folders: offline, every start of a resumed run writes its own, and all make up the run."""
+        run_dir = Path(self.run.dir).parent
+        return sorted(run_dir.parent.glob(f"offline-run-*-{self.run.id}")) or [run_dir]
+
+    def held_before(self) -> Callable[[int, dict], bool] | None:
+        """Whether the earlier segments of this run hold a row (its step and metrics); None when that cannot be told,
+        and then nothing is logged again."""
+        if self.offline:
+            here = Path(self.run.dir).parent
+            files = [d / f"run-{self.run.id}.wandb" for d in self.run_dirs() if d != here]
+            files = [f for f in files if f.is_file()]
+            if not files:  # the earlier segments' folders are elsewhere (another WANDB_DIR) or gone
+                return None
+            held = {(row.get("global_step"), key) for f in files for row in history_rows(f) for key in row}
+            return lambda step, metrics: any((step, key) in held for key in metrics)
+        # Online, wandb loads a resumed run's summary from the server on init (Run._set_run_obj in wandb 0.31): its
+        # global_step is the last step the server received. No server is reachable in the tests, so this branch is
+        # checked only with a stand-in run object.
+        last = self.run.summary.get("global_step")
+        return None if last is None else lambda step, metrics: step <= last
+
     def close(self, summary: RunSummary) -> None:
         if summary.final:
             self.log(summary.final, summary.step)
@@ -82,13 +111,36 @@ class WandbBackend:
             for path in existing:
                 artifact.add_file(str(path), name=path.name)
             self.run.log_artifact(artifact, aliases=["best", "final", "latest"])
-        offline = self.run.settings.mode in ("offline", "dryrun")
-        run_dir = Path(self.run.dir).parent
-        # offline, every start of a resumed run writes its own folder: all of them make up the run
-        run_dirs = sorted(run_dir.parent.glob(f"offline-run-*-{self.run.id}")) or [run_dir]
+        offline, run_dirs = self.offline, self.run_dirs()
         self.run.finish(exit_code=summary.exit_code)
         if offline:
             notice(f"wandb: this run was logged offline. Upload it with:  wandb sync {' '.join(map(str, run_dirs))}")
+
+
+def log_lost_rows_again(backend: WandbBackend, run: RunInfo) -> None:
+    """A resumed run logs again the rows before its checkpoint that the earlier segments' wandb run lacks, from
+    metrics.jsonl (the record our own process writes): Slurm's SIGTERM (requeue, preemption, scancel) reaches every
+    process of a job, and wandb's own process exits at once, losing what it had not yet written (wandb/wandb#9963)."""
+    held = backend.held_before()
+    if held is None or not run.folder.metrics_jsonl.is_file():
+        return
+    rows = []
+    for line in run.folder.metrics_jsonl.read_text("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+            step = row.pop("step")
+        except (ValueError, KeyError, TypeError, AttributeError):  # a line a kill cut short
+            continue
+        # metrics.jsonl writes a non-finite value as null; wandb got it as a float
+        metrics = {key: float("nan") if value is None else value for key, value in row.items()}
+        if isinstance(step, int) and step <= run.start_step and metrics and not held(step, metrics):
+            rows.append((step, metrics))
+    for step, metrics in rows:
+        backend.log(metrics, step)
+    if rows:
+        notice(f"wandb: logged again the {len(rows)} rows (steps {rows[0][0]}-{rows[-1][0]}) that the earlier "
+               f"segment's wandb process lost when it was stopped (a SIGTERM to the whole job, as Slurm sends, stops "
+               f"wandb's own process too); metrics.jsonl holds them, so the run has each step once.")
 
 
 def sweep_locked_keys() -> set[str]:
@@ -131,4 +183,10 @@ def start(run: RunInfo) -> WandbBackend | None:
 
     def start_in(attempt: str) -> WandbBackend:
         return WandbBackend(wandb.init(mode=attempt, settings=settings, **kwargs), wandb, cfg.wandb_log_model)
-    return start_in_first_mode("wandb", [mode, "offline"] if mode in ("online", "run") else [mode], start_in)
+    backend = start_in_first_mode("wandb", [mode, "offline"] if mode in ("online", "run") else [mode], start_in)
+    if backend is not None and run_id and run.start_step:
+        try:
+            log_lost_rows_again(backend, run)
+        except Exception as e:  # noqa: BLE001 - a run file we cannot read costs the rows it lost, not the run
+            notice(f"wandb: could not log again the rows the earlier segment lost ({type(e).__name__}: {str(e)[:160]})")
+    return backend
