@@ -144,14 +144,14 @@ def route_to(host: str, port: int) -> tuple[str, str]:
 def distributed_lines() -> tuple[list[str], list[str]]:
     import torch
 
-    lines = [f"{name + ':':<27}{os.environ[name]}" for name in LAUNCH_VARIABLES if name in os.environ]
+    lines = [f"{name + ':':<28}{os.environ[name]}" for name in LAUNCH_VARIABLES if name in os.environ]
     problems = []
     if "WORLD_SIZE" not in os.environ:
-        lines.append("launcher:                  none (start this under torchrun, srun + torchrun, or a pod's command "
+        lines.append("launcher:                   none (start this under torchrun, srun + torchrun, or a pod's command "
                      "to see what the training processes see)")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    lines.append(f"backend:                   {backend} ({'NCCL, or RCCL on ROCm' if backend == 'nccl' else 'CPU'})")
-    lines.append("interfaces:                " + ", ".join(f"{n} {a}" for n, a in interfaces().items()))
+    lines.append(f"backend:                    {backend} ({'NCCL, or RCCL on ROCm' if backend == 'nccl' else 'CPU'})")
+    lines.append("interfaces:                 " + ", ".join(f"{n} {a}" for n, a in interfaces().items()))
     host, port = os.environ.get("MASTER_ADDR"), int(os.environ.get("MASTER_PORT", "29500"))
     if host:
         try:
@@ -159,7 +159,7 @@ def distributed_lines() -> tuple[list[str], list[str]]:
         except OSError as e:
             problems.append(f"the rendezvous host {host} does not resolve or cannot be reached from here ({e})")
         else:
-            lines.append(f"rendezvous endpoint:       {host}:{port}, reached from {mine} on {name}")
+            lines.append(f"rendezvous endpoint:        {host}:{port}, reached from {mine} on {name}")
             if ipaddress.ip_address(mine).is_loopback and not ipaddress.ip_address(
                     socket.getaddrinfo(host, port, socket.AF_INET)[0][4][0]).is_loopback:
                 problems.append(f"{host} is reached over the loopback interface: set GLOO_SOCKET_IFNAME / "
@@ -187,7 +187,7 @@ def try_joining(timeout_s: float) -> tuple[list[str], list[str]]:
         return [], [f"rank {world.rank} could not join the other {world.size - 1} process(es) within {timeout_s:g} "
                     f"s: {str(e).splitlines()[0][:300]}"]
     stop(world, finished=True)
-    return [f"joined:                    all {world.size} processes: "
+    return [f"joined:                     all {world.size} processes: "
             + ", ".join(f"rank {rank} on {who}" for rank, who in enumerate(everyone))], []
 
 
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     if not args.quiet:
-        print("ready to train" if not problems else f"{len(problems)} problem(s) found")
+        verdict = "ready to train" if not problems else f"{len(problems)} problem(s) found"
+        print(f"[rank {os.environ['RANK']}] {verdict}" if args.distributed and "RANK" in os.environ else verdict)
     return 1 if problems else 0
 
 
