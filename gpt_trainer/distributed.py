@@ -120,6 +120,15 @@ class Roll:
         with self.lock:
             self.store.add(f"{self.prefix}beat/{self.world.rank}", 1)
 
+    def finished(self, doing: str) -> None:
+        with self.lock:
+            self.store.set(f"{self.prefix}done {doing}/{self.world.rank}", "1")
+            self.store.add(f"{self.prefix}done {doing}", 1)
+
+    def count_finished(self, doing: str) -> int:
+        with self.lock:
+            return self.store.add(f"{self.prefix}done {doing}", 0)
+
     def read(self, what: str, rank: int) -> str | None:
         key = f"{self.prefix}{what}/{rank}"
         with self.lock:
@@ -147,32 +156,34 @@ def everyone_does(world: World, doing: str, work, timeout_s: float):
         return work()
     _roll.report(doing)
     result = work()
-    _roll.store.set(f"{_roll.prefix}done {doing}/{world.rank}", "1")
+    _roll.finished(doing)
     _wait_for_the_others(world, doing, timeout_s)
     return result
 
 
 def _wait_for_the_others(world: World, doing: str, timeout_s: float) -> None:
-    last_beat, last_change, started, said = {}, {}, time.monotonic(), 0.0
-    while True:
-        missing = [r for r in range(world.size) if _roll.read(f"done {doing}", r) is None]
-        if not missing:
-            return
+    """Polls one counter while all goes well; looks at who is missing, and whether they live, every few seconds."""
+    last_beat, last_change, started, said, looked = {}, {}, time.monotonic(), 0.0, 0.0
+    while _roll.count_finished(doing) < world.size:
+        time.sleep(min(1.0, HEARTBEAT_S))
         now = time.monotonic()
+        if now - looked < min(HEARTBEAT_S, timeout_s / 4):
+            continue
+        looked = now
+        missing = [rank for rank in range(world.size) if _roll.read(f"done {doing}", rank) is None]
         for rank in missing:
             beat = _roll.read("beat", rank)
             if beat != last_beat.get(rank, "unseen"):
                 last_beat[rank], last_change[rank] = beat, now
-        silent = [r for r in missing if now - last_change[r] > timeout_s]
+        silent = [rank for rank in missing if now - last_change[rank] > timeout_s]
         if silent:
             raise RunStopped(f"rank(s) {', '.join(map(str, silent))} stopped answering while {doing}: no sign of "
                              f"life for {timeout_s:g} s (--dist_timeout). {whereabouts(silent)}. Its own log says "
                              f"why (it may have died, or its node lost the network).")
-        if world.is_main and now - said >= 60 and now - started >= 30:
+        if world.is_main and missing and now - said >= 60 and now - started >= 30:
             said = now
             notice(f"waiting for rank(s) {', '.join(map(str, missing))} ({whereabouts(missing)}), "
                    f"{now - started:.0f} s so far")
-        time.sleep(0.5)
 
 
 def whereabouts(ranks: list[int]) -> str:
