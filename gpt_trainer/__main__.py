@@ -6,7 +6,7 @@ import sys
 
 from . import cli
 
-COMMANDS = ("sample", "sweep", "doctor", "benchmark", "demo", "prepare")
+COMMANDS = ("sample", "sweep", "doctor", "benchmark", "demo", "prepare", "export")
 
 
 def main(argv: list[str] | None = None) -> int:

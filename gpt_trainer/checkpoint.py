@@ -219,7 +219,10 @@ def check_same_shape(saved: dict, cfg: TrainConfig, tokenizer, path: Path) -> No
     if not diffs and saved["tokenizer"] != tokenizer.to_dict():
         diffs = ["vocabulary: same size, different tokens (another corpus?)"]
     if diffs:
+        started = saved["config"].get("init_from")
+        origin = f" (it started from --init_from {started})" if started and started != cfg.init_from else ""
         raise UsageError(
             f"cannot resume from {path}: the model shape differs ({'; '.join(diffs)}). Pass the same --model_size, "
-            f"overrides and data as the original run (see its config.json), or train into a new --output_dir."
+            f"overrides, --init_from and data as the original run{origin} (see its config.json), or train into a new "
+            f"--output_dir."
         )

@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import checkpoint, distributed, tracking
+from . import checkpoint, distributed, hf, tracking
 from .config import TrainConfig, given_flags, parse_args
 from .data import TokenData, prepare_data
 from .errors import RunStopped, notice, run_cli
@@ -40,7 +40,7 @@ def run(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
 def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
     """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
     checks the inputs and trains its share; only the main one writes files, logs and prints."""
-    folder = check_inputs(cfg)
+    cfg, folder = check_inputs(cfg, given)
     plan, data, saved = plan_run(cfg, world, folder, given)
     if cfg.dry_run:
         if world.is_main:
@@ -62,14 +62,15 @@ def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = f
 
 
 # ---- the phases of a run, in order ---------------------------------------------------------------------------------
-def check_inputs(cfg: TrainConfig) -> RunFolder:
-    """Everything that can be refused before the hardware or the data is touched; returns the run folder."""
+def check_inputs(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> tuple[TrainConfig, RunFolder]:
+    """Everything that can be refused before the hardware or the data is touched; returns the run's configuration
+    (with --init_from, the folder's shape: flags not `given` take it) and its folder."""
     folder = RunFolder(Path(sweep_output_dir(cfg)))
     cache = Path(cfg.resolved_cache_dir())
     check_writable_folder(cache, "--cache_dir")
     folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite, ignore=(cache,))
     tracking.check(cfg)
-    return folder
+    return hf.settle_init_from(cfg, given), folder
 
 
 def sweep_output_dir(cfg: TrainConfig) -> str:

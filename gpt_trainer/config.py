@@ -66,6 +66,16 @@ class TrainConfig:
     n_embd: int | None = _flag(None, "Override the preset's width (must divide by n_head).")
     block_size: int = _flag(256, "Context length in tokens.")
     dropout: float = _flag(0.1, "Dropout probability.")
+    init_from: str | None = _flag(None, "Start a new run from a Hugging Face transformers GPT-2 folder (config.json; "
+                                        "model.safetensors or pytorch_model.bin; tokenizer.json or a BERT vocab.txt), "
+                                        "e.g. one python -m gpt_trainer.export wrote or one downloaded with `hf "
+                                        "download`: its weights, its tokenizer (--tokenizer hf) and its shape. "
+                                        "--n_layer, --n_head, --n_embd and --block_size default to the folder's "
+                                        "(block_size: n_positions); a given one that differs, or a --model_size of "
+                                        "another shape, is refused, except a smaller --block_size (later positions "
+                                        "go unused). Its loss on the validation text is logged at step 0. With "
+                                        "--resume, a checkpoint's weights win: pass the same --init_from to "
+                                        "continue.", metavar="DIR")
     # data
     use_chinese: bool = _flag(False, "Train on Chinese poetry: --corpus chinese, or the Chinese --corpus named. It is "
                               "also what runs when neither --data_path nor --corpus is given.")
@@ -75,9 +85,11 @@ class TrainConfig:
     cache_dir: str | None = _flag(None, "Where downloads and token caches live (default: $GPT_TRAINER_CACHE or "
                                         "~/.cache/gpt_trainer).")
     text_field: str = _flag("text", "The field of .json/.jsonl records that holds the text (MiniMind's data: text).")
-    prepare_workers: int = _flag(0, "Processes that encode the corpus with --tokenizer sentencepiece (0: every usable "
-                                    "core); char encoding is one vectorised table look-up, faster in one process.")
-    tokenizer: str = _flag("char", "Tokenizer kind.", choices=["char", "sentencepiece"])
+    prepare_workers: int = _flag(0, "Processes that encode the corpus with --tokenizer sentencepiece or hf (0: every "
+                                    "usable core); char encoding is one vectorised table look-up, faster in one "
+                                    "process.")
+    tokenizer: str = _flag(None, "Tokenizer kind (default: char; hf, the --init_from folder's own, with --init_from).",
+                           choices=["char", "sentencepiece", "hf"])
     vocab_size: int = _flag(4000, "Vocabulary size for --tokenizer sentencepiece.")
     train_split: float = _flag(0.9, "Fraction of tokens used for training; the rest is validation.")
     # optimisation
@@ -151,12 +163,18 @@ class TrainConfig:
 
     def __post_init__(self):
         """The one place a TrainConfig's fields are settled: the preset fills the shape flags left unset, --no_compile
-        becomes --compile=false, and ~ in --output_dir is expanded. Afterwards nothing assigns to a field."""
+        becomes --compile=false, --init_from selects --tokenizer hf, and ~ in --output_dir and --init_from is expanded.
+        Afterwards nothing assigns to a field (a run from --init_from takes its folder's shape in a new TrainConfig:
+        hf.settle_init_from)."""
         if self.no_compile:
             if self.compile == "true":
                 raise UsageError("--compile and --no_compile contradict each other: give one.")
             object.__setattr__(self, "compile", "false")
             object.__setattr__(self, "no_compile", False)
+        if self.init_from:
+            object.__setattr__(self, "init_from", os.path.expanduser(self.init_from))
+        if self.tokenizer is None:  # the folder's own with --init_from (another one given with it: refused by validate)
+            object.__setattr__(self, "tokenizer", "hf" if self.init_from else "char")
         preset = MODEL_PRESETS.get(self.model_size)
         for name in ("n_layer", "n_head", "n_embd"):
             if getattr(self, name) is None and preset:
@@ -166,6 +184,8 @@ class TrainConfig:
     def model_label(self) -> str:
         """`tiny (6 layers x 384 wide, 6 heads)`; a preset whose shape flags changed says so."""
         shape = ModelShape(self.n_layer, self.n_head, self.n_embd)
+        if self.init_from:
+            return f"from {self.init_from} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
         changed = "" if shape == MODEL_PRESETS[self.model_size] else " with overrides"
         return f"{self.model_size}{changed} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
 
@@ -240,6 +260,12 @@ def validate(cfg: TrainConfig) -> None:
     if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
         raise UsageError(f"--wandb_run_name {name!r} is also the name of the TensorBoard folder inside output_dir, so "
                          f"it must be a plain name: no / or \\, not . or .., not empty. Use e.g. tiny-poems-lr3e-4.")
+    if cfg.tokenizer == "hf" and not cfg.init_from:
+        raise UsageError("--tokenizer hf is the tokenizer of a transformers model folder: give --init_from DIR, or "
+                         "choose --tokenizer char or sentencepiece.")
+    if cfg.init_from and cfg.tokenizer != "hf":
+        raise UsageError(f"--init_from trains with the folder's own tokenizer, but --tokenizer {cfg.tokenizer} asks "
+                         f"for another: drop --tokenizer.")
     if cfg.data_path and cfg.corpus:
         raise UsageError("--data_path and --corpus both name the training text: give only one.")
     other_text = f"--data_path {cfg.data_path}" if cfg.data_path else (
@@ -270,7 +296,7 @@ class _UsageErrorParser(argparse.ArgumentParser):
 
 # the flags that say which text and tokens a run trains on (python -m gpt_trainer.prepare takes these alone)
 DATA_FLAGS = ("use_chinese", "data_path", "corpus", "cache_dir", "text_field", "prepare_workers", "tokenizer",
-              "vocab_size", "train_split", "seed")
+              "vocab_size", "train_split", "seed", "init_from")
 
 
 def build_parser(only: tuple[str, ...] | None = None, prog: str = "train_single_gpu.py",

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .corpora import Corpus, default_prompts_for, load_corpus, sha256_file, utf8_pieces
 from .errors import UsageError, notice
+from .hf import folder_tokenizer
 from .tokenizer import (UNICODE_SIZE, WORKER_FUNCTIONS, CharTokenizer, SentencePieceTokenizer, characters_in,
                         tokenizer_from_dict, training_sentences)
 
@@ -50,9 +51,13 @@ class TokenData:
 SP_SENTENCES = 1_000_000  # sentencepiece trains on at most this many lines, a seeded sample (all of a smaller corpus)
 
 
-def cache_key(identity: str, cfg: TrainConfig) -> str:
+def cache_key(identity: str, cfg: TrainConfig, tokenizer=None) -> str:
+    """The cache folder's name: the corpus, the tokenizer settings (a given tokenizer, --init_from's: a digest of it,
+    so two folders' tokenizers never share a cache and one folder's always finds its own) and the split."""
     content = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:20]
     vocab = f"-v{cfg.vocab_size}" if cfg.tokenizer == "sentencepiece" else ""
+    if tokenizer is not None:
+        vocab = "-" + hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     return f"{content}-{cfg.tokenizer}{vocab}-split{cfg.train_split}"
 
 
@@ -104,6 +109,8 @@ class Workers:
     @staticmethod
     def _receive(proc):
         status, answer = pickle.load(proc.stdout)
+        if status != "ok" and answer.startswith("UsageError: "):  # bad input, found by a worker: said as such
+            raise UsageError(answer.removeprefix("UsageError: "))
         if status != "ok":
             raise RuntimeError(f"a preparation worker failed: {answer}")
         return answer
@@ -149,13 +156,21 @@ def counted(pieces, progress: Progress, spill=None):
         yield text
 
 
-def scan(corpus: Corpus, cfg: TrainConfig, spill=None):
+def scan(corpus: Corpus, cfg: TrainConfig, spill=None, tokenizer=None):
     """The first pass: (the tokenizer, the default prompts). Char: every character the corpus uses
-    (vectorised); sentencepiece: trained on a seeded sample of at most SP_SENTENCES lines. The text read goes to
-    `spill` too, when given."""
+    (vectorised); sentencepiece: trained on a seeded sample of at most SP_SENTENCES lines; a given `tokenizer`
+    (--init_from's) is used as it is, and the pass stops once it has the prompts, unless the text goes to `spill`
+    (which it does too, when given)."""
     progress, head = Progress("reading", corpus.source_bytes), []
     texts = counted(corpus.pieces(), progress, spill)
-    if cfg.tokenizer == "char":
+    if tokenizer is not None:
+        blank = True
+        for text in tee_head(texts, head):
+            blank = blank and not text.strip()
+            if not blank and spill is None and sum(map(len, head)) >= PROMPT_HEAD:
+                break
+        progress.close()
+    elif cfg.tokenizer == "char":
         seen = np.zeros(UNICODE_SIZE, dtype=bool)
         for text in tee_head(texts, head):
             seen[characters_in(text)] = True
@@ -183,11 +198,14 @@ def scan(corpus: Corpus, cfg: TrainConfig, spill=None):
     if blank:
         raise UsageError(f"the corpus {corpus.name} holds no text (it is empty or only whitespace). Point "
                          f"--data_path at your corpus.")
-    first = "".join(head)[:20000]
+    first = "".join(head)[:PROMPT_HEAD]
     return tokenizer, (corpus.default_prompts or default_prompts_for(first))
 
 
-def tee_head(texts, head: list, wanted: int = 20000):
+PROMPT_HEAD = 20000  # characters from the corpus's beginning that the default prompts are picked from
+
+
+def tee_head(texts, head: list, wanted: int = PROMPT_HEAD):
     """Pass the texts on, keeping their first `wanted` characters in `head` (for the default prompts)."""
     kept = 0
     for text in texts:
@@ -197,21 +215,22 @@ def tee_head(texts, head: list, wanted: int = 20000):
         yield text
 
 
-def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path) -> None:
-    """Tokenizer from a first streaming pass, ids from a second (in worker processes, appended straight to disk), then
-    the train/val split; written into a staging folder renamed into place at the end, so an interrupted preparation
-    leaves no cache that a later run would use."""
+def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path, given_tokenizer=None) -> None:
+    """Tokenizer from a first streaming pass (or `given_tokenizer`), ids from a second (in worker processes, appended
+    straight to disk), then the train/val split; written into a staging folder renamed into place at the end, so an
+    interrupted preparation leaves no cache that a later run would use."""
     started = time.perf_counter()
     # char ids are a vectorised table look-up, faster here than the pieces' trip to a worker and back (measured:
-    # 79 MB/s in one process, 41 MB/s with two workers); sentencepiece's encoder is the bottleneck that workers share
-    workers = (cfg.prepare_workers or usable_cores()) if cfg.tokenizer == "sentencepiece" else 1
+    # 79 MB/s in one process, 41 MB/s with two workers); sentencepiece's and the tokenizers library's encoders are
+    # the bottleneck that workers share
+    workers = (cfg.prepare_workers or usable_cores()) if cfg.tokenizer != "char" else 1
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
     # text parsed out of JSON is kept from the first pass for the second: parsing every record twice halved the speed
     spill = staging / "text.tmp" if corpus.parsed else None
     try:
         with open(spill, "wb") if spill else contextlib.nullcontext() as spilled:
-            tokenizer, prompts = scan(corpus, cfg, spilled)
+            tokenizer, prompts = scan(corpus, cfg, spilled, given_tokenizer)
         dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
         second = utf8_pieces(spill) if spill else corpus.pieces()
         progress, tokens = Progress("encoding", spill.stat().st_size if spill else corpus.source_bytes), 0
@@ -286,14 +305,16 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
         for leftover in tokens_dir.glob(".staging-*"):  # a preparation that was killed (the lock says none runs)
             shutil.rmtree(leftover, ignore_errors=True)
         corpus = corpus or load_corpus(cfg)
-        folder = tokens_dir / cache_key(corpus.identity(), cfg)
+        # --init_from: the folder's tokenizer, whatever the text (char and sentencepiece ones are made from it)
+        given = folder_tokenizer(Path(cfg.init_from)) if cfg.tokenizer == "hf" else None
+        folder = tokens_dir / cache_key(corpus.identity(), cfg, given)
         damage = cache_damage(folder) if folder.exists() else "absent"
         built = bool(damage)
         if damage:
             if folder.exists():
                 notice(f"note: the token cache {folder} is damaged ({damage}); rebuilding it")
                 shutil.rmtree(folder)
-            build_token_cache(corpus, cfg, folder)
+            build_token_cache(corpus, cfg, folder, given)
     meta = json.loads((folder / "meta.json").read_text())
     with open(folder / "tokenizer.pkl", "rb") as f:
         tokenizer = tokenizer_from_dict(pickle.load(f))

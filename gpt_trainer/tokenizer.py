@@ -1,5 +1,6 @@
-"""Tokenizers: char-level (BabyGPT style) and sentencepiece. Both serialise to a plain dict that travels inside
-every checkpoint, so sampling needs nothing but the checkpoint."""
+"""Tokenizers: char-level (BabyGPT style), sentencepiece, and a Hugging Face `tokenizers` tokenizer read from an
+--init_from folder. Each serialises to a plain dict that travels inside every checkpoint, so sampling needs nothing but
+the checkpoint."""
 
 from __future__ import annotations
 
@@ -100,6 +101,59 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "model_proto": self.model_proto}
 
 
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (a tokenizer.json, or one built from a BERT vocab.txt) of a transformers
+    model folder (--init_from). Text is encoded without special tokens: a BERT post-processor would put [CLS] and
+    [SEP] around every piece of the corpus. `vocab_size` is the model's (config.json's vocab_size), which may exceed
+    the tokenizer's own ids (padding rows); those ids decode to nothing. A WordPiece (BERT) tokenizer drops line
+    breaks and decodes with a space between tokens (`床 前 明 月 光`), as transformers' BertTokenizer does."""
+
+    kind = "hf"
+
+    def __init__(self, json_text: str, vocab_size: int | None = None):
+        from tokenizers import Tokenizer
+
+        self.json = json_text
+        self.tk = Tokenizer.from_str(json_text)
+        self.size = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1  # the ids it can produce
+        self.model_vocab = vocab_size or self.size
+        unk = getattr(self.tk.model, "unk_token", None)
+        self.unk_id = self.tk.token_to_id(unk) if unk else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_vocab
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # noqa: BLE001 - the library raises a bare Exception
+            # a tokenizer without an unknown token (an exported char vocabulary) meeting text outside its vocabulary
+            outside = sorted(c for c in set(text) if not c.isspace() and self.tk.token_to_id(c) is None)[:10]
+            which = f" (characters it lacks include {''.join(outside)!r})" if outside else ""
+            raise UsageError(f"the --init_from tokenizer cannot encode this text{which}: {e}. Train on text its "
+                             f"vocabulary covers, or start from a model whose tokenizer has an unknown "
+                             f"token.") from None
+
+    def encode_known(self, text: str) -> tuple[list[int], str]:
+        """A prompt's ids without the unknown-token ones; returns the ids and the text those stood for (without an
+        unknown token: the characters outside the vocabulary, left out as the char tokenizer leaves them out)."""
+        try:
+            encoding = self.tk.encode(text, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - the library raises a bare Exception
+            known = "".join(c for c in text if self.tk.token_to_id(c) is not None)
+            return self.encode(known), "".join(c for c in text if self.tk.token_to_id(c) is None)
+        known = [i for i in encoding.ids if i != self.unk_id]
+        dropped = "".join(text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == self.unk_id)
+        return known, dropped
+
+    def decode(self, ids) -> str:
+        return self.tk.decode([int(i) for i in ids if i < self.size])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "json": self.json, "vocab_size": self.model_vocab}
+
+
 SENTENCE_CHARS = 1000  # sentencepiece skips input lines over 4,192 bytes; a CJK character takes 3
 
 
@@ -116,6 +170,8 @@ def tokenizer_from_dict(state: dict):
         return CharTokenizer(list(state["chars"]))
     if state["kind"] == "sentencepiece":
         return SentencePieceTokenizer(state["model_proto"])
+    if state["kind"] == "hf":
+        return HFTokenizer(state["json"], state["vocab_size"])
     raise ValueError(f"unknown tokenizer kind {state['kind']!r}")
 
 

@@ -27,6 +27,7 @@ from . import distributed
 from .distributed import all_reduce
 from .errors import is_out_of_memory
 from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
+from .hf import gpt2_state
 from .metrics import ThroughputWindow
 from .model import build_model, generate_text
 from .plan import RunPlan
@@ -80,6 +81,9 @@ class Trainer:
         self.tracker = tracker or Tracker()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.to_dict(), data.tokenizer.vocab_size, device)
+        # --init_from: a fresh run starts from the folder's weights; a resumed one from its checkpoint's (restore)
+        if cfg.init_from and plan.resume_from is None:
+            self.model.load_state_dict(gpt2_state(Path(cfg.init_from), self.model.cfg), strict=True)
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
         allow_tf32(device)
@@ -193,6 +197,8 @@ class Trainer:
         bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (sys.stderr.isatty() and self.world.is_main), file=sys.stderr)
         window, started = self.throughput_window(), time.perf_counter()
+        if self.step == 0 and self.cfg.init_from:
+            self.evaluate_start(result)
         while self.step < self.plan.total_steps and self.stop_requested() is None:
             epoch, sampler_state = self.sampler.epoch, self.sampler.state_dict()
             distributed.report(f"step {self.step + 1}")  # a process that waits for this one can name it
@@ -237,6 +243,18 @@ class Trainer:
         result.steps, result.best_val_loss = self.step, self.best_val_loss
         result.seconds = time.perf_counter() - started
         return result
+
+    def evaluate_start(self, result: TrainResult) -> None:
+        """A run from --init_from is evaluated before its first step: the folder's model on this text, the number the
+        training is to improve on (logged at step 0; it sets no best, so best.pt is always a trained model)."""
+        val_loss = self.evaluate()
+        if val_loss is None:  # a stop request came during it
+            return
+        result.evals.append((0, val_loss))
+        self.tracker.log({"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss)}, 0)
+        if self.world.is_main:
+            tqdm.write(f"step 0 (the weights of {self.cfg.init_from}) | val {val_loss:.4f} | perplexity "
+                       f"{perplexity(val_loss):,.1f}")
 
     # when to report, evaluate and save: the last step always reports and evaluates (a stop saves after the loop)
     def should_log(self) -> bool:

@@ -58,3 +58,11 @@ def test_the_model_label_says_when_the_preset_shape_was_changed():
     assert parse_args(["--model_size=small"]).model_label() == "small (12 layers x 768 wide, 12 heads)"
     assert parse_args(["--n_layer=4", "--n_head=4", "--n_embd=128"]).model_label() == \
         "tiny with overrides (4 layers x 128 wide, 4 heads)"
+
+
+def test_init_from_takes_the_folders_tokenizer_and_an_explicit_other_one_is_refused():
+    assert parse_args(["--init_from", "some/folder"]).tokenizer == "hf"
+    assert parse_args([]).tokenizer == "char"
+    for other in ("char", "sentencepiece"):
+        with pytest.raises(UsageError, match=f"--tokenizer {other} asks for another: drop --tokenizer"):
+            parse_args(["--init_from", "some/folder", "--tokenizer", other])

@@ -215,6 +215,13 @@ ls "$out"/run/logs/*/events.out.tfevents.* >/dev/null 2>&1 || fail "no TensorBoa
 ls "$out"/wandb/offline-run-*/run-*.wandb >/dev/null 2>&1 || fail "no wandb offline run in the mounted folder"
 grep -q "swanlab sync -i " "$WORK/train.log" && ls "$out"/run/swanlog/run-*/run-*.swanlab >/dev/null 2>&1 \
   || { grep -i swanlab "$WORK/train.log"; fail "no offline SwanLab record or sync hint"; }
+# the compiled run's checkpoint exported for transformers with the image's own safetensors and tokenizers
+docker run --rm --user "$TEST_UID:$TEST_UID" --network none -v "$out:/workspace/output" "$IMAGE" \
+  python -m gpt_trainer.export /workspace/output/run/checkpoints/latest.pt /workspace/output/exported \
+  > "$WORK/export.log" 2>&1 || { tail -20 "$WORK/export.log"; fail "exporting in the container failed"; }
+for file in config.json model.safetensors tokenizer.json README.md; do
+  [ -f "$out/exported/$file" ] || fail "the export in the container wrote no $file"
+done
 [ -z "$(find "$out" ! -user "$TEST_UID")" ] || fail "files in the output folder are not owned by the host user"
 
 step "no layer, log or output file holds the key; each check first finds a planted key"
@@ -231,7 +238,7 @@ docker build -q -t "$IMAGE-planted" "$planted" >/dev/null || fail "could not bui
 echo "planted-key controls: found by the history, layer and file checks"
 [ "$(key_in_history "$IMAGE")" = 0 ] || fail "the key is in the image history"
 [ "$(key_in_layers "$IMAGE")" = 0 ] || fail "the key is in the image filesystem"
-[ "$(key_in_files "$out" "$WORK/train.log" "$WORK/doctor.log" "$WORK/build.log")" = 0 ] || fail "the key leaked into the output or a log"
+[ "$(key_in_files "$out" "$WORK/train.log" "$WORK/doctor.log" "$WORK/build.log" "$WORK/export.log")" = 0 ] || fail "the key leaked into the output or a log"
 echo "no leak: image history, every layer, the output folder and the logs are free of the key"
 
 step "serving TensorBoard with docker-compose and reading a scalar over HTTP"

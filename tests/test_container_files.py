@@ -167,3 +167,9 @@ def test_every_image_package_is_pinned_and_the_trackers_are_there():
                 assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.]*", requirement), f"{path.name}: {line}"
                 pins[requirement.split("==")[0].lower()] = requirement
     assert {"wandb", "tensorboard", "swanlab", "accelerate", "sentencepiece"} <= set(pins)
+    # every package the project itself needs, pinned (numpy is the base image's own, like torch)
+    import tomllib
+
+    needed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\[ ]", requirement)[0].lower() for requirement in needed} - {"numpy"}
+    assert names - set(pins) == set()

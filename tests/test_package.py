@@ -12,10 +12,10 @@ from gpt_trainer.config import parse_args
 PACKAGE = Path(__file__).resolve().parent.parent / "gpt_trainer"
 # Lowest first: a module may import only modules listed before it. Foundations, then data and model, then the run
 # plan, tracking and the loop, then the commands. A new module must be placed here.
-LAYERS = ["errors", "config", "hardware", "distributed", "tokenizer", "model", "compiling", "rundir", "corpora",
+LAYERS = ["errors", "config", "hardware", "distributed", "tokenizer", "model", "hf", "compiling", "rundir", "corpora",
           "metrics", "data", "checkpoint", "autobatch", "plan", "tracking.base", "tracking.wandb_records",
           "tracking.tensorboard", "tracking.wandb", "tracking.swanlab", "tracking", "trainer", "cli", "demo", "sample",
-          "sweep", "doctor", "benchmark", "prepare", "__main__", "__init__"]
+          "export", "sweep", "doctor", "benchmark", "prepare", "__main__", "__init__"]
 
 
 def module_name(path: Path) -> str:

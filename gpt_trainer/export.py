@@ -1,0 +1,323 @@
+"""Export a checkpoint as a Hugging Face transformers model folder (GPT-2 architecture, fast tokenizer, generation
+defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom code.
+
+    python -m gpt_trainer.export output_single/checkpoints/best.pt my-poet
+    python -m gpt_trainer export output_single/checkpoints/best.pt my-poet --overwrite
+
+Only safetensors and the `tokenizers` library are needed here, not transformers. The folder is written next to
+OUT_DIR under a temporary name and moved into place at the end, so a failure leaves nothing half-written; an existing
+OUT_DIR that is not empty is refused unless --overwrite, which replaces the files an export writes and keeps others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, hf
+from .config import CHINESE_PROMPTS, ENGLISH_PROMPTS, TrainConfig
+from .errors import UsageError, notice, run_cli
+from .model import GPTConfig
+from .sample import model_from_checkpoint
+from .tokenizer import tokenizer_from_dict
+
+# every file an export may write: --overwrite replaces these (and removes those this export does not write)
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "tokenizer.model", "README.md")
+# the named corpora's licences (the text's, which is what a model trained on it inherits); anything else is unknown
+CORPUS_LICENCES = {
+    "builtin": ("mit", "Tang poems from chinese-poetry (https://github.com/chinese-poetry/chinese-poetry): the poems "
+                       "are in the public domain, the collection is MIT-licensed"),
+    "tang": ("mit", "chinese-poetry (https://github.com/chinese-poetry/chinese-poetry): the poems are in the public "
+                    "domain, the collection is MIT-licensed"),
+    "song_ci": ("mit", "chinese-poetry (https://github.com/chinese-poetry/chinese-poetry): the poems are in the "
+                       "public domain, the collection is MIT-licensed"),
+    "shakespeare": ("other", "Tiny Shakespeare (karpathy/char-rnn): Shakespeare's plays, in the public domain"),
+    "fortunes_zh": ("unknown", "Debian's fortunes-zh package: see /usr/share/doc/fortunes-zh/copyright and set it "
+                               "yourself"),
+}
+OWN_TEXT = ("unknown", "the trainer's own text: its licence is unknown here, set it yourself")
+# flags the reconstructed command leaves out: resolved for the machine it ran on, or about the run folder's handling
+NOT_REPLAYED = {"compile", "no_compile", "cache_dir", "resume", "overwrite", "dry_run", "global_batch_size",
+                "allow_new_data", "prepare_workers"}
+
+
+# ---- the tokenizer ------------------------------------------------------------------------------------------------
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """bos/eos/pad/unk ids that exist in our vocabulary. Sentencepiece has its own control pieces. The char
+    vocabulary has none: bos is "\\n" (our sampler starts an empty prompt from it, so transformers' `generate()`
+    without a prompt does the same); there is no eos, because the model never learned one and a newline ends every
+    line of a poem, not the poem (generation runs to max_new_tokens, like ours); no pad (set one to batch prompts)."""
+    if tokenizer.kind == "sentencepiece":
+        sp = tokenizer.sp
+        return {name: (i if i >= 0 else None) for name, i in
+                (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id()))}
+    return {"bos": tokenizer.index.get("\n"), "eos": None, "pad": None, "unk": None}
+
+
+def char_tokenizer(chars: list[str]):
+    """Our ids, one per character: every character is its own piece (`[\\s\\S]`: "." would skip newlines), no
+    normalizer, joined back with nothing between. No unknown token: a character the corpus never had raises an
+    error instead of turning silently into another character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    fast = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    fast.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    fast.decoder = decoders.Fuse()
+    return fast
+
+
+def sentencepiece_tokenizer(sp):
+    """The fast twin of our sentencepiece BPE model (as transformers converts one, with our training settings: no
+    normalisation, no dummy prefix, byte fallback): the merges are ranked by the score of the piece they make, which
+    is the order sentencepiece merges in; control pieces are special."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    normal = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+    ranked = sorted((-sp.get_score(i), i, piece[:cut], piece[cut:]) for piece, i in normal.items()
+                    for cut in range(1, len(piece)) if piece[:cut] in normal and piece[cut:] in normal)
+    fast = Tokenizer(models.BPE(vocab, [(left, right) for *_, left, right in ranked], unk_token=sp.id_to_piece(
+        sp.unk_id()), fuse_unk=True, byte_fallback=True, dropout=None))
+    fast.normalizer = normalizers.Replace(" ", "▁")  # sentencepiece's whitespace escape, nothing prepended
+    fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                             for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)])
+    return fast
+
+
+def check_same_ids(sp, fast) -> None:
+    """The fast tokenizer must encode as sentencepiece does; a model trained with other settings than gpt-trainer's
+    (a dummy prefix, a normaliser) would not, and is refused rather than exported wrong. The probe is every piece of
+    the vocabulary run together, so that the merges compete as they do in real text."""
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    probe = "".join(pieces).replace("▁", " ") + "\n春江花月夜，  two  spaces, digits 2026!\t𠀀 <s></s><unk>\n"
+    fast.encode_special_tokens = True  # "<s>" in a text is text to sentencepiece (split_special_tokens in transformers)
+    same = fast.encode(probe, add_special_tokens=False).ids == sp.encode(probe)
+    fast.encode_special_tokens = False
+    if not same:
+        raise UsageError("this checkpoint's sentencepiece model was trained with other settings than gpt-trainer's "
+                         "(a dummy prefix or a normaliser?): a fast tokenizer would not give its ids, so it is not "
+                         "exported.")
+
+
+def tokenizer_files(tokenizer, block_size: int, ids: dict) -> dict[str, bytes]:
+    """tokenizer.json (and sentencepiece's own tokenizer.model) and the tokenizer_config.json that makes
+    AutoTokenizer load it as it is: the generic fast class, nothing added around the ids."""
+    names = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "unk": "unk_token"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
+    files = {}
+    if tokenizer.kind == "sentencepiece":
+        fast = sentencepiece_tokenizer(tokenizer.sp)
+        check_same_ids(tokenizer.sp, fast)
+        config.update({names[k]: tokenizer.sp.id_to_piece(i) for k, i in ids.items() if i is not None})
+        config["split_special_tokens"] = True  # "<s>" written in a text is text, as sentencepiece encodes it
+        files["tokenizer.model"] = tokenizer.model_proto
+    else:  # the char tokens are plain characters: none is special (decode must not skip "\n")
+        fast = char_tokenizer(tokenizer.chars)
+    files["tokenizer.json"] = fast.to_str(pretty=True).encode()
+    files["tokenizer_config.json"] = to_json(config)
+    return files
+
+
+# ---- the model card -------------------------------------------------------------------------------------------------
+def training_command(config: dict) -> str:
+    """The command that trained it: recorded, or rebuilt from the flags that differ from the defaults."""
+    if config.get("command"):
+        return config["command"]
+    defaults = TrainConfig().to_dict()
+    config = {**config, "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0 -> the flag's cuda
+    if config.get("tokenizer") == "char":
+        config.pop("vocab_size", None)  # the char vocabulary's size is the corpus's, not a flag's
+    flags = []
+    for name, default in defaults.items():
+        value = config.get(name, default)
+        if name in NOT_REPLAYED or value == default or (name == "corpus" and config.get("data_path")):
+            continue
+        flags.append(f"--{name}" if value is True else f"--{name}={shlex.quote(str(value))}")
+    return " ".join(["python train_single_gpu.py", *flags])
+
+
+def example_prompt(config: dict, tokenizer) -> str:
+    """A prompt for the card's example: the run's first sample prompt, else a demo one, that the vocabulary spells."""
+    candidates = [*(config.get("sample_prompts") or "").split(","), *CHINESE_PROMPTS.split(","),
+                  *ENGLISH_PROMPTS.split(",")]
+    fits = [p for p in [*candidates, *"".join(candidates)]
+            if p and (tokenizer.kind != "char" or all(c in tokenizer.index for c in p))]
+    return fits[0] if fits else tokenizer.decode([0])
+
+
+def step_batch(state: dict) -> int:
+    """Sequences per optimizer step: recorded since format 3; before, micro-batch x accumulation x processes."""
+    config = state["config"]
+    return config.get("global_batch_size") or (config["batch_size"] * config.get("gradient_accumulation_steps", 1)
+                                               * state.get("world_size", 1))
+
+
+def model_card(state: dict, ids: dict, name: str) -> str:
+    config, trainer, kind = state["config"], state["trainer"], state["tokenizer"]["kind"]
+    own_text = bool(config.get("data_path"))
+    licence, about_licence = OWN_TEXT if own_text else CORPUS_LICENCES.get(state.get("corpus"), OWN_TEXT)
+    corpus = f"`{state.get('corpus')}`" + (f" (--data_path {config['data_path']})" if own_text else "")
+    steps, batch, block = trainer["step"], step_batch(state), config["block_size"]
+    best = trainer.get("best_val_loss", math.inf)
+    rebuilt = "" if config.get("command") else " (rebuilt from the recorded flags)"
+    prompt = json.dumps(example_prompt(config, tokenizer_from_dict(state["tokenizer"])), ensure_ascii=False)
+    if kind == "char":
+        tokens_text = ("one token per character. `bos_token_id` is the id of \"\\n\" (what our sampler starts an "
+                       "empty prompt from); there is no end-of-text token, so generation runs to `max_new_tokens`, "
+                       "and no padding token (set one to batch prompts). A character the training text never "
+                       "contained has no id: tokenizing it raises an error (\"Missing [UNK] token\"); leave such "
+                       "characters out, as `python -m gpt_trainer.sample` does.")
+    else:
+        tokens_text = (f"sentencepiece BPE with byte fallback (`tokenizer.model` is the original, `tokenizer.json` "
+                       f"gives the same ids); special ids {json.dumps(ids)}, which training never used: nothing is "
+                       f"added around the ids, and `<s>` written in a text is text.")
+    return f"""---
+library_name: transformers
+license: {licence}
+{"license_name: public-domain" + chr(10) if licence == "other" else ""}tags: [gpt2, text-generation, gpt-trainer, \
+{"character-level" if kind == "char" else "sentencepiece"}]
+pipeline_tag: text-generation
+---
+
+# {name}
+
+A small GPT trained from scratch with gpt-trainer, exported as transformers' GPT-2 (the same architecture:
+pre-LayerNorm, tanh GELU, learned positions, tied embeddings). Layers: {config["n_layer"]}, heads: \
+{config["n_head"]}, width: {config["n_embd"]}, context: {block} tokens, vocabulary: {state["vocab_size"]}.
+
+- Corpus: {corpus}. Licence: {licence} ({about_licence}).
+- Training: {steps:,} steps x {batch * block:,} tokens per step ({batch} sequences x {block} tokens) = \
+{steps * batch * block:,} tokens seen.
+- Best validation loss: {f"{best:.4f}" if math.isfinite(best) else "not evaluated"}.
+- Trained with{rebuilt}: `{training_command(config)}`
+- Tokenizer: {tokens_text}
+
+## Use
+
+With `PATH` this folder (or its id on the Hub):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model, tokenizer = AutoModelForCausalLM.from_pretrained("PATH"), AutoTokenizer.from_pretrained("PATH")
+print(tokenizer.decode(model.generate(**tokenizer({prompt}, return_tensors="pt"))[0]))
+```
+
+`generation_config.json` holds the run's sampling settings (temperature {config["temperature"]}, top-k \
+{config["top_k"]}, top-p {config["top_p"]}). The prompt and the new tokens together must fit in the context of \
+{block} tokens: transformers' GPT-2 does not slide the window as `python -m gpt_trainer.sample` does.
+"""
+
+
+# ---- writing the folder -------------------------------------------------------------------------------------------
+def to_json(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def export_files(state: dict, weights_path: Path, name: str) -> dict[str, bytes]:
+    """Every file of the folder but the weights, which are written to `weights_path`."""
+    from safetensors.torch import save_file
+
+    config, tokenizer = state["config"], tokenizer_from_dict(state["tokenizer"])
+    shape = GPTConfig.from_flags(config, state["vocab_size"])
+    ids = special_ids(tokenizer)
+    save_file(hf.to_hf(state["model"], shape.n_layer), str(weights_path), metadata={"format": "pt"})
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
+                  "do_sample": True, "temperature": config["temperature"], "top_k": config["top_k"],
+                  "top_p": config["top_p"],
+                  # transformers' GPT-2 cannot go past its context: a longer budget would fail every call
+                  "max_new_tokens": min(config["sample_tokens"], shape.block_size - 1)}
+    return {"config.json": to_json(hf.gpt2_config(shape, ids)), "generation_config.json": to_json(generation),
+            **tokenizer_files(tokenizer, shape.block_size, ids), "README.md": model_card(state, ids, name).encode()}
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder: give a folder for the export (it is created if missing).")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} exists and is not empty. Pass --overwrite to replace the files an export writes "
+                         f"there (other files are kept), or give a new folder.")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint, with weights that fit the shape it records (what a damaged or foreign file breaks)."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint. Give a .pt file written by training (a run's "
+                         f"checkpoints/best.pt or latest.pt).")
+    state = checkpoint.load(path)
+    try:
+        model_from_checkpoint({**state, "model": hf.clean_state(state["model"])}, torch.device("cpu"))
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UsageError(f"{path} does not hold the weights its configuration describes ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}). Export another checkpoint of the run.") from None
+    return state
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    """A new or empty OUT_DIR is replaced by the staged folder in one rename; into an existing one, each file is
+    renamed over its old version, and an earlier export's files this one does not write are removed."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(staging, out)
+        return
+    for name in EXPORT_FILES:
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+        elif (out / name).is_file():
+            (out / name).unlink()
+    staging.rmdir()
+    kept = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if kept:
+        notice(f"note: kept files that are not the export's in {out}: {', '.join(kept)}.")
+
+
+def export(checkpoint_path: Path, out: Path, overwrite: bool = False) -> Path:
+    check_destination(out, overwrite)
+    state = read_checkpoint(checkpoint_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        for name, data in export_files(state, staging / "model.safetensors", out.name).items():
+            (staging / name).write_bytes(data)
+        # mkdtemp and safetensors make private files: give the folder the modes any file the user writes gets
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)
+        os.chmod(staging / "model.safetensors", 0o666 & ~mask)
+        move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a successful move; a failure's half-written folder
+    return out
+
+
+def export_command(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt_trainer.export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a .pt file written by training")
+    parser.add_argument("out_dir", type=Path, help="the folder to write (created; must be empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files an export writes in a non-empty OUT_DIR (other files are kept)")
+    args = parser.parse_args(argv)
+    out = export(args.checkpoint.expanduser(), args.out_dir.expanduser(), args.overwrite)
+    print(f"exported {args.checkpoint} to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+          f"and AutoTokenizer.from_pretrained({str(out)!r}).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(export_command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
