@@ -299,6 +299,12 @@ DATA_FLAGS = ("use_chinese", "data_path", "corpus", "cache_dir", "text_field", "
               "vocab_size", "train_split", "seed", "init_from")
 
 
+OTHER_COMMANDS = ("other commands (python -m gpt_trainer COMMAND --help): sample CHECKPOINT (text from a checkpoint); "
+                  "export CHECKPOINT OUT_DIR (a Hugging Face transformers folder); sweep FILE (a local "
+                  "hyper-parameter sweep); prepare (the token cache ahead of time); doctor (check this machine); "
+                  "benchmark (tokens/s and MFU); demo (a small run that learns)")
+
+
 def build_parser(only: tuple[str, ...] | None = None, prog: str = "train_single_gpu.py",
                  description: str = "Train a small GPT from scratch on one GPU or the CPU.") -> argparse.ArgumentParser:
     """The command line of every TrainConfig field (or of the fields `only` names)."""
@@ -306,6 +312,7 @@ def build_parser(only: tuple[str, ...] | None = None, prog: str = "train_single_
         prog=prog,
         allow_abbrev=False,  # `--learn 1e-3` must not silently mean --learning_rate
         description=description,
+        epilog=None if only else OTHER_COMMANDS,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)

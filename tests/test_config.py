@@ -66,3 +66,11 @@ def test_init_from_takes_the_folders_tokenizer_and_an_explicit_other_one_is_refu
     for other in ("char", "sentencepiece"):
         with pytest.raises(UsageError, match=f"--tokenizer {other} asks for another: drop --tokenizer"):
             parse_args(["--init_from", "some/folder", "--tokenizer", other])
+
+
+def test_the_training_help_names_every_other_command():
+    from gpt_trainer.__main__ import COMMANDS
+    from gpt_trainer.config import OTHER_COMMANDS, build_parser
+
+    assert build_parser().epilog == OTHER_COMMANDS
+    assert set(re.findall(r"(?:: |; )([a-z]+)", OTHER_COMMANDS)) == set(COMMANDS)
