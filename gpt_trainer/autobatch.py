@@ -14,6 +14,7 @@ from .config import CPU_AUTO_BATCH_SIZE, TrainConfig
 from .distributed import World, all_reduce
 from .errors import UsageError
 from .hardware import autocast
+from .memory import plan_for_flags
 from .model import build_model
 
 LARGEST_TRIED = 1024
@@ -61,20 +62,27 @@ def search(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: s
     """(the largest micro-batch that fits on every process's GPU, how it was found)."""
     free, _ = torch.cuda.mem_get_info(device)
     limit = int(free * (1 - MEMORY_MARGIN))
-    measure, parameter_bytes = step_peak_bytes(cfg, vocab_size, device, precision)
-    if world.active:  # DistributedDataParallel keeps a second copy of the gradients in its buckets
-        limit -= parameter_bytes
-    fits = largest_that_fits(measure, limit)
-    del measure
-    gc.collect()  # the trial model, its optimizer and the tensors of an out-of-memory trial
-    torch.cuda.empty_cache()
+    if world.active and cfg.parallel == "fsdp":
+        # A trial step here would run an unsharded replica, whose weights, gradients and AdamW state are N times
+        # what each process holds under FSDP (and may not fit at all): take the memory plan's estimate instead.
+        fits = largest_that_fits(lambda b: plan_for_flags(cfg, vocab_size, precision, b, world.size).total, limit)
+        how = "whose FSDP training step by the memory plan's estimate fits"
+    else:
+        measure, parameter_bytes = step_peak_bytes(cfg, vocab_size, device, precision)
+        if world.active:  # DistributedDataParallel keeps a second copy of the gradients in its buckets
+            limit -= parameter_bytes
+        fits = largest_that_fits(measure, limit)
+        how = "whose training step fits"
+        del measure
+        gc.collect()  # the trial model, its optimizer and the tensors of an out-of-memory trial
+        torch.cuda.empty_cache()
     if world.active:  # every process must use the same micro-batch: the smallest GPU decides
         fits = int(all_reduce(torch.tensor(fits, device=device), world, dist.ReduceOp.MIN).item())
     if fits == 0:
         raise UsageError(f"--batch_size auto: not even one sequence of --block_size {cfg.block_size} fits in "
                          f"{limit / 2**30:.1f} GiB of GPU memory with model {cfg.model_label()}. Use a smaller "
                          f"--model_size or --block_size.")
-    return fits, (f"the largest power of two whose training step fits in {limit / 2**30:.1f} GiB, "
+    return fits, (f"the largest power of two {how} in {limit / 2**30:.1f} GiB, "
                   f"{1 - MEMORY_MARGIN:.0%} of the free GPU memory")
 
 

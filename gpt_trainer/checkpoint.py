@@ -5,7 +5,11 @@ A checkpoint (format 3) holds what the run is (`config`: the run plan's descript
 `corpus`, `world_size`), the RNG states (`rng`), and the `state_dict()` of each part under its name: `model`,
 `optimizer`, `scaler`, `sampler` (the data position), `trainer` (step, best and last validation loss, the epoch's
 running loss) and `tracker` (run name, wandb and SwanLab ids). The learning rate is not saved: it is a function of the
-plan and the step. `load` upgrades older formats, so every reader sees format 3."""
+plan and the step. `load` upgrades older formats, so every reader sees format 3.
+
+A run under --parallel fsdp writes the same file: `FullModel` and `FullOptimizer` gather the sharded states into the
+whole model's and into the optimizer's usual layout (integer parameter ids), and scatter them back on loading, so a
+checkpoint moves freely between FSDP, DDP and one process."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from .config import TrainConfig
 from .errors import RunStopped, UsageError, notice
@@ -89,6 +95,57 @@ def restore(state: dict, parts: dict[str, Stateful]) -> None:
     for name, part in parts.items():
         part.load_state_dict(state[name])
     restore_rng_states(state["rng"])
+
+
+# ---- FSDP: the sharded model and optimizer seen as whole ones -------------------------------------------------------
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets every tensor, on the CPU; others {}
+SCATTER = StateDictOptions(full_state_dict=True)  # every process passes the whole state (each one read the file)
+
+
+class FullModel:
+    """An FSDP-sharded model as a checkpoint part: `state_dict()` is the whole model's state with the usual keys (the
+    tied `lm_head.weight` included), `load_state_dict()` takes such a state and keeps this process's shard. Both are
+    collectives: every process calls them at the same point; only rank 0 gets the tensors of `state_dict()`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model, options=GATHER)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state, options=SCATTER)
+
+
+class FullOptimizer:
+    """The optimizer of an FSDP-sharded model as a checkpoint part, in the layout `optimizer.state_dict()` of an
+    unsharded model has (parameters numbered in the order of the param groups). torch's full optimizer state names
+    parameters by their path instead (`blocks.0.attn.qkv.weight`); the numbering is converted here, both ways, so a
+    file has one layout whoever wrote it. Collectives, like FullModel's."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def names(self) -> list[str]:
+        """The path of each parameter in the optimizer's order: the position is its number in a state_dict()."""
+        path = {id(p): name for name, p in self.model.named_parameters()}  # a tied weight: its first path
+        return [path[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict:
+        by_path = get_optimizer_state_dict(self.model, self.optimizer, options=GATHER)
+        if not by_path:  # a process other than rank 0
+            return {}
+        number = {name: i for i, name in enumerate(self.names())}
+        return {"state": {number[name]: state for name, state in by_path["state"].items()},
+                "param_groups": [{**group, "params": [number[name] for name in group["params"]]}
+                                 for group in by_path["param_groups"]]}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = self.names()
+        by_path = {"state": {names[i]: s for i, s in state["state"].items()},
+                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                    for group in state["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, by_path, options=SCATTER)
 
 
 class DamagedCheckpoint(UsageError):

@@ -45,6 +45,9 @@ def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = f
     if cfg.dry_run:
         if world.is_main:
             print(json.dumps(plan.describe(), indent=2, ensure_ascii=False))
+            # the memory plan in words, on stderr: stdout stays one JSON document (`--dry_run | jq` works)
+            if plan.memory:
+                print("\n".join(plan.memory.describe()), file=sys.stderr)
         return 0
     if saved and plan.start_step >= plan.total_steps:  # resuming a finished run changes nothing
         if world.is_main:
@@ -136,7 +139,10 @@ def announce(plan: RunPlan, trainer: Trainer) -> None:
     print(f"model {cfg.model_label()}: {trainer.model.num_params():,} parameters | {device_name(plan.device)} "
           f"({plan.precision}){processes} | corpus {plan.corpus}: {plan.train_tokens:,} train / {plan.val_tokens:,} "
           f"val tokens, vocab {plan.vocab_size:,} ({cfg.tokenizer}) | {plan.total_steps:,} steps of "
-          f"{plan.tokens_per_step:,} tokens (global batch {plan.global_batch}) | run {plan.run_name}", flush=True)
+          f"{plan.tokens_per_step:,} tokens (global batch {plan.global_batch}) | run {plan.run_name}")
+    if plan.memory:
+        print("\n".join(plan.memory.describe()))
+    sys.stdout.flush()
 
 
 def train_to_end(trainer: Trainer, tracker: Tracker) -> int:

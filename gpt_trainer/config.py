@@ -123,6 +123,12 @@ class TrainConfig:
     peak_tflops: float | None = _flag(None, "Peak TFLOP/s assumed for MFU (default: looked up from the device name).")
     dist_timeout: float = _flag(600.0, "Seconds a process waits for the others (torchrun / accelerate launch) before "
                                        "it stops with an error instead of hanging.")
+    parallel: str = _flag("ddp", "How several processes share the model: ddp (each holds all of it: fastest when it "
+                                 "fits) or fsdp (FSDP2: parameters, gradients and optimizer state sharded across the "
+                                 "processes, for models bigger than one GPU's memory).", choices=["ddp", "fsdp"])
+    activation_checkpointing: bool = _flag(False, "Recompute each block's activations in the backward pass instead "
+                                                  "of keeping them: far less memory for activations, about a third "
+                                                  "more compute.")
     # output, evaluation, checkpoints
     output_dir: str = _flag("./output_single", "Where checkpoints, logs and samples go.")
     overwrite: bool = _flag(False, "Start fresh even though output_dir holds a run: every file the run wrote there "

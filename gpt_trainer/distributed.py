@@ -77,6 +77,22 @@ def stop(world: World, finished: bool) -> None:
         dist.destroy_process_group()
 
 
+def shard(model: torch.nn.Module, precision: str) -> None:
+    """--parallel fsdp (FSDP2): each transformer block is one unit, then the root (the tied embedding and output
+    weight, the positions, the final norm); every process keeps a dim-0 slice of each parameter, gathers a unit's
+    whole weights just before it runs and frees them after, and reduce-scatters the gradients. A bf16 run computes in
+    bf16 through FSDP's policy (parameters cast once per gather, gradients reduced in fp32), torchtitan's way, instead
+    of autocast; fp32 runs keep fp32 throughout. Shard before building the optimizer: sharding replaces the
+    parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
+              else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()

@@ -10,6 +10,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .errors import notice
 from .hardware import autocast
@@ -23,12 +24,13 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (training only)
 
     @classmethod
     def from_flags(cls, flags: Mapping, vocab_size: int) -> GPTConfig:
         """The shape a run's flags describe: a TrainConfig's `to_dict()` or the `config` a checkpoint holds."""
         return cls(vocab_size, flags["block_size"], flags["n_layer"], flags["n_head"], flags["n_embd"],
-                   flags.get("dropout", 0.0))
+                   flags.get("dropout", 0.0), bool(flags.get("activation_checkpointing", False)))
 
 
 def build_model(flags: Mapping, vocab_size: int, device: torch.device | str) -> GPT:
@@ -121,8 +123,16 @@ class GPT(nn.Module):
         T = idx.size(1)
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
+        # Activation checkpointing keeps only each block's input for backward and recomputes the block there. The
+        # non-reentrant form restores the RNG state, so dropout draws the same masks and gradients are unchanged; the
+        # blocks stay unwrapped, so state_dict keys (and FSDP2's per-block sharding) are the same either way.
+        recompute = (self.cfg.activation_checkpointing and self.training and caches is None
+                     and torch.is_grad_enabled())
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if caches is None else caches[i])
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # generation needs only the last position
@@ -163,6 +173,40 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(next_token, caches=caches, start=start)
         return out
+
+
+def saved_activation_bytes(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None) -> int:
+    """Bytes that one forward of `model(idx, targets)` leaves saved for backward: its activation memory.
+
+    Runs the forward once with grad enabled (whatever the caller's grad mode), in the model's current train/eval mode,
+    autocast and device (call `model.train()` first to measure a training step: dropout masks and activation
+    checkpointing only happen in training mode), under `torch.autograd.graph.saved_tensors_hooks`, and runs no
+    backward. Counted: every distinct storage autograd saves for backward, once, at its full size (`nbytes()`, since a
+    saved view keeps its whole storage alive) -- layer inputs, attention outputs and log-sum-exp, dropout masks, GELU
+    inputs, the loss's log-softmax, and with activation checkpointing the block inputs the checkpoint stashes for
+    recomputation (these pass through the same hooks). Not counted: parameters and buffers (a Linear saves its weight),
+    `idx` and `targets`, the returned logits and loss unless autograd saves them, temporaries freed within the forward,
+    gradients, optimizer state, and the one block's activations a checkpointed backward recomputes at a time. Works on
+    the meta device too (storages are told apart by identity, not address), so a large model can be measured without
+    allocating memory -- but the count follows the attention kernel the device picks: on meta (and on the CPU with
+    dropout) it is the math path, which saves (B, n_head, T, T) attention matrices that CUDA's flash kernel never keeps.
+    """
+    exclude = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    exclude |= {t.untyped_storage()._cdata for t in (idx, targets) if t is not None}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in exclude:
+            sizes[storage._cdata] = storage.nbytes()
+        return t
+
+    # the forward's outputs stay alive until `sizes` is summed, so no storage address is reused while measuring
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(idx, targets)
+    total = sum(sizes.values())
+    del out
+    return total
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

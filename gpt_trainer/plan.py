@@ -17,6 +17,7 @@ from .compiling import wants_compile
 from .config import TrainConfig, validate
 from .data import TokenData, windows_in
 from .distributed import World
+from .memory import MemoryPlan, plan_for_run
 from .rundir import RunFolder
 
 # flags that change the optimisation: on --resume, a changed value takes effect from the resumed step
@@ -48,6 +49,7 @@ class RunPlan:
     resume_from: Path | None = None
     start_step: int = 0
     tags: list[str] = field(default_factory=list)
+    memory: MemoryPlan | None = None  # the estimated memory per GPU of this plan's flags (gpt_trainer/memory.py)
 
     @property
     def global_batch(self) -> int:
@@ -79,7 +81,8 @@ class RunPlan:
                 "corpus_digest": self.corpus_digest,
                 "vocab_size": self.vocab_size, "train_tokens": self.train_tokens, "val_tokens": self.val_tokens,
                 "world_size": self.world.size, "global_batch_size": self.global_batch,
-                "resume_from": str(self.resume_from) if self.resume_from else None, "run_name": self.run_name}
+                "resume_from": str(self.resume_from) if self.resume_from else None, "run_name": self.run_name,
+                "memory_estimate_gib": round(self.memory.total / 2**30, 1) if self.memory else None}
 
     def resume_changes(self, saved: dict) -> dict:
         """What differs from the checkpoint among the optimisation flags and the number of processes: {name: [before,
@@ -111,6 +114,8 @@ def make_plan(cfg: TrainConfig, world: World, device: torch.device, precision: s
         sample_prompts=tuple((cfg.sample_prompts or data.default_prompts).split(",")), batch_choice=batch.how,
         warmup_note=warmup_note, resume_from=resume_from, start_step=saved["trainer"]["step"] if saved else 0,
         tags=tags(cfg, device, precision, world),
+        memory=plan_for_run(cfg, data.tokenizer.vocab_size, device, precision, batch.micro_batch, world.size,
+                            batch.accumulation),
     )
 
 

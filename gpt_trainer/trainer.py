@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, compiling
 from .compiling import compile_or_eager
 from .data import EpochSampler, TokenData, gather_windows, share_of, to_device, validation_windows
 from . import distributed
 from .distributed import all_reduce
-from .errors import is_out_of_memory
+from .errors import UsageError, is_out_of_memory, notice
 from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
 from .hf import gpt2_state
 from .metrics import ThroughputWindow
@@ -87,13 +88,11 @@ class Trainer:
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
         allow_tf32(device)
-        compiled, self.compile_seconds = self.model, None  # seconds compiling took, when it did
-        if plan.compile:
-            compiled, self.compile_seconds = compile_or_eager(self.model, self.warm_up, device, world.is_main)
-        # several processes: DistributedDataParallel averages the gradients (the shape nanoGPT uses: compile, then DDP)
-        self.forward = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world.active else compiled
-        self.optimizer = torch.optim.AdamW(
+        self.sharded = world.active and cfg.parallel == "fsdp"  # FSDP: each process holds a slice of everything
+        self.sampling_model: torch.nn.Module | None = None  # sharded: the main process's whole copy, to sample from
+        # the module to train with, and the seconds compiling took (when it did)
+        self.forward, self.compile_seconds = self.parallelize()
+        self.optimizer = torch.optim.AdamW(  # after sharding, which replaces the parameters
             self.model.optimizer_groups(cfg.weight_decay), lr=plan.lr_at(0), betas=(0.9, 0.95),
             fused=device.type == "cuda",  # one kernel for the whole update instead of several per parameter
         )
@@ -114,6 +113,69 @@ class Trainer:
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
         self.folder_existed = plan.folder.path.is_dir()  # the command made it; library use may leave it to save()
 
+    def parallelize(self) -> tuple[torch.nn.Module, float | None]:
+        """(the module to train with, seconds compiling took or None). One process: the model, compiled or not.
+        Several: DistributedDataParallel around it (nanoGPT's order: compile, then DDP), or with --parallel fsdp the
+        model sharded in place (FSDP2, distributed.shard) with each block compiled before (torchtitan's order;
+        compiling the sharded model whole swapped the root's parameters under the optimizer in torch 2.13)."""
+        plan, world, device = self.plan, self.world, self.device
+        if plan.cfg.parallel == "fsdp" and not world.active:
+            notice("note: --parallel fsdp shards the model across several processes (torchrun); with one process it "
+                   "trains unsharded, as usual.")
+        if self.sharded:
+            if self.precision == "fp16":
+                raise UsageError("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not "
+                                 "handle sharded gradients. Pass --bf16 or --fp32, or use --parallel ddp.")
+            if plan.compile:  # torchtitan's way: each block compiled in place, before sharding
+                for block in self.model.blocks:
+                    block.compile(backend=compiling.BACKEND)
+            distributed.shard(self.model, self.precision)
+            return self.model, self.warm_up_compiled_blocks() if plan.compile else None
+        module, seconds = self.model, None
+        if plan.compile:
+            module, seconds = compile_or_eager(self.model, self.warm_up, device, world.is_main)
+        if world.active and not self.sharded:  # DistributedDataParallel averages the gradients
+            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        return module, seconds
+
+    def warm_up_compiled_blocks(self) -> float | None:
+        """FSDP with --compile: run the compiled blocks as training will, so a compiler failure surfaces here and not
+        at step 1; returns the seconds it took, or None when it failed and the blocks run eagerly again (with
+        compile_or_eager's note). Like compile_or_eager, it leaves the random state and the gradients as they were."""
+        started, rng = time.perf_counter(), torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        try:
+            self.warm_up(self.model)
+            return time.perf_counter() - started
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
+            for block in self.model.blocks:
+                block._compiled_call_impl = None  # what Module.compile set: the block runs eagerly again
+            torch._dynamo.reset()
+            if self.world.is_main:
+                notice(f"note: torch.compile failed ({compiling.root_cause(e)}); training goes on uncompiled, which "
+                       f"is slower but gives the same results. Pass --compile=false to skip the attempt.")
+            return None
+        finally:
+            self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward
+            self.model.zero_grad(set_to_none=True)
+            self.model.train()
+            torch.random.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+
+    def autocast(self):
+        """Mixed precision for a forward pass: autocast, except under FSDP, whose policy already runs a bf16 run's
+        compute in bf16 (distributed.shard); autocast on top would only add casts."""
+        return contextlib.nullcontext() if self.sharded else autocast(self.device, self.precision)
+
+    def gradient_sync(self, last: bool):
+        """Processes exchange gradients once per optimizer step, on its `last` micro-batch: DDP skips its all-reduce
+        under no_sync, FSDP its reduce-scatter (the gradients accumulate unsharded until then)."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return self.forward.no_sync() if self.world.active and not last else contextlib.nullcontext()
+
     # ---- one optimizer step ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (mean micro-batch loss, gradient norm) as device tensors. A step whose loss or
@@ -123,7 +185,7 @@ class Trainer:
             group["lr"] = self.plan.lr_at(self.step)
         loss = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
+        grad_norm = self.clip_gradients()
         # one scalar read per step (the fp16 scaler makes the same one): applying a non-finite step ruins the weights.
         # With several processes the same read also makes them agree: every one skips, or stops, at the same step.
         flags = torch.stack([loss.isfinite(), grad_norm.isfinite(),
@@ -144,6 +206,19 @@ class Trainer:
         self.updating = False
         return loss, grad_norm
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Scale the gradients down to --grad_clip (0: never) by their norm over the whole model; returns that norm as
+        a plain tensor (the divergence guard reads it). Sharded, each process holds slices of the gradients: the
+        norm of their DTensors is the global one, made whole before clipping, as torchtitan does."""
+        limit = self.cfg.grad_clip or math.inf
+        if not self.sharded:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
+        return norm
+
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns their mean loss."""
         plan, block_size = self.plan, self.cfg.block_size
@@ -152,10 +227,8 @@ class Trainer:
         batch = to_device(gather_windows(self.data.train, offsets, block_size), self.device)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(batch.view(accum, plan.micro_batch, block_size + 1)):
-            # processes exchange gradients once per optimizer step, on its last micro-batch
-            in_sync = self.forward.no_sync() if self.world.active and i < accum - 1 else contextlib.nullcontext()
-            with in_sync:
-                with autocast(self.device, self.precision):
+            with self.gradient_sync(last=i == accum - 1):
+                with self.autocast():
                     _, loss = self.forward(micro[:, :-1], micro[:, 1:])
                 loss_sum += loss.detach()
                 # the optimizer must see the mean gradient over micro-batches, not their sum
@@ -165,11 +238,11 @@ class Trainer:
     def warm_up(self, module: torch.nn.Module) -> None:
         """Run `module` as training will: a forward and backward on a micro-batch, and an evaluation forward."""
         batch = torch.zeros((self.plan.micro_batch, self.cfg.block_size + 1), dtype=torch.long, device=self.device)
-        with autocast(self.device, self.precision):
+        with self.autocast():
             _, loss = module(batch[:, :-1], batch[:, 1:])
         loss.backward()
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.precision):
+        with torch.no_grad(), self.autocast():
             module(batch[:, :-1], batch[:, 1:])
         self.model.train()
 
@@ -184,9 +257,11 @@ class Trainer:
             if self.stop_signal is not None and not self.world.active:
                 self.model.train()
                 return None
-            with autocast(self.device, self.precision):
+            with self.autocast():
                 _, loss = self.forward(chunk[:, :-1], chunk[:, 1:])
             total += loss
+        if self.sharded:
+            self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward: free them
         self.model.train()
         return (total / len(chunks)).item()
 
@@ -314,7 +389,7 @@ class Trainer:
         is intact (the error came before the weights changed); returns where it was saved."""
         self.optimizer.zero_grad(set_to_none=True)
         empty_cache(self.device)
-        if self.updating or self.step == 0 or not self.world.is_main:
+        if self.updating or self.step == 0 or not self.world.is_main or self.sharded:  # sharded: gathering needs all
             return None
         self.sampler.load_state_dict(sampler_state)  # the failed step's windows are drawn again after a resume
         self.save(self.plan.folder.latest)
@@ -325,8 +400,13 @@ class Trainer:
         return Diverged(self.step, self.bad_in_a_row, last, self.plan.lr_at(self.step))
 
     def check_weights_finite(self) -> None:
-        """Never sample from, or save over a good checkpoint, a model whose weights are not finite."""
-        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+        """Never sample from, or save over a good checkpoint, a model whose weights are not finite. Sharded, each
+        process checks its slices and they agree (a collective)."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        finite = torch.stack([t.isfinite().all() for t in local]).all()
+        if self.sharded:
+            finite = all_reduce(finite.float(), self.world, dist.ReduceOp.MIN).bool()
+        if not finite:
             raise WeightsNotFinite(self.step)
 
     def record_eval(self, val_loss: float, epoch_done: bool) -> bool:
@@ -343,27 +423,36 @@ class Trainer:
                           "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
         if epoch_done:
             self.end_epoch(val_loss)
-        if self.should_eval() and self.plan.sample_prompts and self.world.is_main and self.stop_signal is None:
-            self.tracker.log_samples({p: self.sample(p) for p in self.plan.sample_prompts}, self.step)
+        if self.should_eval() and self.plan.sample_prompts:
+            if self.sharded:
+                self.copy_for_sampling()
+            if self.world.is_main and self.stop_signal is None:
+                self.tracker.log_samples({p: self.sample(p) for p in self.plan.sample_prompts}, self.step)
         return improved
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict:
         """Every part whose state a checkpoint holds, by the name it is saved under."""
-        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "sampler": self.sampler,
+        # sharded: views that gather the whole model and optimizer state, and scatter it back (one file format)
+        model, optimizer = ((checkpoint.FullModel(self.model), checkpoint.FullOptimizer(self.model, self.optimizer))
+                            if self.sharded else (self.model, self.optimizer))
+        return {"model": model, "optimizer": optimizer, "scaler": self.scaler, "sampler": self.sampler,
                 "trainer": self, "tracker": self.tracker}
 
     def save(self, path: Path) -> None:
-        if not self.world.is_main:  # one writer; every process holds the same weights
+        """The main process writes; sharded, every process first takes part in gathering the whole state."""
+        if not (self.world.is_main or self.sharded):  # one writer; every process holds the same weights
             return
         self.check_weights_finite()
         plan = self.plan
-        if self.folder_existed and not plan.folder.path.is_dir():  # deleted or unmounted during the run
-            raise FileNotFoundError(errno.ENOENT, "vanished", str(plan.folder.path))
         about = {"config": plan.describe(), "vocab_size": plan.vocab_size, "tokenizer": self.data.tokenizer.to_dict(),
                  "corpus": plan.corpus, "world_size": plan.world.size}
-        checkpoint.save_atomic(checkpoint.assemble(self.checkpoint_parts(), about), path)
-        if path == plan.folder.latest:
+        state = checkpoint.assemble(self.checkpoint_parts(), about)
+        if self.world.is_main:
+            if self.folder_existed and not plan.folder.path.is_dir():  # deleted or unmounted during the run
+                raise FileNotFoundError(errno.ENOENT, "vanished", str(plan.folder.path))
+            checkpoint.save_atomic(state, path)
+        if path == plan.folder.latest:  # on every process: all of them decide alike whether a stop still saves
             self.saved_at = self.step
 
     def restore(self, state: dict) -> None:
@@ -387,11 +476,27 @@ class Trainer:
         self.bad_steps = state.get("skipped_steps", 0)  # format 2 checkpoints written before it was counted
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
+    def copy_for_sampling(self) -> None:
+        """Sharded: the main process samples alone (also after training, when the others may be gone), so every
+        process helps gather the whole weights and the main one keeps an unsharded copy, replaced at each evaluation
+        with sample prompts (the last step always is one). Building it leaves the training RNG untouched."""
+        state = checkpoint.FullModel(self.model).state_dict()
+        if not self.world.is_main:
+            return
+        self.sampling_model = None  # the previous copy goes before the new one is built
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            copy = build_model(self.cfg.to_dict(), self.data.tokenizer.vocab_size, self.device)
+        copy.load_state_dict(state)
+        self.sampling_model = copy
+
     def sample(self, prompt: str) -> str:
         """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched;
         each prompt gets its own stream, so a weak model does not continue every prompt with the same draws."""
         cfg = self.cfg
         seed = (cfg.seed * 1_000_003 + self.step) ^ zlib.crc32(prompt.encode("utf-8"))
         generator = torch.Generator(self.device).manual_seed(seed)
-        return generate_text(self.model, self.data.tokenizer, prompt, self.precision, cfg.sample_tokens,
+        model = self.sampling_model if self.sharded else self.model
+        if model is None:
+            raise RuntimeError("a sharded model samples from the copy an evaluation with sample prompts takes")
+        return generate_text(model, self.data.tokenizer, prompt, self.precision, cfg.sample_tokens,
                              cfg.temperature, cfg.top_k, cfg.top_p, generator)

@@ -107,3 +107,24 @@ def test_a_bad_global_batch_changes_no_file(tiny_argv, tmp_path, capsys):
     assert main(tiny_argv("--batch_size=16", "--global_batch_size=40")) == 2
     assert "--global_batch_size 40 is not a multiple" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_under_fsdp_takes_the_memory_plan_not_a_full_replica(tiny_cfg, monkeypatch):
+    """--parallel fsdp: a trial step here would run an unsharded replica (N times each process's weights, gradients
+    and AdamW state), so the search takes the memory plan's estimate of the sharded step instead."""
+    from gpt_trainer.memory import plan_for_flags
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 80 * GIB))
+    monkeypatch.setattr(autobatch, "step_peak_bytes", lambda *args: pytest.fail("measured an unsharded replica"))
+    monkeypatch.setattr(autobatch, "all_reduce", lambda tensor, world, op: tensor)  # one GPU stands for all four
+    cpu_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda value, device=None: cpu_tensor(value))  # no CUDA here
+    cfg = tiny_cfg("--batch_size=auto", "--parallel=fsdp", "--n_layer=48", "--n_head=25", "--n_embd=1600",  # xl
+                   "--block_size=1024")
+    chosen = settle_batch(cfg, 50257, GPU, "bf16", World(0, 0, 4))
+    limit = 18 * GIB  # 90 % of the free 20 GiB
+    total = lambda b: plan_for_flags(cfg, 50257, "bf16", b, 4).total  # noqa: E731
+    assert total(chosen.micro_batch) <= limit < total(2 * chosen.micro_batch)
+    assert "FSDP training step by the memory plan's estimate fits in 18.0 GiB" in chosen.how
+    replica = plan_for_flags(cfg, 50257, "bf16", chosen.micro_batch, 4).with_setup(parallel="ddp")
+    assert replica.total > limit  # the DDP-style full replica would not have fitted at this micro-batch

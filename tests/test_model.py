@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gpt_trainer.config import MODEL_PRESETS
-from gpt_trainer.model import GPT, GPTConfig, sample_next
+from gpt_trainer.model import GPT, GPTConfig, build_model, sample_next, saved_activation_bytes
 
 
 def expected_params(vocab: int, block: int, layers: int, width: int) -> int:
@@ -64,3 +64,107 @@ def test_top_k_and_top_p_restrict_the_candidates():
     # p(token 0) ~ 0.71 < 0.8, so nucleus 0.8 keeps tokens 0 and 1 and nothing else
     assert set(sample_next(logits, 1.0, top_k=0, top_p=0.8).flatten().tolist()) == {0, 1}
     assert set(sample_next(logits, 1.0, top_k=0, top_p=0.5).flatten().tolist()) == {0}
+
+
+def twin_models(dropout: float, **shape) -> tuple[GPT, GPT]:
+    """The same weights twice: without and with activation checkpointing."""
+    shape = {"vocab_size": 50, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 32, **shape}
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**shape, dropout=dropout)).train()
+    checkpointed = GPT(GPTConfig(**shape, dropout=dropout, activation_checkpointing=True)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    return plain, checkpointed
+
+
+def forward_backward(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The loss, how many times a block started (forward and any recomputation), and the RNG state afterwards."""
+    calls = []  # a pre-hook: a recomputation stops early once it has what backward needs, so post-hooks do not run
+    hooks = [b.register_forward_pre_hook(lambda *_: calls.append(1)) for b in model.blocks]
+    torch.manual_seed(1234)  # the same dropout masks for both models, unless recomputation drew new ones
+    _, loss = model(idx, idx)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return loss.detach(), len(calls), torch.get_rng_state()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # 0.2: recomputation must replay the forward's dropout masks
+def test_activation_checkpointing_gives_the_plain_gradients(dropout):
+    plain, checkpointed = twin_models(dropout)
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    loss, plain_calls, plain_rng = forward_backward(plain, idx)
+    ckpt_loss, ckpt_calls, ckpt_rng = forward_backward(checkpointed, idx)
+    assert (plain_calls, ckpt_calls) == (3, 6)  # each block ran again in backward: checkpointing really happened
+    assert torch.equal(loss, ckpt_loss)
+    assert torch.equal(plain_rng, ckpt_rng)  # recomputation leaves the RNG where the plain run leaves it
+    ckpt_params = dict(checkpointed.named_parameters())
+    for name, p in plain.named_parameters():
+        assert p.grad is not None and ckpt_params[name].grad is not None, name
+        torch.testing.assert_close(ckpt_params[name].grad, p.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_saves_far_fewer_bytes_for_backward():
+    # saved_activation_bytes counts each storage autograd keeps for backward once (parameters and inputs excluded);
+    # with checkpointing that is each block's input, stashed for recomputation, plus what lies outside the blocks.
+    plain, checkpointed = twin_models(0.1, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=64)
+    idx = torch.randint(0, 65, (8, 64), generator=torch.Generator().manual_seed(0))
+    plain_bytes = saved_activation_bytes(plain, idx, idx)
+    ckpt_bytes = saved_activation_bytes(checkpointed, idx, idx)
+    print(f"saved for backward: plain {plain_bytes:,} bytes, checkpointed {ckpt_bytes:,} bytes")
+    block_input = 8 * 64 * 64 * 4  # (B, T, C) float32
+    assert ckpt_bytes >= 4 * block_input  # the checkpoints' stashed inputs are counted, not missed
+    assert ckpt_bytes < 0.5 * plain_bytes
+    assert plain_bytes > 4 * 10 * block_input  # a plain block saves its attention and MLP activations
+    with torch.no_grad():  # the measurement does not depend on the caller's grad mode
+        assert saved_activation_bytes(checkpointed, idx, idx) == ckpt_bytes
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_saved_activation_bytes_is_what_forward_leaves_alive(checkpointing):
+    """Cross-check against storage liveness: every storage an op made during forward that is still alive afterwards
+    (parameters, inputs and the returned logits and loss aside) is exactly what saved_activation_bytes counts."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class RecordStorages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.made[t.untyped_storage()._cdata] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage())
+            return out
+
+    model = twin_models(0.1, n_layer=2)[checkpointing]
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    recorder = RecordStorages()
+    with recorder:
+        logits, loss = model(idx, idx)
+    kept = {t.untyped_storage()._cdata for t in (*model.parameters(), idx, logits, loss)}
+    sizes = {key: storage.nbytes() for key, (_, storage) in recorder.made.items()}
+    recorder.made = {key: ref for key, (ref, _) in recorder.made.items()}  # drop the strong references
+    alive = sum(sizes[key] for key, ref in recorder.made.items() if not ref.expired() and key not in kept)
+    assert alive == saved_activation_bytes(model, idx, idx) > 0
+
+
+def test_activation_checkpointing_keeps_state_dict_keys_and_generation():
+    plain, checkpointed = twin_models(0.0)
+    assert list(plain.state_dict()) == list(checkpointed.state_dict())
+    plain.load_state_dict(checkpointed.state_dict())  # a checkpoint from either run loads into the other
+    prompt = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    for model in (plain, checkpointed):
+        model.train()  # checkpointing applies in training mode, yet generation (no grad, KV cache) must not use it
+    assert torch.equal(checkpointed.generate(prompt, 20, temperature=0), plain.generate(prompt, 20, temperature=0))
+    with torch.no_grad():  # an evaluation-style forward: no grad, so no checkpointing, same logits
+        assert torch.equal(checkpointed(prompt, prompt)[0], plain(prompt, prompt)[0])
+
+
+def test_activation_checkpointing_flag_is_read_from_flags_and_old_checkpoints_default_off():
+    flags = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+    assert GPTConfig.from_flags(flags, 50).activation_checkpointing is False  # an old checkpoint's config lacks it
+    assert GPTConfig.from_flags({**flags, "activation_checkpointing": True}, 50).activation_checkpointing is True
+    assert build_model({**flags, "activation_checkpointing": True}, 50, "cpu").cfg.activation_checkpointing

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gpt_trainer"
 # Lowest first: a module may import only modules listed before it. Foundations, then data and model, then the run
 # plan, tracking and the loop, then the commands. A new module must be placed here.
 LAYERS = ["errors", "config", "hardware", "distributed", "tokenizer", "model", "hf", "compiling", "rundir", "corpora",
-          "metrics", "data", "checkpoint", "autobatch", "plan", "tracking.base", "tracking.wandb_records",
+          "metrics", "data", "checkpoint", "memory", "autobatch", "plan", "tracking.base", "tracking.wandb_records",
           "tracking.tensorboard", "tracking.wandb", "tracking.swanlab", "tracking", "trainer", "cli", "demo", "sample",
           "export", "sweep", "doctor", "benchmark", "prepare", "__main__", "__init__"]
 

@@ -63,3 +63,10 @@ def test_a_resumed_run_follows_the_schedule_of_its_new_flags(tiny_argv, tmp_path
     resumed, reference = rates(tmp_path / "out"), rates(tmp_path / "ref")
     assert {s: resumed[s] for s in range(5, 9)} == {s: reference[s] for s in range(5, 9)}
     assert resumed[4] != reference[4]  # the first segment ran on its own schedule
+
+
+def test_a_run_announces_its_memory_plan_in_two_lines(tiny_argv, capsys):
+    assert main(tiny_argv("--max_steps=1", "--eval_interval=1")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory")]
+    assert len(lines) == 2 and lines[0].startswith("memory per GPU (estimated: fp32, micro-batch")
+    assert lines[1].endswith("on the CPU: not checked")
