@@ -18,7 +18,7 @@ from pathlib import Path
 from . import checkpoint, distributed, hf, tracking
 from .config import TrainConfig, given_flags, parse_args
 from .data import TokenData, prepare_data
-from .errors import RunStopped, notice, run_cli
+from .errors import RunStopped, UsageError, notice, run_cli
 from .hardware import device_name, memory_in_use, pick_device, resolve_precision
 from .plan import RunPlan, make_plan
 from .rundir import RunFolder, check_writable_folder
@@ -89,6 +89,9 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder,
     """The device, the checkpoint to resume, the token data and the plan resolved from them (nothing written yet)."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
+    if cfg.parallel == "fsdp" and world.active and precision == "fp16":
+        raise UsageError("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not handle "
+                         "sharded gradients. Pass --bf16 or --fp32, or use --parallel ddp.")
     device = distributed.start(world, device, cfg.dist_timeout)
     resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
     saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)

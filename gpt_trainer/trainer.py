@@ -26,7 +26,7 @@ from .compiling import compile_or_eager
 from .data import EpochSampler, TokenData, gather_windows, share_of, to_device, validation_windows
 from . import distributed
 from .distributed import all_reduce
-from .errors import UsageError, is_out_of_memory, notice
+from .errors import is_out_of_memory, notice
 from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
 from .hf import gpt2_state
 from .metrics import ThroughputWindow
@@ -122,10 +122,7 @@ class Trainer:
         if plan.cfg.parallel == "fsdp" and not world.active:
             notice("note: --parallel fsdp shards the model across several processes (torchrun); with one process it "
                    "trains unsharded, as usual.")
-        if self.sharded:
-            if self.precision == "fp16":
-                raise UsageError("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not "
-                                 "handle sharded gradients. Pass --bf16 or --fp32, or use --parallel ddp.")
+        if self.sharded:  # (fp16 was refused before anything was written: cli.plan_run)
             if plan.compile:  # torchtitan's way: each block compiled in place, before sharding
                 for block in self.model.blocks:
                     block.compile(backend=compiling.BACKEND)
