@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .corpora import Corpus, default_prompts_for, load_corpus, sha256_file, utf8_pieces
 from .errors import UsageError, notice
+from .rundir import held
 from .hf import folder_tokenizer
 from .tokenizer import (UNICODE_SIZE, WORKER_FUNCTIONS, CharTokenizer, SentencePieceTokenizer, characters_in,
                         tokenizer_from_dict, training_sentences)
@@ -282,20 +282,6 @@ def cache_damage(folder: Path) -> str | None:
                 return f"{name} does not match its recorded SHA-256"
             _verified.add((path, recorded["bytes"]))
     return None
-
-
-@contextlib.contextmanager
-def held(lock_path: Path):
-    """An exclusive lock on a file for the block: processes preparing the same cache (torchrun's ranks on a node,
-    or nodes sharing the cache folder) take turns, and the first one's work serves the rest. It waits on the file,
-    not on the process group, so preparing for an hour trips no collective timeout."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:

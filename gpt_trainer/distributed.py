@@ -93,11 +93,6 @@ def shard(model: torch.nn.Module, precision: str) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def barrier(world: World) -> None:
-    if world.active:
-        dist.barrier()
-
-
 def all_reduce(tensor: torch.Tensor, world: World, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if world.active:
         dist.all_reduce(tensor, op=op)

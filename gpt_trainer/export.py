@@ -76,6 +76,12 @@ def char_tokenizer(chars: list[str]):
     return fast
 
 
+def normal_pieces(sp) -> dict[str, int]:
+    """The pieces text is made of, by id order: not control, unknown, byte-fallback or unused ones."""
+    return {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+
+
 def sentencepiece_tokenizer(sp):
     """The fast twin of our sentencepiece BPE model (as transformers converts one, with our training settings: no
     normalisation, no dummy prefix, byte fallback): the merges are ranked by the score of the piece they make, which
@@ -83,8 +89,7 @@ def sentencepiece_tokenizer(sp):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    normal = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
-              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
+    normal = normal_pieces(sp)
     ranked = sorted((-sp.get_score(i), i, piece[:cut], piece[cut:]) for piece, i in normal.items()
                     for cut in range(1, len(piece)) if piece[:cut] in normal and piece[cut:] in normal)
     fast = Tokenizer(models.BPE(vocab, [(left, right) for *_, left, right in ranked], unk_token=sp.id_to_piece(
@@ -100,9 +105,8 @@ def check_same_ids(sp, fast) -> None:
     """The fast tokenizer must encode as sentencepiece does; a model trained with other settings than gpt-trainer's
     (a dummy prefix, a normaliser) would not, and is refused rather than exported wrong. The probe is every piece of
     the vocabulary run together, so that the merges compete as they do in real text."""
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
-    probe = "".join(pieces).replace("▁", " ") + "\n春江花月夜，  two  spaces, digits 2026!\t𠀀 <s></s><unk>\n"
+    probe = ("".join(normal_pieces(sp)).replace("▁", " ")
+             + "\n春江花月夜，  two  spaces, digits 2026!\t𠀀 <s></s><unk>\n")
     fast.encode_special_tokens = True  # "<s>" in a text is text to sentencepiece (split_special_tokens in transformers)
     same = fast.encode(probe, add_special_tokens=False).ids == sp.encode(probe)
     fast.encode_special_tokens = False

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MODEL_PRESETS, ModelShape, TrainConfig
+from .hardware import device_name
 
 GIB = 2**30
 OVERHEAD_BYTES = GIB  # ASSUMED: the CUDA context (~0.3-0.6 GiB) plus the caching allocator's fragmentation
@@ -229,10 +230,8 @@ def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: in
 
 def device_memory(device: torch.device) -> tuple[int | None, str]:
     """(the GPU's total memory, its name) when the run is on a GPU; (None, "the CPU") otherwise."""
-    if device.type != "cuda":
-        return None, "the CPU"
-    props = torch.cuda.get_device_properties(device)
-    return props.total_memory, props.name
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return capacity, device_name(device)
 
 
 def plan_for_flags(cfg: TrainConfig, vocab_size: int, precision: str, micro_batch: int, processes: int,

@@ -8,6 +8,7 @@ no marker is never written to: it may be the user's own work (a config.json of t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -17,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from .errors import UsageError
 
@@ -138,15 +140,11 @@ class RunFolder:
         dies); a second run into the same folder stops at once, naming the first. Returns the open lock file: keep
         it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        lock = open(self.lock, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            lock.close()
+        lock = try_lock(self.lock)
+        if lock is None:
+            holder = self.lock.read_text().strip() or "another process"
             raise UsageError(f"--output_dir {self.path} is in use by a training run that is still going ({holder}). "
-                             f"Wait for it to finish, stop it, or choose another --output_dir.") from None
+                             f"Wait for it to finish, stop it, or choose another --output_dir.")
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}, started {datetime.now():%Y-%m-%d %H:%M:%S}\n")
@@ -190,3 +188,28 @@ def check_writable_folder(path: Path, flag: str) -> None:
         reason = e.strerror or errno.errorcode.get(e.errno, str(e))
         raise UsageError(f"{flag} {path} cannot be written ({existing}: {reason}). Fix its permissions or choose "
                          f"another {flag}.") from None
+
+
+# ---- file locks (flock: released by the OS when the holder dies; across machines where the shared storage passes
+# them on, as NFSv4 does, and Lustre mounted with flock) --------------------------------------------------------------
+@contextlib.contextmanager
+def held(path: Path):
+    """An exclusive lock on a file for the block, waited for: processes preparing the same token cache, or sweep
+    workers changing the same state file, take turns. It waits on the file, not on a process group, so an hour's
+    wait trips no collective timeout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def try_lock(path: Path) -> IO | None:
+    """An exclusive lock on a file, taken without waiting: the open file (closing it releases the lock), or None
+    while another process holds it."""
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f

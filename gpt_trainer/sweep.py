@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import fcntl
 import hashlib
 import json
 import math
@@ -38,6 +37,7 @@ import yaml
 from . import tracking
 from .config import RANGES, TrainConfig, build_parser
 from .errors import UsageError, run_cli
+from .rundir import held, try_lock
 
 STATE_FILE = "sweep_state.json"
 LOCK_FILE = "sweep_state.lock"  # held only while a worker reads, changes and writes the state, never while it trains
@@ -142,30 +142,6 @@ def best_metric(metrics_file: Path, metric: str, goal: str) -> float | None:
     return min(values) if goal == "minimize" else max(values)
 
 
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on a file for the block, as data.py's `held` (not imported from there: that module loads
-    torch). Workers on other nodes wait on the same file where the shared storage passes flock on (NFSv4, Lustre
-    mounted with flock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
-def try_claim(path: Path) -> IO | None:
-    """A trial's claim lock, taken without waiting; None while another process holds it. A process that dies loses its
-    locks (the kernel, or for a lost node the NFS server when its lease ends, drops them), so a lock we can take
-    means nobody runs that trial any more."""
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
 def owner(trial: dict) -> str:
     """The worker that last claimed a trial, for the messages (a state from before workers had owners has none)."""
     who = trial.get("owner")
@@ -199,7 +175,7 @@ class LocalSweep:
     @contextlib.contextmanager
     def _locked_state(self):
         """The state as it is now, for the block: other workers change the file, so it is read again each time."""
-        with locked(self.root / LOCK_FILE):
+        with held(self.root / LOCK_FILE):
             self.trials = self._load_state()
             yield
 
@@ -228,7 +204,9 @@ class LocalSweep:
         else a new suggestion. With nothing to claim, the trial is None and the text says why."""
         with self._locked_state():
             for trial in self._running():
-                claim = try_claim(self._claim_path(trial))
+                # a process that dies loses its locks (the kernel, or for a lost node the NFS server when its lease
+                # ends, drops them): a claim we can take means nobody runs that trial any more
+                claim = try_lock(self._claim_path(trial))
                 if claim:
                     note = f"taken over from {owner(trial)}, which is gone: resuming it"
                     return self._own(trial), claim, note
@@ -239,7 +217,7 @@ class LocalSweep:
                 return None, None, f"all {len(self.trials)} points of the grid are taken"
             trial = {"name": f"trial-{len(self.trials) + 1:03d}", "status": "running", "metric": None,
                      "params": {k: v["value"] for k, v in suggestion.config.items()}}
-            claim = try_claim(self._claim_path(trial))
+            claim = try_lock(self._claim_path(trial))
             if claim is None:  # a name the state has never listed, yet someone runs it
                 raise UsageError(f"{self._claim_path(trial)} is held by a worker although {STATE_FILE} does not list "
                                  f"{trial['name']}: was the state file deleted while workers ran?")
