@@ -168,3 +168,17 @@ def test_a_kill_9_under_fsdp_resumes_with_each_step_once(tmp_path, cache_dir):
     assert steps == list(range(1, 41))  # each step once, across the kill
     assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"] == 40
     assert not list((out / "checkpoints").glob(".*.tmp-*"))
+
+
+def test_fsdp_with_fp16_is_refused_before_anything_is_written(tiny_argv, tmp_path, monkeypatch, capsys):
+    """fp16 exists only on GPUs; a GPU that resolves --precision to fp16 and a world of two processes are stood in for
+    here (no GPU): the run stops with exit 2 before joining the processes or writing a file."""
+    from gpt_trainer import cli, distributed
+
+    monkeypatch.setattr(cli, "resolve_precision", lambda cfg, device: "fp16")
+    monkeypatch.setattr(distributed, "launched_world", lambda: distributed.World(rank=0, local_rank=0, size=2))
+    monkeypatch.setattr(distributed, "start", lambda *a: pytest.fail("joined the process group before refusing"))
+    assert cli.main(tiny_argv("--parallel=fsdp")) == 2
+    assert ("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not handle sharded "
+            "gradients. Pass --bf16 or --fp32, or use --parallel ddp.") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -117,6 +117,14 @@ def test_random_and_bayes_need_a_run_limit(capsys):
     assert "--max_runs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--count=0", "--max_runs=-1"])
+def test_a_count_or_total_below_one_is_refused(tmp_path, capsys, flag):
+    assert main([str(ROOT / "sweep_config.yaml"), f"--output_dir={tmp_path / 'sweep'}", flag]) == 2
+    name, value = flag[2:].split("=")
+    assert f"--{name} must be at least 1, not {value}." in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.slow
 def test_local_runner_completes_a_2x2_grid_ranks_it_and_skips_finished_trials_on_restart(tmp_path, cache_dir, capsys,
                                                                                          clean_wandb_env):
