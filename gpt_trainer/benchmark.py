@@ -26,7 +26,7 @@ from .autobatch import settle_batch
 from .config import TrainConfig, parse_args
 from .data import TokenData
 from .distributed import World
-from .errors import RunStopped, UsageError, run_cli
+from .errors import AGAIN, RunStopped, UsageError, run_cli
 from .hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
 from .metrics import model_flops_utilisation
 from .plan import RunPlan, make_plan
@@ -188,7 +188,7 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(benchmark_command, argv)
+    return run_cli(benchmark_command, argv, AGAIN)
 
 
 if __name__ == "__main__":

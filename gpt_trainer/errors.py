@@ -28,20 +28,21 @@ def notice(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-RESUME = "continue with the same command plus --resume"
-# errno -> what it means for the user and what to do; {path} is the file the system named
+RESUME = "continue with the same command plus --resume"  # what a training run does after a failure is fixed
+AGAIN = "run the same command again"  # what a command that keeps no state (prepare, export, sample) does
+# errno -> what it means for the user and what to do; {path} is the file the system named, {again} how to go on
 OS_FAILURES = {
-    errno.ENOSPC: "the disk is full ({path} could not be written). Free some space, then " + RESUME + ".",
-    errno.EDQUOT: "the disk quota is used up ({path} could not be written). Free some space, then " + RESUME + ".",
+    errno.ENOSPC: "the disk is full ({path} could not be written). Free some space, then {again}.",
+    errno.EDQUOT: "the disk quota is used up ({path} could not be written). Free some space, then {again}.",
     errno.EACCES: "permission denied on {path} (this process runs as uid {uid}). Fix its permissions, or choose "
-                  "another folder, then " + RESUME + ".",
+                  "another folder, then {again}.",
     errno.EPERM: "the system refused an operation on {path} (this process runs as uid {uid}). Fix its permissions, "
-                 "or choose another folder, then " + RESUME + ".",
-    errno.EROFS: "{path} is on a read-only file system. Choose a writable folder, then " + RESUME + ".",
-    errno.ENOENT: "{path} is gone: it vanished while the run used it (deleted, moved or unmounted). Restore it and "
-                  + RESUME + ", or start again.",
+                 "or choose another folder, then {again}.",
+    errno.EROFS: "{path} is on a read-only file system. Choose a writable folder, then {again}.",
+    errno.ENOENT: "{path} is gone: it vanished while the command used it (deleted, moved or unmounted). Restore it "
+                  "and {again}.",
     errno.EIO: "an input/output error on {path}: the disk or the network file system is failing. Check it, then "
-               + RESUME + ".",
+               "{again}.",
 }
 
 
@@ -53,14 +54,15 @@ def is_out_of_memory(error: BaseException) -> bool:
             or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)))
 
 
-def environment_failure(error: BaseException) -> str | None:
-    """The sentence for a failure the machine caused (found anywhere in the error's chain), or None for a bug."""
+def environment_failure(error: BaseException, again: str = RESUME) -> str | None:
+    """The sentence for a failure the machine caused (found anywhere in the error's chain), or None for a bug;
+    `again` says how to go on once it is fixed."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in OS_FAILURES:
             path = error.filename or "a file of this run"
-            return OS_FAILURES[error.errno].format(path=path, uid=os.getuid())
+            return OS_FAILURES[error.errno].format(path=path, uid=os.getuid(), again=again)
         if is_out_of_memory(error):
             return ("out of memory: the machine could not give this process the memory it asked for. Use a smaller "
                     "--model_size, --batch_size (or --batch_size auto on a GPU) or --block_size.")
@@ -78,9 +80,10 @@ def quiet_thread_failures(args) -> None:
         notice(f"note: a background writer ({args.thread.name if args.thread else 'thread'}) stopped: {message}")
 
 
-def run_cli(command: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_cli(command: Callable[[list[str] | None], int], argv: list[str] | None = None, again: str = RESUME) -> int:
     """Run a command's main body: bad input exits 2, a stopped run or a failure of the machine 1, a second Ctrl-C 130;
-    each with one paragraph on stderr and no traceback."""
+    each with one paragraph on stderr and no traceback. `again`: how to go on once a failure of the machine is fixed
+    (a training run resumes; prepare, export and sample are simply run again)."""
     threading.excepthook = quiet_thread_failures
     try:
         return command(argv)
@@ -95,7 +98,7 @@ def run_cli(command: Callable[[list[str] | None], int], argv: list[str] | None =
               "The checkpoints saved before are kept: " + RESUME + ".", file=sys.stderr)
         return 130
     except Exception as e:
-        message = environment_failure(e)
+        message = environment_failure(e, again)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint, hf
 from .config import CHINESE_PROMPTS, ENGLISH_PROMPTS, TrainConfig
-from .errors import UsageError, notice, run_cli
+from .errors import AGAIN, UsageError, notice, run_cli
 from .model import GPTConfig
 from .sample import model_from_checkpoint
 from .tokenizer import tokenizer_from_dict
@@ -320,7 +320,7 @@ def export_command(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(export_command, argv)
+    return run_cli(export_command, argv, AGAIN)
 
 
 if __name__ == "__main__":

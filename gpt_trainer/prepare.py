@@ -12,7 +12,7 @@ import time
 
 from .config import DATA_FLAGS, build_parser, parse_args
 from .data import prepare_data
-from .errors import run_cli
+from .errors import AGAIN, run_cli
 
 
 def prepare_command(argv: list[str] | None) -> int:
@@ -29,7 +29,7 @@ def prepare_command(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(prepare_command, argv)
+    return run_cli(prepare_command, argv, AGAIN)
 
 
 if __name__ == "__main__":

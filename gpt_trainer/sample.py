@@ -12,7 +12,7 @@ import torch
 
 from . import checkpoint
 from .config import RANGES, TrainConfig
-from .errors import UsageError, run_cli
+from .errors import AGAIN, UsageError, run_cli
 from .hardware import pick_device, resolve_precision
 from .model import GPT, build_model, generate_text
 from .tokenizer import tokenizer_from_dict
@@ -55,7 +55,7 @@ def sample_command(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(sample_command, argv)
+    return run_cli(sample_command, argv, AGAIN)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import yaml
 
 from . import tracking
 from .config import RANGES, TrainConfig, build_parser
-from .errors import UsageError, run_cli
+from .errors import AGAIN, UsageError, run_cli
 from .rundir import held, try_lock
 
 STATE_FILE = "sweep_state.json"
@@ -373,7 +373,7 @@ def sweep_command(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(sweep_command, argv)
+    return run_cli(sweep_command, argv, AGAIN)
 
 
 if __name__ == "__main__":

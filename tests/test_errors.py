@@ -278,6 +278,15 @@ def model_too_large(w: Where) -> Case:
                 after=fails_fast_without_eating_memory)
 
 
+# ---- setups of round three, one section per area ----
+# ---- setups: checkpoints and loading files ----
+# ---- setups: token cache, corpora and prepare ----
+# ---- setups: run folders and export ----
+# ---- setups: --init_from and resume ----
+# ---- setups: sweeps ----
+# ---- setups: processes, rendezvous and sampling ----
+
+
 def row(name: str, setup: Callable[[Where], Case], exit_code: int, message: str):
     return pytest.param(setup, exit_code, message, id=name)
 
@@ -333,6 +342,12 @@ FAILURES = [
     row("sample --tokens=-3", sample_with("--tokens=-3"), 2, r"--tokens must be at least 0 \(got -3\)"),
     row("sample --top_p=2", sample_with("--top_p=2"), 2, r"--top_p must be in \(0, 1\] \(got 2\.0\)"),
     row("a model too large for memory", model_too_large, 1, r"^error: out of memory: "),
+    # ---- checkpoints and loading files (round three) ----
+    # ---- token cache, corpora and prepare (round three) ----
+    # ---- run folders and export (round three) ----
+    # ---- --init_from and resume (round three) ----
+    # ---- sweeps (round three) ----
+    # ---- processes, rendezvous and sampling (round three) ----
 ]
 
 
@@ -457,7 +472,7 @@ def test_the_output_folder_deleted_mid_run_stops_with_exit_1(tmp_path, cache_dir
         shutil.rmtree(out, ignore_errors=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
-    ends_in_a_sentence(err, f"{out} is gone: it vanished while the run used it")
+    ends_in_a_sentence(err, f"{out} is gone: it vanished while the command used it")
     assert not out.exists()  # not made again by the run
 
 
