@@ -7,6 +7,10 @@ A checkpoint (format 3) holds what the run is (`config`: the run plan's descript
 running loss) and `tracker` (run name, wandb and SwanLab ids). The learning rate is not saved: it is a function of the
 plan and the step. `load` upgrades older formats, so every reader sees format 3.
 
+A checkpoint is read without running code: torch's weights-only reader builds tensors and plain data (numbers,
+strings, bytes, lists, tuples, dicts) and refuses a file whose pickle asks for anything else. What a run saves is
+plain data (numpy's RNG state too); the one allowance is the numpy array that older checkpoints held.
+
 A run under --parallel fsdp writes the same file: `FullModel` and `FullOptimizer` gather the sharded states into the
 whole model's and into the optimizer's usual layout (integer parameter ids), and scatter them back on loading, so a
 checkpoint moves freely between FSDP, DDP and one process."""
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,6 +39,20 @@ from .rundir import RunFolder
 FORMAT_VERSION = 3
 FULL_DISK_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
+# the top-level keys of each format (format 3 is format 2 without its scheduler, which is no longer needed); a file
+# without them is not a checkpoint of ours
+PARTS = {"format_version", "model", "optimizer", "scaler", "rng", "config", "vocab_size", "tokenizer", "corpus",
+         "sampler", "trainer", "tracker"}
+FORMAT_KEYS = {1: {"model", "optimizer", "scaler", "rng", "config", "vocab_size", "tokenizer", "corpus",
+                   "data_position", "step", "best_val_loss", "last_val_loss", "epoch_loss", "tracking"},
+               2: PARTS, 3: PARTS}
+NANOGPT_KEYS = {"model", "model_args", "iter_num"}  # what nanoGPT's train.py saves in its ckpt.pt (with others)
+# numpy's RNG state in the checkpoints written until 2026-12-03 (formats 1 to 3) held a uint32 array: these rebuild an
+# array from its dtype and raw bytes and call no other code (what an array of objects would hold goes through the same
+# weights-only reader). The function moved to numpy._core in numpy 2: both names are allowed.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+NUMPY_ARRAY = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+               (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class Stateful(Protocol):
@@ -72,6 +91,12 @@ def write_error(error: Exception, folder: Path) -> str:
     free = shutil.disk_usage(folder).free
     if free < FULL_DISK_BYTES:
         return f"No space left on device: {free:,} bytes free"
+    return first_line(error)
+
+
+def first_line(error: Exception) -> str:
+    """An error of torch's C++ code in words: its first line without the source location (`[enforce fail at
+    inline_container.cc:...]`), or its type when it says nothing."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first) or type(error).__name__
 
@@ -152,11 +177,19 @@ class DamagedCheckpoint(UsageError):
     """A checkpoint whose bytes changed after it was written (a bad disk, a copy cut short)."""
 
 
+class UnreadableCheckpoint(DamagedCheckpoint):
+    """A file that cannot be read as a checkpoint at all: empty, cut short, missing, or another kind of file."""
+
+
+class RefusedCheckpoint(UsageError):
+    """A file whose pickle asks to run code (or to build more than tensors and plain data): refused unrun."""
+
+
 def damage(path: Path) -> str | None:
     """What is wrong with a checkpoint's bytes, or None. torch.save writes a zip container that records a CRC-32 of
     every member, which torch.load does not check: a block of zeros in the weights would load as zero weights."""
     if not zipfile.is_zipfile(path):
-        return None  # not a zip at all: torch.load says what it is
+        return None  # not a zip at all (cut short, or another kind of file): load says so
     try:
         with zipfile.ZipFile(path) as container:
             bad = container.testzip()
@@ -165,32 +198,81 @@ def damage(path: Path) -> str | None:
     return f"{bad} does not match the CRC-32 recorded when it was written" if bad else None
 
 
-def load(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint verified against its CRCs, in the current format."""
+def load(path: Path | str, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint verified against its CRCs and read without running code, in the current format."""
+    path = Path(path)
     problem = damage(path)
     if problem:
         raise DamagedCheckpoint(f"the checkpoint {path} is damaged ({problem}): it changed after it was written.")
     try:
-        # our own file: it holds numpy/python RNG states, which the weights-only loader refuses
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}).") from None
+        with torch.serialization.safe_globals(NUMPY_ARRAY):
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if zipfile.is_zipfile(path):  # intact (its CRCs hold), yet its pickle asks for more than plain data
+            raise refusal(path, e) from None
+        raise unreadable(path, e) from None
+    except Exception as e:  # cut short, empty, missing, or another kind of file
+        raise unreadable(path, e) from None
     return upgrade(state, path)
+
+
+def unreadable(path: Path, error: Exception) -> UnreadableCheckpoint:
+    """Why a file cannot be read, in words (torch's message for a file cut short speaks of zip archives and miniz)."""
+    if not path.is_file():
+        return UnreadableCheckpoint(f"{path} is not a readable checkpoint: there is no such file.")
+    if not path.stat().st_size:
+        why = "the file is empty"
+    elif not zipfile.is_zipfile(path):
+        why = "it is not the zip container torch.save writes"
+    else:  # a zip without torch's members, say: the first sentence of what torch said
+        why = getattr(error, "strerror", None) or first_line(error).split(". ")[0]
+    return UnreadableCheckpoint(f"{path} is not a readable checkpoint ({why}): it was cut short (a save or a copy "
+                                f"that did not finish), or it is not a checkpoint.")
+
+
+def refusal(path: Path, error: pickle.UnpicklingError) -> RefusedCheckpoint:
+    """Name what the file's pickle asks to call: read from its opcodes, never run."""
+    with torch.serialization.safe_globals(NUMPY_ARRAY):
+        asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    told = next((after for line, after in zip(lines, lines[1:]) if "WeightsUnpickler error" in line), "")
+    what = (f"would call {', '.join(asked[:3])}" if asked
+            else f"asks for more than plain data ({told or 'an object the weights-only reader does not build'})")
+    return RefusedCheckpoint(f"{path} was refused, and nothing in it was run: loading it {what}, and a checkpoint is "
+                             f"read as tensors and plain data only. It was not written by train_single_gpu.py, or it "
+                             f"was changed to run code: use a checkpoint you trust (a latest.pt or best.pt from a "
+                             f"run's checkpoints folder).")
 
 
 def upgrade(state: dict, path: Path) -> dict:
     """Bring a checkpoint of any earlier format to the current one."""
-    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
-        raise UsageError(f"{path} is not a checkpoint written by train_single_gpu.py (a file of another program?). "
-                         f"Point at a latest.pt or best.pt from a run's checkpoints folder.")
-    version = state.get("format_version", 1)
-    if version not in UPGRADES and version != FORMAT_VERSION:
-        raise UsageError(f"{path} has checkpoint format {version}, but this gpt-trainer reads formats 1 to "
-                         f"{FORMAT_VERSION}. Upgrade gpt-trainer to read it.")
+    version = check_ours(state, path)
     while version != FORMAT_VERSION:
         state = UPGRADES[version](state)
         version = state["format_version"]
     return state
+
+
+def check_ours(state: object, path: Path) -> int:
+    """The format of a checkpoint written by train_single_gpu.py; anything else is refused, saying what it is
+    (nanoGPT's ckpt.pt, say, also has `model` and `config`)."""
+    keys = set(state) if isinstance(state, dict) else set()
+    version = state.get("format_version", 1) if isinstance(state, dict) else None
+    version = version if type(version) is int else None  # a format is a plain int: anything else is not ours
+    if NANOGPT_KEYS <= keys:
+        raise UsageError(f"{path} is nanoGPT's checkpoint (it has model_args and iter_num), not one written by "
+                         f"train_single_gpu.py: its weights have other names and it holds no tokenizer, so it cannot "
+                         f"be resumed, sampled or exported here. Point at a latest.pt or best.pt from a run's "
+                         f"checkpoints folder.")
+    if version is not None and version > FORMAT_VERSION and {"model", "config"} <= keys:
+        raise UsageError(f"{path} has checkpoint format {version}, but this gpt-trainer reads formats 1 to "
+                         f"{FORMAT_VERSION}. Upgrade gpt-trainer to read it.")
+    if version not in FORMAT_KEYS or not FORMAT_KEYS[version] <= keys or not isinstance(state["config"], dict):
+        held = (f"its keys: {', '.join(sorted(map(str, keys))[:6])}{', ...' if len(keys) > 6 else ''}" if keys
+                else f"it holds {'an empty dict' if isinstance(state, dict) else type(state).__name__}")
+        raise UsageError(f"{path} is not a checkpoint written by train_single_gpu.py ({held}; a file of another "
+                         f"program?). Point at a latest.pt or best.pt from a run's checkpoints folder.")
+    return version
 
 
 def _from_format_1(old: dict) -> dict:
@@ -211,7 +293,11 @@ UPGRADES = {1: _from_format_1, 2: _from_format_2}  # format -> the function that
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain data: numpy's as the dict of `get_state(legacy=False)` with its key array as a list
+    of ints, which the weights-only reader loads without numpy's pickling."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -219,26 +305,37 @@ def rng_states() -> dict:
 
 def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(states["numpy"])  # takes the dict, and the tuple with an array that older checkpoints hold
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def load_for_resume(path: Path) -> tuple[dict, Path]:
-    """(the checkpoint, its path) to resume from. A damaged latest.pt of a run folder falls back to its best.pt when
-    that one is intact, with a note; otherwise the run stops, saying so."""
+    """(the checkpoint, its path) to resume from. A damaged or unreadable latest.pt of a run folder (a changed byte, a
+    copy cut short) falls back to its best.pt when that one loads, with a note; otherwise the run stops, saying so. A
+    refused or foreign file stops the run: it is not damage, and the user should know."""
     fallback = RunFolder(path.parent.parent).best if path.name == "latest.pt" else None
     try:
         return load(path), path
     except DamagedCheckpoint as e:
-        if fallback is None or not fallback.exists() or damage(fallback):
+        saved = load_if_intact(fallback)
+        if saved is None:
             raise DamagedCheckpoint(f"{e} There is no intact checkpoint to fall back to: start the run again with "
                                     f"--overwrite, or into another --output_dir.") from None
-        saved = load(fallback)
         notice(f"note: {e} Resuming from {fallback} (step {saved['trainer']['step']}) instead; the steps after it "
                f"are trained again.")
         return saved, fallback
+
+
+def load_if_intact(path: Path | None) -> dict | None:
+    """The checkpoint at `path`; None when there is none, or it is damaged or unreadable."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return load(path)
+    except DamagedCheckpoint:
+        return None
 
 
 def find_resume_checkpoint(resume: str | None, folder: RunFolder) -> Path | None:

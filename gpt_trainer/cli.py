@@ -18,9 +18,9 @@ from pathlib import Path
 from . import checkpoint, distributed, hf, tracking
 from .config import TrainConfig, given_flags, parse_args
 from .data import TokenData, prepare_data
-from .errors import RunStopped, UsageError, notice, run_cli
+from .errors import RESUME, RunStopped, UsageError, notice, run_cli
 from .hardware import device_name, memory_in_use, pick_device, resolve_precision
-from .plan import RunPlan, make_plan
+from .plan import RunPlan, keep_run_values, make_plan
 from .rundir import RunFolder, check_writable_folder
 from .tracking import RunSummary, Tracker, start_tracking
 from .trainer import Diverged, OutOfMemory, Trainer, TrainingFailure, TrainResult, WeightsNotFinite, perplexity
@@ -40,8 +40,8 @@ def run(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
 def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
     """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
     checks the inputs and trains its share; only the main one writes files, logs and prints."""
-    cfg, folder = check_inputs(cfg, given)
-    plan, data, saved = plan_run(cfg, world, folder, given)
+    cfg, folder, saved, resume_from, start_weights = check_inputs(cfg, given)
+    plan, data = plan_run(cfg, world, folder, saved, resume_from)
     if cfg.dry_run:
         if world.is_main:
             print(json.dumps(plan.describe(), indent=2, ensure_ascii=False))
@@ -56,7 +56,8 @@ def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = f
         return 0
     lock = take_folder(plan, saved) if world.is_main else None  # noqa: F841  (held until the process ends)
     tracker = start_tracking(plan, saved["tracker"] if saved else None)
-    trainer = Trainer(plan, data, tracker)
+    trainer = Trainer(plan, data, tracker, start_weights)
+    del start_weights  # the model holds them now: no second copy for the whole run
     if saved:
         trainer.restore(saved)
     if world.is_main:
@@ -65,15 +66,25 @@ def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = f
 
 
 # ---- the phases of a run, in order ---------------------------------------------------------------------------------
-def check_inputs(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> tuple[TrainConfig, RunFolder]:
-    """Everything that can be refused before the hardware or the data is touched; returns the run's configuration
-    (with --init_from, the folder's shape: flags not `given` take it) and its folder."""
+def check_inputs(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> tuple[
+        TrainConfig, RunFolder, dict | None, Path | None, dict | None]:
+    """Everything that can be refused before the hardware or the data is touched: the folders, the checkpoint to
+    resume (on --resume the flags not `given` keep the run's values, so a bare --resume prepares the run's text), the
+    trackers, and the --init_from folder (its shape for the shape flags not given; for a run that does not resume
+    from a checkpoint, its weights, read and checked once). Returns the run's configuration, its folder, the
+    checkpoint and its path (None, None when there is none to resume), and the weights to start from (or None)."""
     folder = RunFolder(Path(sweep_output_dir(cfg)))
-    cache = Path(cfg.resolved_cache_dir())
-    check_writable_folder(cache, "--cache_dir")
-    folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite, ignore=(cache,))
+    folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite,
+                          ignore=(Path(cfg.resolved_cache_dir()),))
+    resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
+    saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
+    kept = frozenset()
+    if cfg.resume is not None:  # before the first checkpoint, config.json records the run
+        cfg, kept = keep_run_values(cfg, saved["config"] if saved else folder.previous_config(), given)
+    check_writable_folder(Path(cfg.resolved_cache_dir()), "--cache_dir")
     tracking.check(cfg)
-    return hf.settle_init_from(cfg, given), folder
+    cfg, start_weights = hf.settle_init_from(cfg, given | kept, load=saved is None)
+    return cfg, folder, saved, resume_from, start_weights
 
 
 def sweep_output_dir(cfg: TrainConfig) -> str:
@@ -84,17 +95,16 @@ def sweep_output_dir(cfg: TrainConfig) -> str:
     return cfg.output_dir
 
 
-def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder,
-             given: frozenset[str]) -> tuple[RunPlan, TokenData, dict | None]:
-    """The device, the checkpoint to resume, the token data and the plan resolved from them (nothing written yet)."""
+def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder, saved: dict | None,
+             resume_from: Path | None) -> tuple[RunPlan, TokenData]:
+    """The device, the token data, and the plan resolved from them and the checkpoint to resume (nothing written
+    yet)."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     if cfg.parallel == "fsdp" and world.active and precision == "fp16":
         raise UsageError("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not handle "
                          "sharded gradients. Pass --bf16 or --fp32, or use --parallel ddp.")
     device = distributed.start(world, device, cfg.dist_timeout)
-    resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
-    saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
     distributed.check_same_checkpoint(world, (str(resume_from) if saved else None,
                                               saved["trainer"]["step"] if saved else None))
     # on each node the first process to take the cache's lock prepares, the others then read its work; nodes that
@@ -103,10 +113,10 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder,
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
         checkpoint.check_same_text(saved, data.digest, cfg.allow_new_data, resume_from)
-    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from, given)
+    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from)
     if plan.warmup_note and world.is_main:
         notice(plan.warmup_note)
-    return plan, data, saved
+    return plan, data
 
 
 def take_folder(plan: RunPlan, saved: dict | None):
@@ -115,9 +125,10 @@ def take_folder(plan: RunPlan, saved: dict | None):
     lock = plan.folder.hold()
     plan.folder.mark()
     if plan.cfg.overwrite:
-        removed = plan.folder.clear()
+        removed, kept = plan.folder.clear()
         if removed:
-            notice(f"--overwrite: removed the earlier run's {', '.join(removed)} from {plan.folder.path}")
+            notice(f"--overwrite: removed the earlier run's {hf.listed(removed, shown=12)} from {plan.folder.path}"
+                   + (f"; kept what no run wrote: {hf.listed(kept)}" if kept else ""))
     for name in checkpoint.remove_interrupted_saves(plan.folder):
         notice(f"note: removed {name}, left by a save that was interrupted")
     changes = plan.resume_changes(saved) if saved else {}
@@ -170,10 +181,12 @@ def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
     except TrainingFailure as failure:
         raise RunStopped(explain(failure, trainer)) from None
     except RuntimeError as error:
+        if trainer.world.active:  # torchrun stops the survivors of a lost process with SIGTERM: say why first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lost = distributed.missing_peers(trainer.world, error)
         if lost is None:
             raise
-        raise RunStopped(lost) from None
+        raise RunStopped(f"{lost} {where_to_continue(trainer)}") from None
     finally:
         summary = RunSummary(checkpoints=[plan.folder.best, plan.folder.latest], exit_code=exit_code)
         if exit_code == 0:
@@ -233,6 +246,16 @@ def explain(failure: TrainingFailure, trainer: Trainer) -> str:
     raise failure
 
 
+def where_to_continue(trainer: Trainer) -> str:
+    """The checkpoint a run that lost one of its processes continues from, and how."""
+    plan, saved_at = trainer.plan, distributed.last_saved(trainer.world, trainer.saved_at)
+    if saved_at is not None:
+        return f"The last checkpoint is {plan.folder.latest} (step {saved_at}): {RESUME}."
+    if plan.resume_from:
+        return f"The last checkpoint is {plan.resume_from} (step {plan.start_step}), as at the start: {RESUME}."
+    return f"No checkpoint was saved yet: {RESUME} to start again."
+
+
 def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
     """The end of a run in two lines (three when validation loss rose at the end: memorising, said plainly)."""
     minutes, seconds = divmod(round(result.seconds), 60)
@@ -244,12 +267,20 @@ def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
         losses.append(f"val loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}), best val loss "
                       f"{result.best_val_loss:.4f} (guessing uniformly among the {plan.vocab_size:,} tokens scores "
                       f"{math.log(plan.vocab_size):.4f})")
+    if result.best_step == 0:  # best.pt is written only for a trained model that beats --init_from's weights
+        losses.append(f"no step beat the starting weights of {plan.cfg.init_from} (step 0), so no best.pt was "
+                      f"written")
     lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s; {'; '.join(losses)}."]
     where = [f"samples in {plan.folder.samples}", f"checkpoints in {plan.folder.checkpoints}"]
     if "tensorboard" in tracking.chosen(plan.cfg.report_to):
         where.append(f"curves: {tensorboard_command()} --logdir {shlex.quote(str(plan.folder.logs))}")
     lines.append("; ".join(where))
-    if result.evals and result.evals[-1][1] > result.best_val_loss * 1.02:  # 2 %: more than evaluation noise
+    rose = result.evals and result.evals[-1][1] > result.best_val_loss * 1.02  # 2 %: more than evaluation noise
+    if rose and result.best_step == 0:
+        lines.append(f"warning: validation loss rose from the starting weights' {result.best_val_loss:.4f} to "
+                     f"{result.evals[-1][1]:.4f}: training made the model worse. Try a lower --learning_rate (now "
+                     f"{plan.cfg.learning_rate:g}); the weights in {plan.cfg.init_from} are still the best.")
+    elif rose:
         lines.append(f"warning: validation loss rose from its best, {result.best_val_loss:.4f}, to "
                      f"{result.evals[-1][1]:.4f}: the model is memorising its training text. Train on more text, for "
                      f"fewer steps or with more --dropout; best.pt holds the weights with the best validation loss.")

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -36,6 +37,8 @@ CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
 ENGLISH_PROMPTS = "ROMEO:,The "
 CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
+# Unicode categories a run name may not hold: control characters (a newline, a tab, NUL) and line/paragraph breaks
+LINE_BREAKS_AND_CONTROLS = ("Cc", "Zl", "Zp")
 
 
 def parse_switch(text: str) -> str:
@@ -73,9 +76,10 @@ class TrainConfig:
                                         "--n_layer, --n_head, --n_embd and --block_size default to the folder's "
                                         "(block_size: n_positions); a given one that differs, or a --model_size of "
                                         "another shape, is refused, except a smaller --block_size (later positions "
-                                        "go unused). Its loss on the validation text is logged at step 0. With "
-                                        "--resume, a checkpoint's weights win: pass the same --init_from to "
-                                        "continue.", metavar="DIR")
+                                        "go unused). Its loss on the validation text is logged at step 0 and is the "
+                                        "best to beat: best.pt is written only for a trained model that beats it. "
+                                        "With --resume, a checkpoint's weights win (a bare --resume keeps the run's "
+                                        "--init_from).", metavar="DIR")
     # data
     use_chinese: bool = _flag(False, "Train on Chinese poetry: --corpus chinese, or the Chinese --corpus named. It is "
                               "also what runs when neither --data_path nor --corpus is given.")
@@ -138,7 +142,8 @@ class TrainConfig:
     log_interval: int = _flag(10, "Print a progress line every N optimizer steps.")
     save_interval: int = _flag(500, "Save the latest checkpoint every N optimizer steps.")
     resume: str | None = _flag(None, "Continue from the latest checkpoint in output_dir, or from a given path. Flags "
-                                     "not given keep the values the run used.", nargs="?", const="latest")
+                                     "not given keep the values the run used (its text, tokenizer and shape too).",
+                               nargs="?", const="latest")
     allow_new_data: bool = _flag(False, "With --resume: continue on text other than the run was trained on (config.json"
                                         " records the change). Without it such a resume is refused.")
     # experiment tracking
@@ -227,6 +232,9 @@ class Range:
 
 AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_allowed=False)
 FRACTION_OPEN, FRACTION_BELOW_1 = Range(0, 1, False, False), Range(0, 1, True, False)
+# tokens one sample may draw per prompt (--sample_tokens, sample's --tokens): past the model's block of context each
+# token is drawn from the last block alone, so longer text is no better than sampling again from its end
+MAX_SAMPLE_TOKENS = 10_000
 # every numeric flag; a test feeds each of them values outside its range
 RANGES = {
     "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "block_size": AT_LEAST_1,
@@ -235,7 +243,8 @@ RANGES = {
     "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
     "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "prepare_workers": NON_NEGATIVE, "eval_interval": AT_LEAST_1,
     "eval_steps": AT_LEAST_1,
-    "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": NON_NEGATIVE, "temperature": POSITIVE,
+    "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": Range(0, MAX_SAMPLE_TOKENS),
+    "temperature": POSITIVE,
     "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_allowed=False), "max_bad_steps": AT_LEAST_1,
     "dist_timeout": POSITIVE, "global_batch_size": AT_LEAST_1,
 }
@@ -250,7 +259,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not allowed.holds(value):
             raise UsageError(f"--{name} must be {allowed.describe()} (got {value}).")
-    if cfg.n_embd % cfg.n_head:
+    # with --init_from the folder sets the shape (a flag given beside it must agree): hf.settle_init_from checks it
+    if cfg.n_embd % cfg.n_head and not cfg.init_from:
         suggestion = cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))
         raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
                          f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
@@ -263,9 +273,14 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.allow_new_data and cfg.resume is None:
         raise UsageError("--allow_new_data only means something with --resume: add --resume, or drop it.")
     name = cfg.wandb_run_name
-    if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+    if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\")
+                             or any(unicodedata.category(c) in LINE_BREAKS_AND_CONTROLS for c in name)):
         raise UsageError(f"--wandb_run_name {name!r} is also the name of the TensorBoard folder inside output_dir, so "
-                         f"it must be a plain name: no / or \\, not . or .., not empty. Use e.g. tiny-poems-lr3e-4.")
+                         f"it must be a plain name: no / or \\, no line break or other control character, not . or "
+                         f".., not empty. Use e.g. tiny-poems-lr3e-4.")
+    if cfg.init_from is not None and not cfg.init_from.strip():
+        raise UsageError(f"--init_from {cfg.init_from!r} names no folder: give the folder of a transformers GPT-2 "
+                         f"model, or drop --init_from to train from scratch.")
     if cfg.tokenizer == "hf" and not cfg.init_from:
         raise UsageError("--tokenizer hf is the tokenizer of a transformers model folder: give --init_from DIR, or "
                          "choose --tokenizer char or sentencepiece.")
@@ -343,8 +358,9 @@ def given_flags(argv: list[str]) -> frozenset[str]:
                      and (name := token[2:].split("=", 1)[0]) in names)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> TrainConfig:
+    """`parser`: build_parser()'s, built once by a caller that checks many command lines (a sweep's trials)."""
+    cfg = TrainConfig(**vars((parser or build_parser()).parse_args(argv)))
     validate(cfg)
     return cfg
 

@@ -12,6 +12,8 @@ import itertools
 import json
 import os
 import re
+import stat
+import unicodedata
 import urllib.error
 import urllib.request
 import zlib
@@ -74,6 +76,8 @@ class Corpus:
                  files: tuple[Path, ...] = (), text_field: str = "text"):
         self.name, self._text, self.default_prompts = name, text, default_prompts
         self.files, self.text_field = tuple(files), text_field
+        self._states: tuple | None = None
+        self._said: set[str] = set()
 
     def pieces(self):
         """(text, source bytes) pieces whose concatenation is the whole text; files are joined by a line break."""
@@ -83,7 +87,24 @@ class Corpus:
         for i, path in enumerate(self.files):
             if i:
                 yield "\n", 0
-            yield from file_pieces(path, self.text_field)
+            yield from file_pieces(path, self.text_field, self.note_once)
+
+    def note_once(self, message: str) -> None:
+        """A note about a file, said once however often the file is read (preparation reads a corpus twice)."""
+        if message not in self._said:
+            self._said.add(message)
+            notice(message)
+
+    def states(self) -> tuple:
+        """Each file's (size, mtime_ns, inode), taken at the first call: what the cache is keyed on, and what
+        preparation compares the files with once it has read them."""
+        if self._states is None:
+            self._states = tuple(file_state(p) for p in self.files)
+        return self._states
+
+    def changed_files(self) -> list[Path]:
+        """The files whose size, modification time or inode now differ from `states()` (or that are gone)."""
+        return [p for p, state in zip(self.files, self.states()) if file_state(p) != state]
 
     @property
     def text(self) -> str:
@@ -104,8 +125,17 @@ class Corpus:
         of gigabytes to find its cache), or the digest of a text held in memory."""
         if self._text is not None:
             return "text:" + hashlib.sha256(self._text.encode("utf-8")).hexdigest()
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+        stats = [(str(p.resolve()), size, mtime_ns) for p, (size, mtime_ns, _) in zip(self.files, self.states())]
         return "files:" + hashlib.sha256(json.dumps([stats, self.text_field]).encode()).hexdigest()
+
+
+def file_state(path: Path) -> tuple | None:
+    """(size, mtime_ns, inode) of a file, or None when it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class CorpusUnavailable(UsageError):
@@ -118,8 +148,11 @@ WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-b
 
 
 def wide_encoding(raw: bytes) -> tuple[str, int] | None:
-    """(codec, BOM length) for UTF-16/32 text, with a BOM or without one (then told by where its zero bytes fall:
-    line breaks and punctuation put them at every other byte, or at two bytes of every four)."""
+    """(codec, BOM length) for UTF-16/32 text, with a BOM or without one. Without one, UTF-32 is told by where its
+    zero bytes fall (two bytes of every four), UTF-16 by decoding the head: text it reads as, with its line breaks
+    (whose zero byte is what tells it apart from other encodings), or with zero bytes mostly on one side of each pair
+    (ASCII in it). Chinese text has few zero bytes, some on either side (一 is U+4E00, the ideographic space
+    U+3000), so their count alone would often pick the wrong byte order."""
     for bom, codec in WIDE_BOMS:  # UTF-32 first: its little-endian BOM begins with UTF-16's
         if raw.startswith(bom):
             return codec, len(bom)
@@ -130,17 +163,31 @@ def wide_encoding(raw: bytes) -> tuple[str, int] | None:
         return "utf-32-le", 0
     if len(raw) % 4 == 0 and not any(head[0::4]) and not any(head[1::4]):
         return "utf-32-be", 0
+    if len(raw) % 2:
+        return None
     even, odd = head[0::2].count(0), head[1::2].count(0)
-    if len(raw) % 2 == 0 and odd > 4 * even:
-        return "utf-16-le", 0
-    if len(raw) % 2 == 0 and even > 4 * odd:
-        return "utf-16-be", 0
+    for codec, mostly_ascii in (("utf-16-le", odd > 4 * even), ("utf-16-be", even > 4 * odd)):
+        text = readable_text(head, codec)
+        if text is not None and (mostly_ascii or "\n" in text or "\r" in text):
+            return codec, 0
     return None
 
 
-def decode_bytes(raw: bytes, path: str) -> str:
-    """UTF-8 (BOM stripped); UTF-16/32 (with or without a BOM) with a notice; else GB18030 (a superset of
-    GBK/GB2312, common for Chinese text) with a notice. Text with NUL characters is refused."""
+def readable_text(head: bytes, codec: str) -> str | None:
+    """The head decoded as `codec` when it reads as text: it decodes (a character cut at its end aside) and at most
+    1 % of its characters are control characters, surrogates, private-use or unassigned code points (what bytes of
+    another encoding give)."""
+    try:
+        text = codecs.getincrementaldecoder(codec)().decode(head)
+    except UnicodeDecodeError:
+        return None
+    odd = sum(unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and not c.isspace() for c in text)
+    return text if text and odd <= len(text) // 100 else None
+
+
+def decode_bytes(raw: bytes, path: str, note=notice) -> str:
+    """UTF-8 (BOM stripped); UTF-16/32 (with or without a BOM) with a note; else GB18030 (a superset of
+    GBK/GB2312, common for Chinese text) with a note. Text with NUL characters is refused."""
     wide = wide_encoding(raw)
     if wide:
         codec, bom = wide
@@ -150,7 +197,7 @@ def decode_bytes(raw: bytes, path: str) -> str:
             raise UsageError(f"{path} looks like {codec.upper()} text but does not decode as it (offset {e.start}). "
                              f"Convert it to UTF-8, e.g. `iconv -f {codec.upper()} -t UTF-8 {path} > fixed.txt`."
                              ) from None
-        notice(f"note: {path} is {codec.upper()} text; decoded it as such.")
+        note(f"note: {path} is {codec.upper()} text; decoded it as such.")
     else:
         try:
             text = raw.decode("utf-8-sig")
@@ -162,7 +209,7 @@ def decode_bytes(raw: bytes, path: str) -> str:
                     f"{path} is neither UTF-8, UTF-16/32 nor GB18030/GBK text (first bad byte at offset {e.start}). "
                     f"Convert it, e.g. `iconv -f <encoding> -t UTF-8 {path} > fixed.txt`, and pass the converted file."
                 ) from None
-            notice(f"note: {path} is not UTF-8; decoded it as GB18030/GBK.")
+            note(assumed_gb18030(path, e.start, raw_excerpt(raw, e.start)))
     if "\0" in text:
         raise UsageError(f"{path} contains NUL characters (at character {text.index(chr(0)):,}), so it is not plain "
                          f"text: a binary file, or text in an encoding that was not recognised. Convert it to UTF-8.")
@@ -187,15 +234,23 @@ def no_records_error(path: str, count: int, text_field: str) -> UsageError:
                       f"records, or --text_field to name the field that holds the text.")
 
 
-def json_records_to_text(records, path: str, text_field: str = "text") -> str:
+def check_records(path, count: int, kept: int, text_field: str, note) -> None:
+    """A file none of whose records has text is refused; one where some lack it says how many were left out."""
+    if count and not kept:
+        raise no_records_error(str(path), count, text_field)
+    if kept < count:
+        note(f"note: {path}: {count - kept:,} of its {count:,} JSON records have no `paragraphs` list or "
+             f"`{text_field}` string and are left out (--text_field names the field that holds the text).")
+
+
+def json_records_to_text(records, path: str, text_field: str = "text", note=notice) -> str:
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):
         raise UsageError(f"{path}: expected a JSON list of records with `paragraphs` or `{text_field}`, found "
                          f"{type(records).__name__}.")
     texts = [t for t in (poem_to_text(r, text_field) for r in records if isinstance(r, dict)) if t]
-    if records and not texts:
-        raise no_records_error(path, len(records), text_field)
+    check_records(path, len(records), len(texts), text_field, note)
     return "\n".join(texts)
 
 
@@ -211,10 +266,22 @@ def is_source(path: Path) -> bool:
     return bool(inner) and inner[0] in SOURCE_SUFFIXES
 
 
-def unreadable(path: Path, error: Exception) -> UsageError:
+GZIP_DAMAGE = (EOFError, zlib.error, gzip.BadGzipFile)  # a .gz cut short, corrupted, or not gzip at all
+
+
+def unreadable(path: Path, error: BaseException) -> UsageError:
+    """A file that cannot be read, with the advice that fits the cause."""
     reason = getattr(error, "strerror", None) or error
-    return UsageError(f"{path} cannot be read ({reason}). Fix its permissions or replace it, or move it out of the "
-                      f"--data_path folder.")
+    if isinstance(error, GZIP_DAMAGE):
+        return UsageError(f"{path} cannot be decompressed ({reason}): the file is cut short or damaged. Replace it "
+                          f"with a whole copy (`gzip -t` tests one), or move it out of --data_path.")
+    if isinstance(error, FileNotFoundError):
+        return UsageError(f"{path} vanished while it was being read: it was moved or deleted. Put it back, or let "
+                          f"whatever moves it finish, then run again.")
+    if isinstance(error, PermissionError):
+        return UsageError(f"{path} cannot be read ({reason}). Fix its permissions, or move it out of --data_path.")
+    return UsageError(f"{path} cannot be read ({reason}): the disk or file system failed on it. Check it and replace "
+                      f"the file, or move it out of --data_path.")
 
 
 def open_source(path: Path):
@@ -230,7 +297,7 @@ def read_blocks(path: Path):
         while True:
             try:
                 block = f.read(CHUNK_BYTES)
-            except (OSError, EOFError, zlib.error) as e:
+            except (OSError, *GZIP_DAMAGE) as e:
                 raise unreadable(path, e) from None
             if not block:
                 return
@@ -251,36 +318,74 @@ def first_bad_byte(path: Path, codec: str) -> int | None:
     return None
 
 
-def detect_encoding(path: Path) -> str:
-    """utf-8-sig, gb18030 (with a notice), or "wide" (UTF-16/32, decoded whole), found by streaming the file once
-    per version of it (preparation reads a corpus twice)."""
-    stat = path.stat()
-    return _detected_encoding(path.resolve(), stat.st_size, stat.st_mtime_ns)
+def detect_encoding(path: Path) -> tuple[str, int | None]:
+    """(utf-8-sig, gb18030 or "wide": UTF-16/32, decoded whole; for gb18030 the first byte that is not UTF-8), found
+    by streaming the file once per version of it (preparation reads a corpus twice)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise unreadable(path, e) from None
+    return _detected_encoding(path.resolve(), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4096)
-def _detected_encoding(path: Path, size: int, mtime_ns: int) -> str:
+def _detected_encoding(path: Path, size: int, mtime_ns: int) -> tuple[str, int | None]:
     if wide_encoding(next(read_blocks(path), b"")):
-        return "wide"
+        return "wide", None
     bad = first_bad_byte(path, "utf-8-sig")
     if bad is None:
-        return "utf-8-sig"
+        return "utf-8-sig", None
     if first_bad_byte(path, "gb18030") is None:
-        notice(f"note: {path} is not UTF-8; decoded it as GB18030/GBK.")
-        return "gb18030"
+        return "gb18030", bad
     raise UsageError(f"{path} is neither UTF-8, UTF-16/32 nor GB18030/GBK text (first bad byte at offset {bad}). "
                      f"Convert it, e.g. `iconv -f <encoding> -t UTF-8 {path} > fixed.txt`, and pass the converted "
                      f"file.")
 
 
-def text_pieces(path: Path):
+def assumed_gb18030(path, offset: int, excerpt: bytes) -> str:
+    """The note for a file decoded as GB18030: what was assumed, what the text then reads as, how to choose
+    otherwise (text in Latin-1, Shift-JIS or Big5 decodes as GB18030 too, garbled)."""
+    reads = excerpt.decode("gb18030", errors="replace").strip()
+    return (f"note: {path} is not UTF-8 (byte {offset:,} is not); decoded it as GB18030/GBK, the usual encoding of "
+            f"Chinese text, where it reads “{reads}”. If that is garbled, the file is in another encoding (Latin-1, "
+            f"Shift-JIS, Big5, ...): convert it to UTF-8, e.g. `iconv -f LATIN1 -t UTF-8 {path} > converted.txt`, "
+            f"and pass the converted file.")
+
+
+def raw_excerpt(raw: bytes, offset: int, width: int = 40, first: int = 0) -> bytes:
+    """The line around byte `offset` of `raw` (whose first byte is byte `first` of its file), at most `width` bytes
+    either side: from the offset itself when no line starts within them (and the file does not), so that no
+    character is cut in two."""
+    before = max(0, offset - width)
+    newline = raw.rfind(b"\n", before, offset)
+    start = newline + 1 if newline >= 0 or first + before == 0 else offset
+    end = raw.find(b"\n", offset, offset + width)
+    return raw[start:end if end >= 0 else offset + width]
+
+
+def file_excerpt(path: Path, offset: int, width: int = 40) -> bytes:
+    """`raw_excerpt` of a file, read only as far as it needs."""
+    kept, position = b"", 0
+    for block in read_blocks(path):
+        if position + len(block) > offset - width:
+            kept += block[max(0, offset - width - position):]
+        position += len(block)
+        if position >= offset + width:
+            break
+    skipped = max(0, offset - width)
+    return raw_excerpt(kept, offset - skipped, width, skipped)
+
+
+def text_pieces(path: Path, note=notice):
     """(text, bytes) pieces of a text file, line-aligned (a line longer than a few pieces is cut, never a character
     or a CR LF pair), line breaks made LF. A character cut short at the very end is left out, with a note."""
-    codec = detect_encoding(path)
+    codec, bad = detect_encoding(path)
     if codec == "wide":
         raw = b"".join(read_blocks(path))
-        yield decode_bytes(raw, str(path)), len(raw)
+        yield decode_bytes(raw, str(path), note), len(raw)
         return
+    if codec == "gb18030":
+        note(assumed_gb18030(path, bad, file_excerpt(path, bad)))
     decoder, chars = codecs.getincrementaldecoder(codec)(), 0
     for data in line_aligned(path, hold_cr=True):
         text = clean_text(decoder.decode(data), path, chars)
@@ -289,7 +394,7 @@ def text_pieces(path: Path):
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        notice(f"note: {path} ends in the middle of a character (a file cut short?); that character is left out.")
+        note(f"note: {path} ends in the middle of a character (a file cut short?); that character is left out.")
 
 
 def line_aligned(path: Path, hold_cr: bool = False):
@@ -326,11 +431,11 @@ def clean_text(text: str, path: Path, chars_before: int) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def jsonl_pieces(path: Path, text_field: str):
+def jsonl_pieces(path: Path, text_field: str, note=notice):
     """The texts of a JSON-lines file's records (one per line), joined by line breaks, in pieces; a line that is not
     JSON stops preparation, naming the file and the line."""
     lineno, records, kept, partial = 0, 0, 0, ""
-    for piece, nbytes in itertools.chain(text_pieces(path), [(None, 0)]):  # None: the end, for a last line
+    for piece, nbytes in itertools.chain(text_pieces(path, note), [(None, 0)]):  # None: the end, for a last line
         lines = (partial + (piece or "")).split("\n")
         partial = lines.pop() if piece is not None else ""
         filled = [line for line in lines if line.strip()]
@@ -340,8 +445,7 @@ def jsonl_pieces(path: Path, text_field: str):
         lineno += len(lines)
         yield "".join(("\n" if kept or i else "") + text for i, text in enumerate(texts)), nbytes
         kept += len(texts)
-    if records and not kept:
-        raise no_records_error(str(path), records, text_field)
+    check_records(path, records, kept, text_field, note)
 
 
 def parse_json_lines(filled: list[str], lines: list[str], first_lineno: int, path: Path) -> list:
@@ -364,20 +468,20 @@ def parse_json_lines(filled: list[str], lines: list[str], first_lineno: int, pat
     return items
 
 
-def file_pieces(path: Path, text_field: str = "text"):
-    """(text, source bytes) pieces of one source file, whatever its format."""
+def file_pieces(path: Path, text_field: str = "text", note=notice):
+    """(text, source bytes) pieces of one source file, whatever its format; `note` says what a reader should know."""
     kind = source_kind(path)
     if kind == ".jsonl":
-        yield from jsonl_pieces(path, text_field)
+        yield from jsonl_pieces(path, text_field, note)
     elif kind == ".json":
         raw = b"".join(read_blocks(path))
-        text = decode_bytes(raw, str(path))
+        text = decode_bytes(raw, str(path), note)
         try:
-            yield json_records_to_text(json.loads(text), str(path), text_field), len(raw)
+            yield json_records_to_text(json.loads(text), str(path), text_field, note), len(raw)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
     else:
-        yield from text_pieces(path)
+        yield from text_pieces(path, note)
 
 
 def read_source_file(path: Path, text_field: str = "text") -> str:
@@ -391,23 +495,85 @@ def is_empty(path: Path) -> bool:
     with open_source(path) as f:
         try:
             return not f.read(1)
-        except (OSError, EOFError, zlib.error) as e:
+        except (OSError, *GZIP_DAMAGE) as e:
             raise unreadable(path, e) from None
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file that is not a regular file (nor a folder) is, in words; None for a regular file or a folder."""
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), None)
+
+
+def listing(paths: list[Path], shown: int = 5) -> str:
+    return ", ".join(map(str, paths[:shown])) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def source_files(root: Path) -> list[Path]:
+    """The source files below a folder, in name order, links followed. A folder reached again (a link back to a
+    folder it is inside, or a second link to one folder) is not read again, nor a file reached twice; run folders,
+    links that lead nowhere and sources that are not regular files (a named pipe would hang the reading) are left
+    out; each of these is named in a note."""
+    found, folders_seen, skipped = {}, set(), {"again": [], "nowhere": [], "special": [], "twice": []}
+
+    def visit(folder: Path, identity: tuple) -> None:
+        if identity in folders_seen:
+            skipped["again"].append(folder)
+            return
+        folders_seen.add(identity)
+        if (folder / MARKER).exists():  # what a run wrote is not corpus
+            notice(f"note: {folder} is a training run's folder inside --data_path; its files are not read as text.")
+            return
+        for entry in sorted(folder.iterdir()):
+            try:
+                st = entry.stat()  # through links
+            except OSError:  # a link whose target is missing or that loops (or an entry that just vanished)
+                if entry.is_symlink():
+                    skipped["nowhere"].append(entry)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                visit(entry, (st.st_dev, st.st_ino))
+            elif is_source(entry) and special_kind(st.st_mode):
+                skipped["special"].append(entry)
+            elif is_source(entry) and (st.st_dev, st.st_ino) in found:  # a second link to it, or a hard link
+                skipped["twice"].append(entry)
+            elif is_source(entry):
+                found[st.st_dev, st.st_ino] = entry
+
+    root_stat = root.stat()
+    visit(root, (root_stat.st_dev, root_stat.st_ino))
+    notes = {"again": "link(s) to a folder already read (a link back to a folder it is inside, or a second link to "
+                      "one folder), not read again",
+             "nowhere": "link(s) that lead nowhere (the target is missing, or the links loop)",
+             "special": "file(s) that are not regular files (a named pipe, a device or a socket: they cannot be read "
+                        "twice, as preparation does)",
+             "twice": "file(s) reached a second time through links, read once"}
+    for reason, paths in skipped.items():
+        if paths:
+            notice(f"note: skipped {len(paths)} {notes[reason]} in --data_path: {listing(paths)}")
+    return sorted(found.values())
 
 
 def read_data_path(data_path: str, text_field: str = "text") -> Corpus:
     """The files of --data_path, to be streamed: a file, or every .txt/.json/.jsonl (and .gz) file below a folder,
-    in name order; run folders and empty files are skipped, each with a note."""
+    in name order (see `source_files`); empty files are skipped with a note. A --data_path that is not a regular file
+    or a folder (a named pipe, a device) is refused: preparation reads the text twice."""
     path = Path(data_path).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"--data_path {data_path} is a symbolic link that leads nowhere (its target is missing, or "
+                         f"it loops). Fix the link, or give the file or folder itself.")
     if not path.exists():
         raise UsageError(f"--data_path {data_path} does not exist. Give a text file or a folder of "
                          f".txt/.json/.jsonl files.")
+    kind = special_kind(path.stat().st_mode)
+    if kind:
+        raise UsageError(f"--data_path {data_path} is {kind}, not a regular file: preparation reads the text twice "
+                         f"(first the vocabulary, then the ids), and a pipe or a device cannot be read twice. Save "
+                         f"the text to a file (e.g. `cat {data_path} > corpus.txt`) and pass that.")
     if not path.is_dir():
         return Corpus(path.name, files=(path,), text_field=text_field)
-    run_folders = {marker.parent for marker in path.rglob(MARKER)}  # what a run wrote is not corpus
-    for folder in sorted(run_folders):
-        notice(f"note: {folder} is a training run's folder inside --data_path; its files are not read as text.")
-    files = sorted(p for p in path.rglob("*") if is_source(p) and p.is_file() and not run_folders & set(p.parents))
+    files = source_files(path)
     empty = [p for p in files if is_empty(p)]
     if empty:
         notice(f"note: skipped {len(empty)} empty file(s) in --data_path: {', '.join(p.name for p in empty[:5])}")

@@ -24,15 +24,19 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .corpora import Corpus, default_prompts_for, load_corpus, sha256_file, utf8_pieces
-from .errors import UsageError, notice
+from .corpora import Corpus, default_prompts_for, listing, load_corpus, sha256_file, utf8_pieces
+from .errors import RunStopped, UsageError, notice
 from .rundir import held
 from .hf import folder_tokenizer
 from .tokenizer import (UNICODE_SIZE, WORKER_FUNCTIONS, CharTokenizer, SentencePieceTokenizer, characters_in,
-                        tokenizer_from_dict, training_sentences)
+                        tokenizer_from_json, tokenizer_to_json, training_sentences)
 
 
-CACHE_FILES = ("train.bin", "val.bin", "tokenizer.pkl")
+CACHE_FILES = ("train.bin", "val.bin", "tokenizer.json")
+# in every cache folder's name: format 1 stored the tokenizer as a pickle (tokenizer.pkl), which anyone who can write a
+# shared cache could make run code; format 2 stores it as JSON. A new format gets new folders, so versions sharing a
+# cache never rebuild each other's
+CACHE_FORMAT = 2
 _verified: set = set()  # (file, size) whose digest this process has checked
 
 
@@ -58,7 +62,7 @@ def cache_key(identity: str, cfg: TrainConfig, tokenizer=None) -> str:
     vocab = f"-v{cfg.vocab_size}" if cfg.tokenizer == "sentencepiece" else ""
     if tokenizer is not None:
         vocab = "-" + hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    return f"{content}-{cfg.tokenizer}{vocab}-split{cfg.train_split}"
+    return f"{content}-{cfg.tokenizer}{vocab}-split{cfg.train_split}-f{CACHE_FORMAT}"
 
 
 def usable_cores() -> int:
@@ -218,7 +222,8 @@ def tee_head(texts, head: list, wanted: int = PROMPT_HEAD):
 def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path, given_tokenizer=None) -> None:
     """Tokenizer from a first streaming pass (or `given_tokenizer`), ids from a second (in worker processes, appended
     straight to disk), then the train/val split; written into a staging folder renamed into place at the end, so an
-    interrupted preparation leaves no cache that a later run would use."""
+    interrupted preparation leaves no cache that a later run would use, and only once the corpus is found unchanged
+    since it was first looked at and every id inside the vocabulary."""
     started = time.perf_counter()
     # char ids are a vectorised table look-up, faster here than the pieces' trip to a worker and back (measured:
     # 79 MB/s in one process, 41 MB/s with two workers); sentencepiece's and the tokenizers library's encoders are
@@ -231,7 +236,9 @@ def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path, given_toke
     try:
         with open(spill, "wb") if spill else contextlib.nullcontext() as spilled:
             tokenizer, prompts = scan(corpus, cfg, spilled, given_tokenizer)
-        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+        # the largest value of the dtype is never a valid id, so the -1 of a character the first pass did not see
+        # (stored as that value) is always caught by check_unchanged
+        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
         second = utf8_pieces(spill) if spill else corpus.pieces()
         progress, tokens = Progress("encoding", spill.stat().st_size if spill else corpus.source_bytes), 0
         with open(staging / "train.bin", "wb") as out, Workers(workers) as pool:
@@ -243,10 +250,10 @@ def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path, given_toke
         progress.close()
         if spill:
             spill.unlink()
+        check_unchanged(corpus, staging / "train.bin", dtype, tokenizer.vocab_size)
         split = int(tokens * cfg.train_split)
         split_off_validation(staging, split * np.dtype(dtype).itemsize)
-        with open(staging / "tokenizer.pkl", "wb") as f:
-            pickle.dump(tokenizer.to_dict(), f)
+        (staging / "tokenizer.json").write_text(tokenizer_to_json(tokenizer), encoding="utf-8")
         meta = {"dtype": np.dtype(dtype).name, "train_tokens": split, "val_tokens": tokens - split,
                 "vocab_size": tokenizer.vocab_size, "corpus": corpus.name, "default_prompts": prompts,
                 "source_bytes": corpus.source_bytes, "seconds": round(time.perf_counter() - started, 1),
@@ -254,8 +261,37 @@ def build_token_cache(corpus: Corpus, cfg: TrainConfig, folder: Path, given_toke
                           for name in CACHE_FILES}}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         os.rename(staging, folder)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a write to an open file names none: name the cache
+            raise OSError(e.errno, e.strerror, str(folder)) from e
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_unchanged(corpus: Corpus, ids_file: Path, dtype, vocab_size: int) -> None:
+    """Stop, publishing nothing, when a file of the corpus changed while it was read: its size, modification time or
+    inode differ from when preparation began, or the ids hold one outside the vocabulary (the char tokenizer's -1 for
+    a character the first pass did not see, stored as the dtype's largest value, which no vocabulary reaches)."""
+    changed = corpus.changed_files()
+    if changed:
+        raise RunStopped(f"{listing(changed, 3)} changed while it was read (its size, modification time or inode "
+                         f"differ from when preparation began), so the tokens would not match it; no token cache was "
+                         f"written. Run again once the corpus is stable.")
+    if largest_id(ids_file, dtype) >= vocab_size:
+        raise RunStopped(f"the corpus {corpus.name} changed while it was read (its second reading holds characters "
+                         f"the first did not), so the tokens would not match it; no token cache was written. Run "
+                         f"again once the corpus is stable.")
+
+
+def largest_id(path: Path, dtype, piece: int = 1 << 26) -> int:
+    """The largest id in a token file, read in pieces (bounded memory); -1 for an empty one."""
+    if not path.stat().st_size:
+        return -1
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    largest = max(int(ids[start:start + piece].max()) for start in range(0, len(ids), piece))
+    del ids  # unmapped before the file is cut at the split
+    return largest
 
 
 def split_off_validation(staging: Path, train_bytes: int) -> None:
@@ -266,27 +302,33 @@ def split_off_validation(staging: Path, train_bytes: int) -> None:
     os.truncate(staging / "train.bin", train_bytes)
 
 
-def cache_damage(folder: Path) -> str | None:
-    """What is wrong with a token cache, or None. Sizes are checked at every load, content digests at the first load
-    in each process (a cache that changes under a running process is beyond this check)."""
+def cache_problem(folder: Path) -> str | None:
+    """What makes a token cache unusable, said as "is damaged (...)" or "is from an older version (...)", or None.
+    Sizes are checked at every load, content digests at the first load in each process (a cache that changes under a
+    running process is beyond this check). A pickled tokenizer is never read, whatever meta.json says of it."""
+    if (folder / "tokenizer.pkl").exists():
+        return ("is from an older version (its tokenizer is tokenizer.pkl, a pickle: reading one can run code, so this "
+                "version never does)")
     try:
         files = json.loads((folder / "meta.json").read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "meta.json is missing, unreadable or from an older version"
+        return "is damaged (meta.json is missing, unreadable or from an older version)"
     for name in CACHE_FILES:
         path, recorded = folder / name, files.get(name, {})
         if not path.exists() or path.stat().st_size != recorded.get("bytes"):
-            return f"{name} is missing or has the wrong size"
+            return f"is damaged ({name} is missing or has the wrong size)"
         if (path, recorded["bytes"]) not in _verified:
             if sha256_file(path) != recorded.get("sha256"):
-                return f"{name} does not match its recorded SHA-256"
+                return f"is damaged ({name} does not match its recorded SHA-256)"
             _verified.add((path, recorded["bytes"]))
     return None
 
 
-def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
+def prepare_tokens(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
     """The token data of the corpus, prepared once: a cache found complete is used without reading the corpus."""
     tokens_dir = Path(cfg.resolved_cache_dir()) / "tokens"
+    if cfg.data_path:  # the user's files are checked before anything is written (a named corpus downloads: locked)
+        corpus = corpus or load_corpus(cfg)
     with held(tokens_dir.parent / ".prepare.lock"):
         for leftover in tokens_dir.glob(".staging-*"):  # a preparation that was killed (the lock says none runs)
             shutil.rmtree(leftover, ignore_errors=True)
@@ -294,30 +336,35 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
         # --init_from: the folder's tokenizer, whatever the text (char and sentencepiece ones are made from it)
         given = folder_tokenizer(Path(cfg.init_from)) if cfg.tokenizer == "hf" else None
         folder = tokens_dir / cache_key(corpus.identity(), cfg, given)
-        damage = cache_damage(folder) if folder.exists() else "absent"
-        built = bool(damage)
-        if damage:
+        problem = cache_problem(folder) if folder.exists() else "absent"
+        built = bool(problem)
+        if problem:
             if folder.exists():
-                notice(f"note: the token cache {folder} is damaged ({damage}); rebuilding it")
+                notice(f"note: the token cache {folder} {problem}; rebuilding it")
                 shutil.rmtree(folder)
             build_token_cache(corpus, cfg, folder, given)
     meta = json.loads((folder / "meta.json").read_text())
-    with open(folder / "tokenizer.pkl", "rb") as f:
-        tokenizer = tokenizer_from_dict(pickle.load(f))
+    tokenizer = tokenizer_from_json((folder / "tokenizer.json").read_text(encoding="utf-8"))
     train, val = (
         np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") if meta[f"{split}_tokens"] else np.zeros(0)
         for split in ("train", "val")
     )
-    need = cfg.block_size + 1
-    if len(train) < need or len(val) < need:
-        raise UsageError(
-            f"the corpus {corpus.name} has {len(train):,} training and {len(val):,} validation tokens, but each split "
-            f"needs at least block_size + 1 = {need}. Use more text, a smaller --block_size, or a different "
-            f"--train_split."
-        )
     digest = hashlib.sha256("".join(meta["files"][n]["sha256"] for n in ("train.bin", "val.bin")).encode())
     return TokenData(train, val, tokenizer, corpus.name, meta["default_prompts"], digest.hexdigest()[:20], folder,
                      built)
+
+
+def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
+    """The token data of the corpus (`prepare_tokens`), refused when a split is too short for the run's block size."""
+    data = prepare_tokens(cfg, corpus)
+    need = cfg.block_size + 1
+    if len(data.train) < need or len(data.val) < need:
+        raise UsageError(
+            f"the corpus {data.corpus} has {len(data.train):,} training and {len(data.val):,} validation tokens, but "
+            f"each split needs at least block_size + 1 = {need}. Use more text, a smaller --block_size, or a different "
+            f"--train_split."
+        )
+    return data
 
 
 def windows_in(tokens: np.ndarray, block_size: int) -> int:

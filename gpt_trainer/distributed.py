@@ -55,14 +55,106 @@ def start(world: World, device: torch.device, timeout_s: float) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        join("nccl" if device.type == "cuda" else "gloo", world, timeout_s,
+             **({"device_id": device} if device.type == "cuda" else {}))
     global _roll
     if "MASTER_PORT" in os.environ:  # every launcher sets it (the process group's own rendezvous needs it)
         _roll = Roll(world, timeout_s)
         _roll.report("joined")
         _roll.start_beating()
     return device
+
+
+# ---- meeting the others: the rendezvous at MASTER_ADDR:MASTER_PORT ------------------------------------------------
+# torchrun joins its own rendezvous (--rdzv_endpoint, --master_addr) before it starts this program, and reports its
+# failures itself; what reaches this code is the meeting of the training processes at MASTER_ADDR:MASTER_PORT: the
+# launcher's store under torchrun (up already), or rank 0's own when the processes were started by hand.
+DOCTOR = "`python -m gpt_trainer.doctor --distributed`, started the same way on each machine, shows what each sees"
+
+
+def join(backend: str, world: World, timeout_s: float, **options) -> None:
+    """Join the process group; a rendezvous that cannot be reached or completed within `timeout_s` ends the run with a
+    sentence naming the endpoint, what failed and the fix, instead of torch's traceback."""
+    host, port = rendezvous_endpoint(world)
+    reach(world, host, port, timeout_s)
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **options)
+    except dist.DistError as error:
+        raise RunStopped(could_not_join(world, host, port, timeout_s, why_not_joined(port, error))) from None
+
+
+def rendezvous_endpoint(world: World) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT, which every launcher sets; a process started by hand may lack them."""
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    unset = [name for name, value in (("MASTER_ADDR", host), ("MASTER_PORT", port)) if not value]
+    if unset:
+        raise UsageError(f"WORLD_SIZE={world.size} makes this process rank {world.rank} of several, but "
+                         f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: every process needs "
+                         f"rank 0's address (MASTER_ADDR) and a free port there (MASTER_PORT), the same on each. "
+                         f"Start the job with torchrun, which sets them, or set both.")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"MASTER_PORT must be a port number from 1 to 65535 (got {port!r}).")
+    return host, int(port)
+
+
+def hosts_the_store(world: World) -> bool:
+    """Rank 0 of processes started by hand opens the rendezvous itself; under torchrun its agent does."""
+    return world.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def reach(world: World, host: str, port: int, timeout_s: float) -> None:
+    """Wait until the rendezvous answers, for at most `timeout_s`: rank 0 may start after the others, and a name may
+    resolve only once its machine is up. The one that opens the port only needs the name to resolve. Checked here,
+    in plain sockets, because torch's store retries silently until its time-out and then raises a stack trace."""
+    deadline = time.monotonic() + timeout_s
+    while (problem := knock(host, port, not hosts_the_store(world), deadline - time.monotonic())) is not None:
+        if time.monotonic() >= deadline:
+            raise RunStopped(could_not_join(world, host, port, timeout_s, problem))
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def knock(host: str, port: int, connect: bool, wait_s: float) -> str | None:
+    """None when host:port accepts a connection (connect=False: when the name resolves); else what failed, in
+    words."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        return f"the name {host} does not resolve ({error.strerror})"
+    if not connect:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=min(max(wait_s, 0.1), 5.0)).close()
+    except ConnectionRefusedError:
+        return f"nothing listens on port {port} there (connection refused)"
+    except TimeoutError:
+        return (f"{host} does not answer on port {port} (a wrong or unreachable address, or a firewall that drops "
+                f"the packets)")
+    except OSError as error:
+        return f"{host} cannot be reached ({error.strerror or error})"
+    return None
+
+
+def why_not_joined(port: int, error: BaseException) -> str:
+    """What torch's rendezvous said, in words: rank 0's port taken, the others not arriving, or something at the
+    endpoint that is not a rendezvous."""
+    text = str(error)
+    if "EADDRINUSE" in text or "address already in use" in text:
+        return (f"port {port} is in use on this machine (another job, or a run still ending), so rank 0 cannot open "
+                f"it: choose another MASTER_PORT, the same for every process")
+    arrived = re.search(r"(\d+)/(\d+) clients joined", text)
+    if arrived:
+        return f"rank 0 opened it, but only {arrived.group(1)} of the {arrived.group(2)} processes arrived"
+    return (f"something answers there, but not as the job's rendezvous ({text.splitlines()[0][:200]}): another "
+            f"program on that port, or a proxy in between")
+
+
+def could_not_join(world: World, host: str, port: int, timeout_s: float, problem: str) -> str:
+    check = ("that the other processes run, with MASTER_ADDR set to this machine as they reach it and the same "
+             "MASTER_PORT" if hosts_the_store(world) else "that MASTER_ADDR is rank 0's machine as this one reaches it "
+             "(under torchrun: its --rdzv_endpoint or --master_addr), that rank 0 runs with the same MASTER_PORT")
+    return (f"rank {world.rank} could not join the rendezvous at {host}:{port} (MASTER_ADDR:MASTER_PORT) within "
+            f"{timeout_s:g} s (--dist_timeout): {problem}. Check {check}, and that no firewall blocks the port; "
+            f"{DOCTOR}.")
 
 
 def stop(world: World, finished: bool) -> None:
@@ -124,8 +216,11 @@ class Roll:
         threading.Thread(target=keep_beating, daemon=True, name="heartbeat").start()
 
     def report(self, doing: str) -> None:
+        self.note("doing", f"{self.host}: {doing}")
+
+    def note(self, what: str, value: str) -> None:
         with self.lock:
-            self.store.set(f"{self.prefix}doing/{self.world.rank}", f"{self.host}: {doing}")
+            self.store.set(f"{self.prefix}{what}/{self.world.rank}", value)
 
     def beat(self) -> None:
         with self.lock:
@@ -158,6 +253,25 @@ def report(doing: str) -> None:
     """Tell the others what this process is doing now (no-op for one process)."""
     if _roll is not None:
         _roll.report(doing)
+
+
+def note_saved(step: int) -> None:
+    """The main process has written latest.pt at `step`: the others name it if the main process is lost."""
+    if _roll is not None and _roll.world.is_main:
+        _roll.note("saved", str(step))
+
+
+def last_saved(world: World, decided: int | None) -> int | None:
+    """The step of the last latest.pt (None: none this attempt). The main process knows (`decided`); the others take
+    its word from the store, since a save they saw decided may not have been finished, or, with the store gone, the
+    last save they saw decided."""
+    if world.is_main or _roll is None:
+        return decided
+    try:
+        written = _roll.read("saved", 0)
+    except dist.DistError:
+        return decided
+    return int(written) if written is not None else None
 
 
 def everyone_does(world: World, doing: str, work, timeout_s: float):
@@ -204,19 +318,39 @@ def whereabouts(ranks: list[int]) -> str:
 
 
 def missing_peers(world: World, error: BaseException) -> str | None:
-    """The explanation of a collective that failed because another process did not arrive in time or died (gloo
+    """The explanation of a collective that failed because another process did not arrive in time or was lost (gloo
     raises a RuntimeError naming a time-out or a lost connection); None for any other error."""
     text = str(error)
     if not world.active or _roll is None or not any(sign in text for sign in ("Timed out", "Connection", "closed")):
         return None
+    try:
+        return waited_in_vain(world) if "Timed out" in text else lost(world)
+    except dist.DistError:  # the store ended with the process that served it
+        return (f"rank {world.rank} lost its connection to the other processes and to the job's store at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: the process that served it (rank "
+                f"0, or torchrun on the first node) or its machine is gone. Its own log says why (killed, out of "
+                f"memory, a lost node).")
+
+
+def waited_in_vain(world: World) -> str:
     here, said = _roll.read("doing", world.rank) or "?", _roll.others()
     behind = [rank for rank, doing in said.items() if step_in(doing) < step_in(here)] or silent(list(said))
-    waited = (f"waited --dist_timeout {_roll.timeout_s:g} s for" if "Timed out" in text
-              else "lost its connection to")
     culprit = (f"Rank(s) {', '.join(map(str, behind))} did not arrive: " if behind
                else "All are alive and reached the same step, so one of them hangs inside it: ")
-    return (f"rank {world.rank} ({here}) {waited} the other processes. {culprit}{whereabouts(behind or sorted(said))}. "
-            f"Its own log says why (an error, a hang, a lost node).")
+    return (f"rank {world.rank} ({here}) waited --dist_timeout {_roll.timeout_s:g} s for the other processes. "
+            f"{culprit}{whereabouts(behind or sorted(said))}. Its own log says why (an error, a hang, a lost node).")
+
+
+def lost(world: World) -> str:
+    """A peer closed its connection: the ones whose heartbeat stopped are gone (killed, crashed, their node lost)."""
+    here = _roll.read("doing", world.rank) or "?"
+    gone = silent([rank for rank in range(world.size) if rank != world.rank])
+    if not gone:
+        return (f"rank {world.rank} ({here}) lost its connection to the other processes, though all of them still "
+                f"send heartbeats: the network between the nodes broke. Check it (NCCL_DEBUG=INFO, {DOCTOR}).")
+    return (f"rank {world.rank} ({here}) lost its connection to the other processes: rank(s) "
+            f"{', '.join(map(str, gone))} stopped (no heartbeat since), last seen {whereabouts(gone)}. Its own log, "
+            f"or the launcher's report, says why (killed, out of memory, a lost node).")
 
 
 def silent(ranks: list[int]) -> list[int]:

@@ -94,6 +94,9 @@ def run_cli(command: Callable[[list[str] | None], int], argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         return RunStopped.exit_code
     except KeyboardInterrupt:
+        if again != RESUME:  # a command that keeps no state (prepare, export, ...): one Ctrl-C stops it
+            print(f"\nerror: stopped by Ctrl-C. To finish the job, {again}.", file=sys.stderr)
+            return 130
         print("\nerror: stopped at once (a second Ctrl-C; the first asks for a checkpoint after the current step). "
               "The checkpoints saved before are kept: " + RESUME + ".", file=sys.stderr)
         return 130

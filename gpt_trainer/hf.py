@@ -23,9 +23,14 @@ LAYER_NORM_EPSILON = 1e-5  # torch's nn.LayerNorm default, which our model uses;
 BLOCK_NAMES = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln_2": "ln_2",
                "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
 CONV1D = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the weights a run can start from
 # what a folder's config.json must say for our model to be the same function as transformers' GPT2LMHeadModel
 REQUIRED = {"activation_function": "gelu_new", "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False}
+# the sizes in a GPT-2 config.json, with GPT2Config's defaults (a key left out means its default)
+SIZES = {"vocab_size": 50257, "n_positions": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
+DAMAGED = ("the file is damaged (a download or copy cut short?) or was edited by hand: export or download the model "
+           "again")
 
 
 def clean_state(state: dict) -> dict:
@@ -75,36 +80,73 @@ def gpt2_config(cfg: GPTConfig, special_ids: dict[str, int | None]) -> dict:
 
 
 def read_gpt2_config(folder: Path) -> GPTConfig:
-    """The shape a transformers GPT-2 folder describes; a folder of another architecture, or a GPT-2 variant our
-    model does not compute the same way, is refused with what differs."""
+    """The shape a transformers GPT-2 folder describes; a folder of another architecture, a GPT-2 variant our model
+    does not compute the same way, or a config.json whose sizes are not sizes, is refused with what differs."""
+    config = read_config_json(folder)
+    if config.get("model_type") != "gpt2":
+        architectures = config.get("architectures")
+        names = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
+        raise UsageError(f"--init_from: {folder} holds a {config.get('model_type') or 'unknown'} model ({names}); "
+                         f"only GPT-2 (model_type gpt2) has this project's architecture.")
+    # a key left out means GPT2Config's default
+    sizes = {key: config.get(key, default) for key, default in SIZES.items()}
+    wrong = [f"{key} is {json.dumps(value)}" for key, value in sizes.items()
+             if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+    if wrong:
+        raise UsageError(f"--init_from: {folder / 'config.json'} gives sizes that are not whole numbers of at least 1 "
+                         f"({'; '.join(wrong)}): {DAMAGED}.")
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise UsageError(f"--init_from: {folder / 'config.json'} gives n_embd {sizes['n_embd']}, which does not divide "
+                         f"by n_head {sizes['n_head']} (each head takes an equal share of the width): {DAMAGED}.")
+    differs = [f"{key} is {json.dumps(config[key])}, not {json.dumps(want)}" for key, want in REQUIRED.items()
+               if config.get(key, want) != want]
+    n_inner = config.get("n_inner")
+    if n_inner not in (None, 4 * sizes["n_embd"]):
+        differs.append(f"n_inner is {json.dumps(n_inner)}, not 4 x n_embd = {4 * sizes['n_embd']}")
+    epsilon = config.get("layer_norm_epsilon", LAYER_NORM_EPSILON)
+    if not is_number(epsilon) or not abs(epsilon - LAYER_NORM_EPSILON) <= 1e-12:  # (JSON may hold NaN)
+        differs.append(f"layer_norm_epsilon is {json.dumps(epsilon)}, not {LAYER_NORM_EPSILON}")
+    tied = config.get("tie_word_embeddings", True)
+    if tied is not True:
+        differs.append(f"its output matrix is not tied to the embedding (tie_word_embeddings {json.dumps(tied)})")
+    if differs:
+        raise UsageError(f"--init_from: {folder} is a GPT-2 variant this project's model does not compute the same "
+                         f"way: {'; '.join(differs)}.")
+    return GPTConfig(sizes["vocab_size"], sizes["n_positions"], sizes["n_layer"], sizes["n_head"], sizes["n_embd"])
+
+
+def read_config_json(folder: Path) -> dict:
+    """The folder's config.json as a dict; a missing, unreadable, non-UTF-8, cut-short or non-object file is refused
+    in a sentence."""
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"--init_from: {folder} has no config.json: it is not a transformers model folder (download "
                          f"one with `hf download MODEL --local-dir DIR`, or export ours with python -m "
                          f"gpt_trainer.export).") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--init_from: cannot read {path} ({e}).") from None
-    if config.get("model_type") != "gpt2":
-        raise UsageError(f"--init_from: {folder} holds a {config.get('model_type') or 'unknown'} model "
-                         f"({', '.join(config.get('architectures') or [])}); only GPT-2 (model_type gpt2) has this "
-                         f"project's architecture.")
-    # a key left out means GPT2Config's default, which is the value we need
-    differs = [f"{key} is {config[key]!r}, not {want!r}" for key, want in REQUIRED.items()
-               if config.get(key, want) != want]
-    n_inner, n_embd = config.get("n_inner"), config.get("n_embd", 768)
-    if n_inner not in (None, 4 * n_embd):
-        differs.append(f"n_inner is {n_inner}, not 4 x n_embd = {4 * n_embd}")
-    if abs(config.get("layer_norm_epsilon", LAYER_NORM_EPSILON) - LAYER_NORM_EPSILON) > 1e-12:
-        differs.append(f"layer_norm_epsilon is {config['layer_norm_epsilon']}, not {LAYER_NORM_EPSILON}")
-    if not config.get("tie_word_embeddings", True):
-        differs.append("its output matrix is not tied to the embedding (tie_word_embeddings false)")
-    if differs:
-        raise UsageError(f"--init_from: {folder} is a GPT-2 variant this project's model does not compute the same "
-                         f"way: {'; '.join(differs)}.")
-    return GPTConfig(config.get("vocab_size", 50257), config.get("n_positions", 1024), config.get("n_layer", 12),
-                     config.get("n_head", 12), n_embd)
+    except OSError as e:
+        raise UsageError(f"--init_from: cannot read {path} ({e.strerror or e}).") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--init_from: {path} is not UTF-8 text (byte offset {e.start}): {DAMAGED}.") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--init_from: {path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}): "
+                         f"{DAMAGED}.") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--init_from: {path} holds a JSON {json_kind(config)}, not an object of settings such as "
+                         f"{{\"model_type\": \"gpt2\", \"n_layer\": 12}}: {DAMAGED}.")
+    return config
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {list: "array", str: "string"}.get(type(value), "number")
 
 
 # ---- --init_from: a transformers GPT-2 folder as the start of a run --------------------------------------------------
@@ -156,8 +198,13 @@ def read_weights(folder: Path, meta: bool = False) -> dict[str, torch.Tensor]:
 
 def gpt2_state(folder: Path, cfg: GPTConfig, meta: bool = False) -> dict[str, torch.Tensor]:
     """The folder's weights as the state of our model of shape `cfg` (positions past cfg.block_size left out), checked
-    against it: a missing, unexpected or misshapen tensor is refused by name."""
+    against it: a missing, unexpected or misshapen tensor is refused by name, and so is one that is not floating point
+    or holds a NaN or an infinity (`meta`: names and shapes only, nothing loaded)."""
     state = read_weights(folder, meta)
+    layers = len({key.split(".")[1] for key in state if key.startswith("h.")})
+    if cfg.n_layer > layers:  # said before the names are listed: a config.json may claim a billion layers
+        raise UsageError(f"--init_from: the weights in {folder} do not fit the GPT-2 its config.json describes: it "
+                         f"says {cfg.n_layer} layers, the weights hold {layers}.")
     expected = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} | {
         f"h.{i}.{theirs}.{part}" for i in range(cfg.n_layer) for theirs in BLOCK_NAMES.values()
         for part in ("weight", "bias")}
@@ -178,7 +225,33 @@ def gpt2_state(folder: Path, cfg: GPTConfig, meta: bool = False) -> dict[str, to
         raise UsageError(f"--init_from: the weights in {folder} do not have the shapes its config.json describes "
                          f"({cfg.n_layer} layers x {cfg.n_embd} wide, vocabulary {cfg.vocab_size}, {cfg.block_size} "
                          f"positions); in our model's names: {listed(wrong, '; ')}.")
+    if not meta:
+        check_values(folder, {key: state[key] for key in sorted(expected, key=natural)})
     return ours
+
+
+def check_values(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Weights a run can start from: floating point (an integer or boolean tensor, a quantized model's, would be cast
+    to zeros or garbage) and finite (one NaN or infinity makes every loss NaN from the first step)."""
+    not_float = [f"{key} ({str(value.dtype).removeprefix('torch.')})" for key, value in state.items()
+                 if value.dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise UsageError(f"--init_from: the weights in {folder} are not all floating point: {listed(not_float)}. A run "
+                         f"starts from fp16, bf16, fp32 or fp64 weights; a quantized model (int8, 4-bit) cannot be "
+                         f"trained on: start from the original, unquantized one.")
+    not_finite = [f"{key} ({non_finite(value)})" for key, value in state.items() if not value.isfinite().all()]
+    if not_finite:
+        raise UsageError(f"--init_from: the weights in {folder} are not all finite numbers: "
+                         f"{listed(not_finite, '; ')}. Every loss would be NaN from the first step: the model is "
+                         f"broken (saved from a run that diverged?). Export or download it again, or start from "
+                         f"another folder.")
+
+
+def non_finite(tensor: torch.Tensor) -> str:
+    """`2 NaN, 1 infinite of 1,024 values`."""
+    nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    counted = [f"{nan:,} NaN"] * bool(nan) + [f"{inf:,} infinite"] * bool(inf)
+    return f"{', '.join(counted)} of {tensor.numel():,} values"
 
 
 def natural(key: str) -> list:
@@ -229,14 +302,17 @@ def load_gpt2_folder(folder: Path, block_size: int | None = None) -> tuple[GPTCo
     return cfg, gpt2_state(folder, cfg), folder_tokenizer(folder, cfg.vocab_size)
 
 
-def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> TrainConfig:
+def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset(),
+                     load: bool = False) -> tuple[TrainConfig, dict[str, torch.Tensor] | None]:
     """The run's configuration with --init_from's shape: --n_layer, --n_head, --n_embd and --block_size (n_positions)
     from the folder, unless `given` on the command line, where they must agree (--block_size may be smaller); a given
-    --model_size must describe the same shape, and a preset with it names the run. The whole folder is checked
-    (config, the weights' names and shapes, the tokenizer) without loading a weight, so a bad folder stops the run
-    before anything is written."""
+    --model_size must describe the same shape (with the shape flags given beside it), and a preset with it names the
+    run. The whole folder is checked (config, the weights' names and shapes, the tokenizer), so a bad folder stops the
+    run before anything is written. With `load`, also the weights' values (floating point, finite): they are read once,
+    here, and returned as our model's state for the trainer to start from; without it (a run resumed from its
+    checkpoint) no weight is loaded, and the state returned is None."""
     if not cfg.init_from:
-        return cfg
+        return cfg, None
     folder = Path(cfg.init_from)
     if not folder.is_dir():
         raise UsageError(f"--init_from {folder}: no such folder. Give the folder of a transformers GPT-2 model "
@@ -245,11 +321,12 @@ def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> T
     folder_shape = ModelShape(shape.n_layer, shape.n_head, shape.n_embd)
     conflicts = [f"--{name} {getattr(cfg, name)} (the folder's: {getattr(shape, name)})" for name in SHAPE_FLAGS
                  if name in given and getattr(cfg, name) != getattr(shape, name)]
-    if "model_size" in given and MODEL_PRESETS[cfg.model_size] != folder_shape:
-        preset = MODEL_PRESETS[cfg.model_size]
-        conflicts.append(f"--model_size {cfg.model_size} ({preset.n_layer} layers x {preset.n_embd} wide, "
-                         f"{preset.n_head} heads; the folder's: {shape.n_layer} x {shape.n_embd}, {shape.n_head} "
-                         f"heads)")
+    asked = MODEL_PRESETS[cfg.model_size]
+    # the preset sets the shape flags not given beside it (those given were compared above)
+    if "model_size" in given and any(getattr(asked, name) != getattr(shape, name) for name in SHAPE_FLAGS
+                                     if name not in given):
+        conflicts.append(f"--model_size {cfg.model_size} ({shape_in_words(asked)}; the folder's: "
+                         f"{shape_in_words(shape)})")
     if "block_size" in given and cfg.block_size > shape.block_size:
         conflicts.append(f"--block_size {cfg.block_size} (the folder's model has {shape.block_size} positions; a "
                          f"smaller --block_size is allowed)")
@@ -259,9 +336,13 @@ def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> T
     if "block_size" in given:
         shape.block_size = cfg.block_size
     folder_tokenizer(folder, shape.vocab_size)
-    gpt2_state(folder, shape, meta=True)
+    weights = gpt2_state(folder, shape, meta=not load)
     named = next((name for name, preset in MODEL_PRESETS.items() if preset == folder_shape), cfg.model_size)
     settled = dataclasses.replace(cfg, model_size=named, n_layer=shape.n_layer, n_head=shape.n_head,
                                   n_embd=shape.n_embd, block_size=shape.block_size)
     validate(settled)
-    return settled
+    return settled, weights if load else None
+
+
+def shape_in_words(shape: ModelShape | GPTConfig) -> str:
+    return f"{shape.n_layer} layers x {shape.n_embd} wide, {shape.n_head} heads"

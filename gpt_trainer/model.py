@@ -156,7 +156,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, generator: torch.Generator | None = None):
-        """Sample continuations of `idx` (B, T), reusing cached keys/values so each new token costs one position."""
+        """Sample continuations of `idx` (B, T): its last block_size tokens and the new ones, as one tensor."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        return torch.cat([idx[:, -self.cfg.block_size:], *new], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, generator: torch.Generator | None = None):
+        """Yield each new token (B, 1) of a continuation of `idx` (B, T) as it is drawn, reusing cached keys/values
+        so each costs one position."""
         block = self.cfg.block_size
         idx = idx[:, -block:]
         out = idx
@@ -164,6 +172,7 @@ class GPT(nn.Module):
         logits, _ = self(idx, caches=caches)
         for _ in range(max_new_tokens):
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            yield next_token
             out = torch.cat([out, next_token], dim=1)
             start = out.size(1) - 1
             if start >= block:  # the window is full: re-encode the last block_size-1 tokens from scratch
@@ -172,7 +181,6 @@ class GPT(nn.Module):
                 logits, _ = self(window, caches=caches)
             else:
                 logits, _ = self(next_token, caches=caches, start=start)
-        return out
 
 
 def saved_activation_bytes(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None) -> int:
@@ -233,15 +241,51 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def generate_text(model: GPT, tokenizer, prompt: str, precision: str, tokens: int, temperature: float, top_k: int,
                   top_p: float, generator: torch.Generator | None = None) -> str:
     """The prompt and its continuation as text; prompt characters the vocabulary lacks are left out, with a note."""
+    ids = prompt_ids(model, tokenizer, prompt)
+    return tokenizer.decode(ids + list(new_ids(model, ids, precision, tokens, temperature, top_k, top_p, generator)))
+
+
+def stream_text(model: GPT, tokenizer, prompt: str, precision: str, tokens: int, temperature: float, top_k: int,
+                top_p: float, generator: torch.Generator | None = None):
+    """generate_text's text in pieces as the tokens are drawn, the prompt first: a long sample shows its progress.
+    Each new piece is the text the new tokens add to the few decoded before them (a word's leading space, the
+    bytes of one character split over several tokens); a token that completes no character yet waits for the
+    next."""
+    ids = prompt_ids(model, tokenizer, prompt)
+    yield tokenizer.decode(ids)
+    start, done = 0, len(ids)  # ids[start:done]: the context of the next piece, decoded already
+    for token in new_ids(model, ids, precision, tokens, temperature, top_k, top_p, generator):
+        ids.append(token)
+        before, now = tokenizer.decode(ids[start:done]), tokenizer.decode(ids[start:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            yield now[len(before):]
+            start, done = done, len(ids)
+
+
+def prompt_ids(model: GPT, tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens the model starts from (its last block_size); characters the vocabulary lacks are left
+    out, with a note."""
     ids, dropped = tokenizer.encode_known(prompt)
     if dropped:
         notice(f"note: the prompt characters {dropped!r} are not in the vocabulary and were left out.")
     if not ids:
         ids = tokenizer.encode_known("\n")[0] or [0]
+    return ids[-model.cfg.block_size:]
+
+
+def new_ids(model: GPT, ids: list[int], precision: str, tokens: int, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None = None):
+    """The ids drawn after `ids`, one at a time; the model is in eval mode while it draws and as it was after."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with autocast(device, precision):
-        out = model.generate(torch.tensor([ids], device=device), tokens, temperature, top_k, top_p, generator)
-    model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
+    try:
+        drawn = model.stream(torch.tensor([ids], device=device), tokens, temperature, top_k, top_p, generator)
+        while True:
+            with autocast(device, precision):  # per token: the caller's code between two tokens runs without it
+                token = next(drawn, None)
+            if token is None:
+                return
+            yield int(token[0, 0])
+    finally:
+        model.train(was_training)

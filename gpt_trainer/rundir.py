@@ -4,7 +4,8 @@ segment.
 
 A run folder is recognised by a marker file the program writes before anything else. A folder with other content and
 no marker is never written to: it may be the user's own work (a config.json of theirs, a project folder given as
-`--output_dir .`). --overwrite removes the program's own files, all of them, and nothing else."""
+`--output_dir .`). --overwrite removes the files runs wrote, each known by name (the marker records the TensorBoard
+run names), and nothing else: a checkpoint the user copied into checkpoints/ or notes in logs/ stay."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import IO
 from .errors import UsageError
 
 MARKER = ".gpt-trainer-run"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files TensorBoard's writer makes in a run's logs folder
+PROBE_PREFIX = ".write-probe-"  # check_writable_folder's probe: another process starting beside us may show one
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,26 @@ class RunFolder:
         return [self.config_json, self.metrics_jsonl, self.checkpoints, self.logs, self.samples, self.wandb,
                 self.swanlog, self.path / ".config.json.tmp", self.path / ".metrics.jsonl.tmp"]
 
+    def run_files(self) -> list[Path]:
+        """Every file runs write here, by name: config.json, metrics.jsonl, samples.txt and their temporaries, the
+        two checkpoints and the temporaries of saves a kill interrupted, and the TensorBoard event files of each run
+        name the folder recorded."""
+        temporaries = [self.path / ".config.json.tmp", self.path / ".metrics.jsonl.tmp", self.path / f"{MARKER}.tmp"]
+        saves = [tmp for path in (self.latest, self.best)
+                 for tmp in sorted(self.checkpoints.glob(f".{path.name}.tmp-*"))]
+        events = [event for name in self.run_names()
+                  for event in sorted(self.tensorboard_run(name).glob(TENSORBOARD_EVENTS))]
+        return [self.config_json, self.metrics_jsonl, self.samples, *temporaries, self.latest, self.best, *saves,
+                *events]
+
+    def run_names(self) -> list[str]:
+        """The TensorBoard run names runs in this folder used: those the marker recorded, and config.json's (a
+        folder of a version before they were recorded). Only plain names: a hand-edited marker cannot point
+        elsewhere."""
+        names = [*self.marker_record().get("run_names", []), self.previous_config().get("run_name")]
+        return list(dict.fromkeys(n for n in names if isinstance(n, str) and n not in ("", ".", "..")
+                                  and Path(n).name == n))
+
     def foreign_entries(self, ignore: tuple[Path, ...] = ()) -> list[str]:
         """The names of what the folder holds that this program did not write; empty for a run folder. Folders of
         versions before the marker are recognised by their config.json (with `segments`), or by holding checkpoints
@@ -118,22 +141,71 @@ class RunFolder:
     def mark(self) -> None:
         """Claim the folder as a run folder (the first file a run writes)."""
         if not self.marker.exists():
-            created = f"{datetime.now():%Y-%m-%d %H:%M:%S}"
-            self.marker.write_text(json.dumps({"written_by": "gpt-trainer", "created": created}) + "\n")
+            self.write_marker({"written_by": "gpt-trainer", "created": f"{datetime.now():%Y-%m-%d %H:%M:%S}"})
 
-    def clear(self) -> list[str]:
-        """--overwrite: remove every file and folder a run writes (TensorBoard runs, samples, trackers' folders
-        included); the names removed."""
-        removed = []
-        for entry in self.own_entries():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            elif entry.exists() or entry.is_symlink():
-                entry.unlink()
+    def marker_record(self) -> dict:
+        try:
+            record = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def write_marker(self, record: dict) -> None:
+        tmp = self.path / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.marker)
+
+    def record_run_name(self, name: str) -> None:
+        """Note the run name in the marker: its TensorBoard folder is then known to --overwrite, whatever later
+        config.json files say."""
+        record = self.marker_record()
+        names = record.get("run_names", [])
+        if name not in names:
+            self.write_marker({**record, "run_names": [*names, name]})
+
+    def clear(self) -> tuple[list[str], list[str]]:
+        """--overwrite: remove the files runs wrote (`run_files`) and the trackers' own folders, wandb/ and swanlog/,
+        then the folders this leaves empty; nothing else. Returns what was removed and what was kept (the marker and
+        the lock aside), as paths relative to the folder."""
+        tensorboard_runs = [self.tensorboard_run(name) for name in self.run_names()]  # before config.json goes
+        files = [path for path in self.run_files() if path.is_file() or path.is_symlink()]
+        for path in files:
+            path.unlink()
+        removed = self.shown(files)
+        for folder in (self.wandb, self.swanlog):
+            if folder.is_symlink():
+                folder.unlink()
+            elif folder.is_dir():
+                shutil.rmtree(folder)
             else:
                 continue
-            removed.append(entry.name)
-        return removed
+            removed.append(f"{folder.name}/")
+        for folder in (*tensorboard_runs, self.logs, self.checkpoints):
+            with contextlib.suppress(OSError):  # a folder that is not empty holds something of the user's: it stays
+                folder.rmdir()
+        if self.marker.exists():
+            self.write_marker({**self.marker_record(), "run_names": []})
+        return removed, self.shown(self.kept_entries())
+
+    def kept_entries(self) -> list[Path]:
+        """What is left beside the run's files: entries of the folder and files inside checkpoints/ and logs/."""
+        folders = [f for f in (self.checkpoints, self.logs) if f.is_dir() and not f.is_symlink()]
+        beside = [p for p in sorted(self.path.iterdir()) if p.name not in (MARKER, self.lock.name) and p not in folders]
+        inside = [p for folder in folders for p in sorted(folder.rglob("*")) if not p.is_dir() or p.is_symlink()]
+        return [*beside, *inside]
+
+    def shown(self, paths: list[Path]) -> list[str]:
+        """Paths as the user reads them in a notice: relative to the folder, a folder with a trailing /, and the
+        TensorBoard event files of one run counted, not listed."""
+        names, events = [], {}
+        for path in paths:
+            if path.match(TENSORBOARD_EVENTS):
+                events[path.parent] = events.get(path.parent, 0) + 1
+                continue
+            folder = "/" if path.is_dir() and not path.is_symlink() else ""
+            names.append(f"{path.relative_to(self.path)}{folder}")
+        return names + [f"{folder.relative_to(self.path)}/ ({count} TensorBoard event file{'s' * (count > 1)})"
+                        for folder, count in events.items()]
 
     def hold(self):
         """Take the folder's lock for the life of this process (the OS drops it when the process dies, however it
@@ -168,6 +240,8 @@ class RunFolder:
         tmp = self.path / ".config.json.tmp"
         tmp.write_text(json.dumps({**description, "segments": segments}, indent=2, ensure_ascii=False))
         os.replace(tmp, self.config_json)
+        if description.get("run_name"):
+            self.record_run_name(description["run_name"])
 
 
 def check_writable_folder(path: Path, flag: str) -> None:
@@ -182,7 +256,7 @@ def check_writable_folder(path: Path, flag: str) -> None:
     if not existing.is_dir():
         raise UsageError(f"{flag} {path} cannot be made: {existing} is a file, not a folder. Choose another {flag}.")
     try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=PROBE_PREFIX):
             pass
     except OSError as e:
         reason = e.strerror or errno.errorcode.get(e.errno, str(e))

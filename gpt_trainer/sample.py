@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .config import RANGES, TrainConfig
+from .config import MAX_SAMPLE_TOKENS, RANGES, TrainConfig
 from .errors import AGAIN, UsageError, run_cli
 from .hardware import pick_device, resolve_precision
-from .model import GPT, build_model, generate_text
+from .model import GPT, build_model, stream_text
 from .tokenizer import tokenizer_from_dict
 
 
-def model_from_checkpoint(state: dict, device: torch.device) -> GPT:
-    model = build_model(state["config"], state["vocab_size"], device)
-    model.load_state_dict(state["model"])
+def model_from_checkpoint(state: dict, device: torch.device, path: Path) -> GPT:
+    """The checkpoint's model; a file whose weights do not fit the shape it records (edited or foreign) is refused."""
+    try:
+        model = build_model(state["config"], state["vocab_size"], device)
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"{path} does not hold the weights its configuration describes ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}). Use another checkpoint of the run.") from None
     return model
 
 
@@ -35,6 +41,10 @@ def sample_command(argv: list[str] | None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = parser.parse_args(argv)
+    if args.tokens > MAX_SAMPLE_TOKENS:
+        raise UsageError(f"--tokens {args.tokens:,} is more than one sample draws ({MAX_SAMPLE_TOKENS:,} per prompt): "
+                         f"past the model's block of context each token is drawn from the last block alone, so longer "
+                         f"text is no better than sampling again with the end of this one as --prompts.")
     # the same ranges as the training flags that mean the same (--tokens is --sample_tokens there)
     for flag, value, allowed in (("tokens", args.tokens, RANGES["sample_tokens"]), *(
             (name, getattr(args, name), RANGES[name]) for name in ("temperature", "top_k", "top_p", "seed"))):
@@ -42,15 +52,17 @@ def sample_command(argv: list[str] | None) -> int:
             raise UsageError(f"--{flag} must be {allowed.describe()} (got {value}).")
     device = pick_device(args.device)
     state = checkpoint.load(args.checkpoint, device)
-    model = model_from_checkpoint(state, device)
+    model = model_from_checkpoint(state, device, Path(args.checkpoint))
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     precision = resolve_precision(TrainConfig(), device)  # the device's default: fp32 on CPU, bf16/fp16 on GPU
     if args.seed is not None:
         torch.manual_seed(args.seed)
     for prompt in args.prompts.split(","):
-        text = generate_text(model, tokenizer, prompt, precision, args.tokens, args.temperature, args.top_k,
-                             args.top_p)
-        print(f"--- {prompt!r} ---\n{text}\n")
+        print(f"--- {prompt!r} ---", flush=True)
+        for piece in stream_text(model, tokenizer, prompt, precision, args.tokens, args.temperature, args.top_k,
+                                 args.top_p):
+            print(piece, end="", flush=True)  # as it is drawn: a long sample shows its progress
+        print("\n", flush=True)
     return 0
 
 

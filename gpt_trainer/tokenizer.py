@@ -1,10 +1,12 @@
 """Tokenizers: char-level (BabyGPT style), sentencepiece, and a Hugging Face `tokenizers` tokenizer read from an
 --init_from folder. Each serialises to a plain dict that travels inside every checkpoint, so sampling needs nothing but
-the checkpoint."""
+the checkpoint, and to JSON text for the token cache (data only: reading it runs no code, as a pickle could)."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import re
 from typing import Iterable
 
@@ -173,6 +175,22 @@ def tokenizer_from_dict(state: dict):
     if state["kind"] == "hf":
         return HFTokenizer(state["json"], state["vocab_size"])
     raise ValueError(f"unknown tokenizer kind {state['kind']!r}")
+
+
+def tokenizer_to_json(tokenizer) -> str:
+    """The tokenizer as JSON text (the token cache's tokenizer.json), the sentencepiece model's bytes in base64."""
+    state = tokenizer.to_dict()
+    if isinstance(state.get("model_proto"), bytes):
+        state = {**state, "model_proto": base64.b64encode(state["model_proto"]).decode("ascii")}
+    return json.dumps(state, ensure_ascii=False, sort_keys=True)
+
+
+def tokenizer_from_json(text: str):
+    """The tokenizer `tokenizer_to_json` wrote."""
+    state = json.loads(text)
+    if state.get("kind") == "sentencepiece":
+        state["model_proto"] = base64.b64decode(state["model_proto"], validate=True)
+    return tokenizer_from_dict(state)
 
 
 def vocab_size_problem(error: str, vocab_size: int) -> str:

@@ -71,11 +71,15 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one entry per report: step, loss, lr, ...
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) of every evaluation
     interrupted_by: int | None = None  # signal number when a signal stopped the run
+    best_step: int | None = None  # the step of best_val_loss: 0 when --init_from's weights were never beaten
     seconds: float = 0.0  # wall time of the loop (evaluations and saving included)
 
 
 class Trainer:
-    def __init__(self, plan: RunPlan, data: TokenData, tracker: Tracker | None = None):
+    def __init__(self, plan: RunPlan, data: TokenData, tracker: Tracker | None = None,
+                 start_weights: dict[str, torch.Tensor] | None = None):
+        """`start_weights`: a run from --init_from, the folder's weights as hf.settle_init_from read and checked them
+        (else they are read here)."""
         cfg, device, world = plan.cfg, plan.device, plan.world
         self.plan, self.cfg, self.data = plan, cfg, data
         self.device, self.precision, self.world = device, plan.precision, world
@@ -84,7 +88,8 @@ class Trainer:
         self.model = build_model(cfg.to_dict(), data.tokenizer.vocab_size, device)
         # --init_from: a fresh run starts from the folder's weights; a resumed one from its checkpoint's (restore)
         if cfg.init_from and plan.resume_from is None:
-            self.model.load_state_dict(gpt2_state(Path(cfg.init_from), self.model.cfg), strict=True)
+            start = start_weights if start_weights is not None else gpt2_state(Path(cfg.init_from), self.model.cfg)
+            self.model.load_state_dict(start, strict=True)
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
         allow_tf32(device)
@@ -102,6 +107,7 @@ class Trainer:
         self.val_batches = to_device(val_windows, device)
         self.step = 0
         self.best_val_loss = math.inf
+        self.best_step: int | None = None  # the step of best_val_loss (0: --init_from's weights, never beaten)
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
         self.stop_agreed: int | None = None  # several processes: the stop every one of them saw at the same step
@@ -312,18 +318,23 @@ class Trainer:
         if self.stop_requested() is not None and self.saved_at != self.step:  # a stop request always saves
             self.save(self.plan.folder.latest)
         result.interrupted_by = self.stop_requested()
-        result.steps, result.best_val_loss = self.step, self.best_val_loss
+        result.steps, result.best_val_loss, result.best_step = self.step, self.best_val_loss, self.best_step
         result.seconds = time.perf_counter() - started
         return result
 
     def evaluate_start(self, result: TrainResult) -> None:
         """A run from --init_from is evaluated before its first step: the folder's model on this text, the number the
-        training is to improve on (logged at step 0; it sets no best, so best.pt is always a trained model)."""
+        training is to improve on. It is the best so far (logged at step 0), so best.pt is only written for a trained
+        model that beats it, and never holds one worse than the start."""
         val_loss = self.evaluate()
         if val_loss is None:  # a stop request came during it
             return
         result.evals.append((0, val_loss))
-        self.tracker.log({"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss)}, 0)
+        logged = {"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss)}
+        if math.isfinite(val_loss):  # (a NaN from an fp16 overflow is no best)
+            self.best_val_loss, self.best_step = val_loss, 0
+            logged["eval/best_perplexity"] = perplexity(val_loss)
+        self.tracker.log(logged, 0)
         if self.world.is_main:
             tqdm.write(f"step 0 (the weights of {self.cfg.init_from}) | val {val_loss:.4f} | perplexity "
                        f"{perplexity(val_loss):,.1f}")
@@ -415,7 +426,8 @@ class Trainer:
             raise self.diverged()
         self.last_val_loss = val_loss
         improved = val_loss < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, val_loss)
+        if improved:
+            self.best_val_loss, self.best_step = val_loss, self.step
         self.tracker.log({"eval/loss": val_loss, "eval/perplexity": perplexity(val_loss),
                           "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
         if epoch_done:
@@ -437,9 +449,16 @@ class Trainer:
                 "trainer": self, "tracker": self.tracker}
 
     def save(self, path: Path) -> None:
-        """The main process writes; sharded, every process first takes part in gathering the whole state."""
-        if not (self.world.is_main or self.sharded):  # one writer; every process holds the same weights
-            return
+        """The main process writes; sharded, every process first takes part in gathering the whole state. Every
+        process notes the step of the last latest.pt: all of them decide alike whether a stop still saves, and each
+        can name it when another process is lost."""
+        if self.world.is_main or self.sharded:  # one writer; every process holds the same weights
+            self.write_checkpoint(path)
+        if path == self.plan.folder.latest:
+            self.saved_at = self.step
+            distributed.note_saved(self.step)
+
+    def write_checkpoint(self, path: Path) -> None:
         self.check_weights_finite()
         plan = self.plan
         about = {"config": plan.describe(), "vocab_size": plan.vocab_size, "tokenizer": self.data.tokenizer.to_dict(),
@@ -449,8 +468,6 @@ class Trainer:
             if self.folder_existed and not plan.folder.path.is_dir():  # deleted or unmounted during the run
                 raise FileNotFoundError(errno.ENOENT, "vanished", str(plan.folder.path))
             checkpoint.save_atomic(state, path)
-        if path == plan.folder.latest:  # on every process: all of them decide alike whether a stop still saves
-            self.saved_at = self.step
 
     def restore(self, state: dict) -> None:
         """Continue from a loaded checkpoint: every part loads what it saved. This start's flags rule what comes
@@ -462,11 +479,13 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay  # group 0 holds the decayed matrices
 
     def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state
-        return {"step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+        return {"step": self.step, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+                "last_val_loss": self.last_val_loss,
                 "epoch_loss": (self.epoch_loss.item(), self.epoch_steps), "skipped_steps": self.bad_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_val_loss = state["step"], state["best_val_loss"]
+        self.best_step = state.get("best_step")  # checkpoints written before it was recorded: not known
         self.last_val_loss = state["last_val_loss"]
         self.epoch_loss.fill_(state["epoch_loss"][0])
         self.epoch_steps = state["epoch_loss"][1]

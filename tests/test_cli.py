@@ -45,7 +45,7 @@ def test_a_run_leaves_checkpoints_metrics_config_and_samples(finished_run):
     root, _ = finished_run
     out = root / "out"
     assert {"latest.pt", "best.pt"} <= {p.name for p in (out / "checkpoints").iterdir()}
-    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"] == 3
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["trainer"]["step"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "eval/loss" in r] == [3]
@@ -113,7 +113,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
     metrics = tmp_path / "metrics.jsonl"
     code, err = interrupt_after_lines([sys.executable, str(ROOT / "train_single_gpu.py"), *argv], metrics, 3, cwd=ROOT)
     assert code == 128 + signal.SIGTERM, err
-    stopped_at = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"]
+    stopped_at = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["trainer"]["step"]
     assert stopped_at >= 3 and "--resume" in err
 
     resumed = run_script(*argv, "--resume", f"--max_steps={stopped_at + 2}")
@@ -147,7 +147,7 @@ def test_training_resumes_from_checkpoints_of_earlier_formats(tmp_path, cache_di
             "--eval_steps=1", "--fp32", "--device=cpu", "--sample_tokens=4", "--report_to=none", "--log_interval=1",
             "--resume", "--max_steps=5"]
     assert main(argv) == 0
-    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
     assert saved["format_version"] == checkpoint.FORMAT_VERSION and saved["trainer"]["step"] == 5
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][:2] == [4, 5]
@@ -204,7 +204,7 @@ def test_a_diverging_run_skips_bad_steps_stops_with_advice_and_never_saves_them(
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
             for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/skipped_steps"] >= 1
-    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)  # saved at every step it could
+    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)  # saved at every step it could
     assert 2 <= saved["trainer"]["step"] <= rows[-1]["step"]  # a skipped step leaves the weights of the last good one
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
@@ -408,3 +408,27 @@ def test_the_tensorboard_command_at_the_end_survives_a_path_with_spaces(tiny_arg
     command = shlex.split(line.split("curves: ", 1)[1])
     assert command[command.index("--logdir") + 1] == str(out / "logs")
     assert (out / "logs").is_dir()
+
+
+def test_a_bare_resume_trains_on_the_run_s_text_tokenizer_and_shape_and_downloads_nothing(tmp_path, cache_dir,
+                                                                                         monkeypatch, capsys):
+    """The resume names no text, tokenizer or shape (the defaults: the Chinese corpus, downloaded; char tokens; the
+    tiny preset), so it must take the run's before any data is prepared. The download base is a closed port: an
+    attempt would fail and fall back to the embedded poems, whose tokens the run was not trained on."""
+    corpus = tmp_path / "my_poems.txt"
+    shutil.copy(CLASSIC_POEMS, corpus)
+    out = tmp_path / "out"
+    monkeypatch.setenv("CHINESE_POETRY_BASE_URL", "http://127.0.0.1:9/nothing-here")
+    assert main([f"--data_path={corpus}", f"--cache_dir={cache_dir}", f"--output_dir={out}",
+                 "--tokenizer=sentencepiece", "--vocab_size=2000", *TINY_SHAPE, "--max_steps=3"]) == 0
+    capsys.readouterr()
+    assert main([f"--output_dir={out}", f"--cache_dir={cache_dir}", "--resume", "--max_steps=5",
+                 "--report_to=none"]) == 0
+    captured = capsys.readouterr()
+    assert f"resumed from {out / 'checkpoints' / 'latest.pt'} at step 3" in captured.out
+    assert "download" not in captured.err and "embedded Tang poems" not in captured.err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["data_path"], config["corpus"], config["tokenizer"], config["vocab_size"]) == (
+        str(corpus), "my_poems.txt", "sentencepiece", 2000)
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["block_size"]) == (2, 2, 32, 16)
+    assert checkpoint.load(out / "checkpoints" / "latest.pt")["trainer"]["step"] == 5

@@ -343,3 +343,139 @@ def test_undecodable_bytes_name_the_file_and_the_first_bad_byte(tmp_path, monkey
         read_data_path(str(path)).text
     assert str(path) in str(error.value)
     assert f"first bad byte at offset {whole.value.start})" in str(error.value)
+
+
+# ---- what a folder holds besides plain files: links, pipes ----------------------------------------------------------
+def test_links_in_a_data_folder_are_followed_each_file_read_once_and_whatever_is_skipped_named(tmp_path, capsys):
+    from pathlib import Path
+
+    outside, data = tmp_path / "outside", tmp_path / "data"
+    outside.mkdir()
+    data.mkdir()
+    (outside / "b.txt").write_text("海上明月\n", encoding="utf-8")
+    (data / "a.txt").write_text("春江花月夜\n", encoding="utf-8")
+    (data / "linked").symlink_to(outside)  # a linked folder: read
+    (data / "linked_again").symlink_to(outside)  # a second link to it: not read again
+    (data / "up").symlink_to(data)  # a link back to the folder it is in: no endless recursion
+    (data / "same.txt").symlink_to(data / "a.txt")  # the same file a second time: read once
+    (data / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    (data / "loop.txt").symlink_to(data / "loop.txt")
+    corpus = read_data_path(str(data))
+    assert [p.relative_to(data) for p in corpus.files] == [Path("a.txt"), Path("linked/b.txt")]
+    assert corpus.text == "春江花月夜\n\n海上明月\n"
+    err = capsys.readouterr().err
+    assert f"skipped 2 link(s) to a folder already read (a link back to a folder it is inside, or a second link to " \
+           f"one folder), not read again in --data_path: {data / 'linked_again'}, {data / 'up'}" in err
+    assert f"skipped 2 link(s) that lead nowhere (the target is missing, or the links loop) in --data_path: " \
+           f"{data / 'dangling.txt'}, {data / 'loop.txt'}" in err
+    assert f"skipped 1 file(s) reached a second time through links, read once in --data_path: " \
+           f"{data / 'same.txt'}" in err
+
+
+def test_a_named_pipe_is_refused_as_data_path_and_skipped_with_a_note_in_a_folder(tmp_path, capsys):
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    os.mkfifo(data / "pipe.txt")  # nothing ever writes to it: reading it would wait for ever
+    with pytest.raises(UsageError, match=r"pipe\.txt is a named pipe \(FIFO\), not a regular file: preparation reads "
+                                         r"the text twice .* Save the text to a file"):
+        read_data_path(str(data / "pipe.txt"))
+    (data / "a.txt").write_text("春江花月夜\n", encoding="utf-8")
+    corpus = read_data_path(str(data))
+    assert [p.name for p in corpus.files] == ["a.txt"] and corpus.text == "春江花月夜\n"
+    assert f"skipped 1 file(s) that are not regular files (a named pipe, a device or a socket: they cannot be read " \
+           f"twice, as preparation does) in --data_path: {data / 'pipe.txt'}" in capsys.readouterr().err
+
+
+# ---- notes and advice that fit ---------------------------------------------------------------------------------------
+def test_each_note_about_a_file_is_said_once_however_often_the_corpus_is_read(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cut.txt").write_bytes("春江花月夜\n海上明月".encode("utf-8")[:-1])
+    (data / "gbk.txt").write_bytes("春眠不觉晓\r\n".encode("gbk"))
+    (data / "wide.txt").write_bytes("静夜思\n床前明月光\n".encode("utf-16"))
+    (data / "records.jsonl").write_text('{"text": "鹅鹅鹅"}\n{"other": 1}\n', encoding="utf-8")
+    corpus = read_data_path(str(data))
+    capsys.readouterr()
+    assert "".join(t for t, _ in corpus.pieces()) == "".join(t for t, _ in corpus.pieces())  # read twice, as prepared
+    err = capsys.readouterr().err
+    for note in (f"{data / 'cut.txt'} ends in the middle of a character", f"{data / 'wide.txt'} is UTF-16-LE text",
+                 f"{data / 'gbk.txt'} is not UTF-8", f"{data / 'records.jsonl'}: 1 of its 2 JSON records"):
+        assert err.count(note) == 1, (note, err)
+
+
+def test_a_damaged_gzip_file_is_called_damaged_with_no_word_of_permissions(tmp_path):
+    import gzip
+
+    whole = gzip.compress(("春江花月夜\n" * 2000).encode("utf-8"))
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "plain.txt.gz").write_bytes(b"plain text, not gzip")
+    for name in ("cut.txt.gz", "plain.txt.gz"):
+        with pytest.raises(UsageError) as error:
+            read_data_path(str(tmp_path / name)).text
+        message = str(error.value)
+        assert f"{tmp_path / name} cannot be decompressed (" in message and "cut short or damaged" in message
+        assert "gzip -t" in message and "permission" not in message
+
+
+@pytest.mark.parametrize("name", ["b.txt", "b.json"])
+def test_a_file_that_vanishes_before_it_is_read_is_said_to_have_been_moved_or_deleted(tmp_path, name):
+    (tmp_path / "a.txt").write_text("春江花月夜\n", encoding="utf-8")
+    (tmp_path / name).write_text('[{"text": "海上明月"}]' if name.endswith("json") else "海上明月\n", encoding="utf-8")
+    corpus = read_data_path(str(tmp_path))
+    (tmp_path / name).unlink()  # after the folder was listed, before its text is read
+    with pytest.raises(UsageError) as error:
+        corpus.text
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / name} vanished while it was being read: it was moved or deleted")
+    assert "permission" not in message
+
+
+@pytest.mark.parametrize("name", ["records.jsonl", "records.json"])
+def test_records_without_the_text_field_are_counted_in_a_note(tmp_path, capsys, name):
+    records = [{"text": "床前明月光"}, {"content": "疑是地上霜"}, {"content": "举头望明月"}, 5]
+    body = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) if name.endswith("l") else json.dumps(records)
+    (tmp_path / name).write_text(body, encoding="utf-8")
+    assert read_data_path(str(tmp_path / name)).text == "床前明月光\n"
+    assert f"note: {tmp_path / name}: 3 of its 4 JSON records have no `paragraphs` list or `text` string and are " \
+           f"left out (--text_field names the field that holds the text)." in capsys.readouterr().err
+
+
+# the opening of Lu Xun's 狂人日记 (1918), indented with ideographic spaces (U+3000) as Chinese prose is
+KUANGREN_RIJI = ("　　今天晚上，很好的月光。\n"
+                 "　　我不见他，已是三十多年；今天见了，精神分外爽快。才知道以前的三十多年，全是发昏；然而须十分小心。"
+                 "不然，那赵家的狗，何以看我两眼呢？\n"
+                 "　　我怕得有理。\n")
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_chinese_utf16_without_a_bom_is_detected_though_its_zero_bytes_fall_on_both_sides(tmp_path, capsys, codec):
+    raw = KUANGREN_RIJI.encode(codec)
+    zeros = (raw[0::2].count(0), raw[1::2].count(0))  # the first of a pair, the second
+    ascii_side, other_side = zeros[::-1] if codec == "utf-16-le" else zeros
+    assert not ascii_side > 4 * other_side  # the line breaks' zero bytes alone do not tell the byte order
+    (tmp_path / "diary.txt").write_bytes(raw)
+    assert read_data_path(str(tmp_path / "diary.txt")).text == KUANGREN_RIJI
+    assert f"is {codec.upper()} text; decoded it as such" in capsys.readouterr().err
+
+
+def test_latin1_decoded_as_gb18030_says_what_was_assumed_shows_the_result_and_how_to_convert(tmp_path, capsys):
+    raw = "Réglages du modèle\nDécoupage\n".encode("latin-1")  # each accent followed by a letter: valid GB18030
+    path = tmp_path / "notes.txt"
+    path.write_bytes(raw)
+    read_data_path(str(path)).text
+    err = capsys.readouterr().err
+    garbled = raw.split(b"\n")[0].decode("gb18030")
+    assert f"note: {path} is not UTF-8 (byte 1 is not); decoded it as GB18030/GBK" in err
+    assert f"where it reads “{garbled}”. If that is garbled, the file is in another encoding" in err
+    assert f"`iconv -f LATIN1 -t UTF-8 {path} > converted.txt`" in err
+
+
+def test_a_stray_nul_byte_in_utf8_text_is_refused_not_taken_for_utf16(tmp_path):
+    raw = ("The quick brown fox jumps over the lazy dog.\n" * 40).encode("utf-8")
+    raw = raw[:101] + b"\0" + raw[102:]  # at an odd offset, where UTF-16-LE puts the zero byte of ASCII
+    assert len(raw) % 2 == 0
+    (tmp_path / "stray.txt").write_bytes(raw)
+    with pytest.raises(UsageError, match=r"contains NUL characters \(at character 101\)"):
+        read_data_path(str(tmp_path / "stray.txt")).text

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -78,8 +80,8 @@ def damage_scramble(folder):  # same size, in-vocabulary ids: only the digest ca
     np.random.default_rng(0).permutation(ids).tofile(folder / "train.bin")
 
 
-def damage_pickle(folder):
-    path = folder / "tokenizer.pkl"
+def damage_tokenizer(folder):
+    path = folder / "tokenizer.json"
     path.write_bytes(b"\0" * path.stat().st_size)
 
 
@@ -87,7 +89,7 @@ def damage_meta(folder):
     (folder / "meta.json").unlink()
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_scramble, damage_pickle, damage_meta])
+@pytest.mark.parametrize("damage", [damage_truncate, damage_scramble, damage_tokenizer, damage_meta])
 def test_a_damaged_token_cache_is_rebuilt_with_a_notice_never_trained_on(tiny_cfg, tmp_path, monkeypatch, capsys,
                                                                          damage):
     cfg = tiny_cfg(f"--cache_dir={tmp_path / 'cache'}")
@@ -99,7 +101,131 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_notice_never_trained_on(tiny_cf
     again = prepare_data(cfg)
     assert "is damaged" in capsys.readouterr().err
     assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
-    assert data_module.cache_damage(folder) is None
+    assert data_module.cache_problem(folder) is None
+
+
+class Payload:
+    """What an attacker who can write a shared cache would plant: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "sentencepiece"])
+def test_the_cache_stores_the_tokenizer_as_json_and_a_planted_pickle_is_never_run(tiny_cfg, tmp_path, monkeypatch,
+                                                                                  capsys, tokenizer):
+    import hashlib
+    import pickle
+
+    cfg = tiny_cfg(f"--cache_dir={tmp_path / 'cache'}", f"--tokenizer={tokenizer}", "--vocab_size=1500")
+    good = prepare_data(cfg)
+    folder, marker = good.folder, tmp_path / "payload-ran"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    state = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))  # plain JSON data
+    assert state["kind"] == tokenizer and vocabulary(good.tokenizer) == vocabulary(
+        data_module.tokenizer_from_json((folder / "tokenizer.json").read_text(encoding="utf-8")))
+    planted = pickle.dumps(Payload(marker))
+    with open(tmp_path / "control.pkl", "wb") as f:  # the control: pickle.load runs it
+        f.write(planted)
+    with open(tmp_path / "control.pkl", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    # an older version's cache, complete as it wrote it: meta.json lists tokenizer.pkl with its true digest
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.pkl").write_bytes(planted)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = {**{n: meta["files"][n] for n in ("train.bin", "val.bin")},
+                     "tokenizer.pkl": {"bytes": len(planted), "sha256": hashlib.sha256(planted).hexdigest()}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(data_module, "_verified", set())  # a new process
+    capsys.readouterr()
+    again = prepare_data(cfg)
+    assert not marker.exists()
+    assert f"the token cache {folder} is from an older version" in capsys.readouterr().err
+    assert again.built and again.folder == folder and not (folder / "tokenizer.pkl").exists()
+    assert np.array_equal(again.train, good.train) and vocabulary(again.tokenizer) == vocabulary(good.tokenizer)
+
+
+def test_an_older_version_s_cache_folder_is_left_alone_so_versions_sharing_a_cache_never_rebuild_each_other_s(
+        tiny_cfg, tmp_path):
+    import pickle
+
+    cfg = tiny_cfg(f"--cache_dir={tmp_path}")
+    folder = prepare_data(cfg).folder
+    older = folder.with_name(folder.name.removesuffix(f"-f{data_module.CACHE_FORMAT}"))  # the name it had before
+    shutil.copytree(folder, older)
+    (older / "tokenizer.json").unlink()
+    (older / "tokenizer.pkl").write_bytes(pickle.dumps(Payload(tmp_path / "payload-ran")))
+    shutil.rmtree(folder)
+    kept = {p.name: p.read_bytes() for p in older.iterdir()}
+    assert prepare_data(cfg).built
+    assert {p.name: p.read_bytes() for p in older.iterdir()} == kept and not (tmp_path / "payload-ran").exists()
+
+
+# ---- a corpus that changes while it is prepared ----------------------------------------------------------------------
+def change_between_passes(monkeypatch, change):
+    """Runs `change` right after preparation's first pass: it stands in for another process writing the corpus
+    file at that moment (the write itself is real; only its timing is arranged)."""
+    real_scan = data_module.scan
+
+    def scan_then_change(*args, **kwargs):
+        found = real_scan(*args, **kwargs)
+        change()
+        return found
+    monkeypatch.setattr(data_module, "scan", scan_then_change)
+
+
+def assert_nothing_published(cache):
+    tokens = cache / "tokens"
+    assert not tokens.exists() or list(tokens.iterdir()) == []
+
+
+def test_a_file_that_changes_between_the_passes_publishes_no_cache(tiny_cfg, tmp_path, monkeypatch):
+    from gpt_trainer.errors import RunStopped
+    from tests.conftest import CLASSIC_POEMS
+
+    corpus, cache = tmp_path / "poems.txt", tmp_path / "cache"
+    corpus.write_text(CLASSIC_POEMS.read_text(encoding="utf-8"), encoding="utf-8")
+    line = corpus.read_text(encoding="utf-8").splitlines(keepends=True)[1]  # characters the vocabulary has
+
+    def append_a_known_line():
+        with open(corpus, "a", encoding="utf-8") as f:
+            f.write(line)
+    change_between_passes(monkeypatch, append_a_known_line)
+    with pytest.raises(RunStopped, match=rf"^{corpus} changed while it was read \(its size, modification time or "
+                                         r"inode differ .*no token cache was written\. Run again once"):
+        prepare_data(tiny_cfg(f"--data_path={corpus}", f"--cache_dir={cache}"))
+    assert_nothing_published(cache)
+
+
+def test_ids_outside_the_vocabulary_publish_no_cache_even_when_the_file_looks_unchanged(tiny_cfg, tmp_path,
+                                                                                        monkeypatch):
+    """Rewritten in place with its size and modification time put back: only the ids can tell (a character the first
+    pass never saw would be stored as id 65535 and stop training with an IndexError)."""
+    from gpt_trainer.errors import RunStopped
+    from tests.conftest import CLASSIC_POEMS
+
+    corpus, cache = tmp_path / "poems.txt", tmp_path / "cache"
+    text = CLASSIC_POEMS.read_text(encoding="utf-8")
+    corpus.write_text(text, encoding="utf-8")
+    assert "龘" not in text
+
+    def rewrite_in_place():
+        before = corpus.stat()
+        with open(corpus, "r+b") as f:  # the same inode, the same size: one character swapped for a new one
+            f.write("龘".encode("utf-8") + text.encode("utf-8")[3:6])
+        os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    change_between_passes(monkeypatch, rewrite_in_place)
+    with pytest.raises(RunStopped, match=r"the corpus poems\.txt changed while it was read \(its second reading holds "
+                                         r"characters the first did not\).*no token cache was written"):
+        prepare_data(tiny_cfg(f"--data_path={corpus}", f"--cache_dir={cache}"))
+    assert_nothing_published(cache)
+    monkeypatch.undo()
+    assert prepare_data(tiny_cfg(f"--data_path={corpus}", f"--cache_dir={cache}")).built  # stable now: prepared
 
 
 # ---- streaming preparation: the ids the whole-text algorithm gave, whatever the pieces and the workers ---------------
@@ -171,7 +297,7 @@ def test_the_number_of_workers_does_not_change_a_byte_of_the_cache(tiny_cfg, tmp
         assert data.built
         folders.append(data.folder)
     assert folders[0].name == folders[1].name
-    for name in ("train.bin", "val.bin", "tokenizer.pkl"):
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
 
 

@@ -1,5 +1,6 @@
 """Several processes for real: torchrun and accelerate launch with two CPU processes on gloo, each one thread."""
 
+import contextlib
 import json
 import re
 import os
@@ -43,7 +44,7 @@ def training(out: Path, cache_dir: Path, *extra: str) -> list[str]:
 
 
 def weights(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    return torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["model"]
 
 
 def test_the_processes_share_each_epoch_once_between_them():
@@ -87,19 +88,66 @@ def test_only_the_main_process_writes_and_each_step_is_logged_once(tmp_path, cac
 
 
 @pytest.mark.slow
-def test_sigterm_stops_every_process_at_one_step_and_resume_continues(tmp_path, cache_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_torchrun_stops_every_process_at_one_step_says_so_and_resume_continues(tmp_path, cache_dir, sig):
+    """torchrun passes SIGTERM or SIGINT on to its workers (then waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT before SIGKILL):
+    each says it saves, the main one saves and says where; torchrun's own report of the signal follows."""
     out = tmp_path / "out"
     argv = training(out, cache_dir, "--max_steps=100000", "--eval_interval=100000", "--save_interval=100000",
                     "--report_to=none")
-    _, err = interrupt_after_lines([*TORCHRUN, *argv], out / "metrics.jsonl", 3, signal.SIGTERM, cwd=ROOT, env=ENV,
-                                   timeout=120)
-    stopped_at = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"]
+    _, err = interrupt_after_lines([*TORCHRUN, *argv], out / "metrics.jsonl", 3, sig, cwd=ROOT, env=ENV, timeout=120)
+    stopped_at = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["trainer"]["step"]
     assert stopped_at >= 3, err[-2000:]
+    assert err.count(f"{signal.Signals(sig).name}: saving a checkpoint after this step") == 2, err[-3000:]
+    assert (f"stopped at step {stopped_at}; checkpoint saved to {out / 'checkpoints' / 'latest.pt'}. Continue with the "
+            f"same command plus --resume.") in err
     resumed = launch([*TORCHRUN, *argv, "--resume", f"--max_steps={stopped_at + 2}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == list(range(1, stopped_at + 3))  # each step once, continuing where the stop saved
+
+
+def worker_of(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the training process a torchrun started as `rank`: its child with RANK=rank in its environment."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environment = (stat.parent / "environ").read_bytes().split(b"\0")
+            if parent == launcher.pid and f"RANK={rank}".encode() in environment:
+                return int(stat.parent.name)
+    raise AssertionError(f"torchrun {launcher.pid} has no process of rank {rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_process_is_named_by_the_survivor_with_the_checkpoint_to_continue_from(tmp_path, cache_dir, killed):
+    """SIGKILL of one worker: torchrun stops the other with SIGTERM (30 s before its SIGKILL); the survivor ends with
+    the sentence, then torchrun prints its own report of the failure (its one traceback)."""
+    out, survivor, host = tmp_path / "out", 1 - killed, socket.gethostname()
+    latest = out / "checkpoints" / "latest.pt"
+    argv = training(out, cache_dir, "--max_steps=100000", "--eval_interval=100000", "--save_interval=4",
+                    "--report_to=none")
+    torchrun = subprocess.Popen([*TORCHRUN, *argv], cwd=ROOT, env={**ENV, "GPT_TRAINER_HEARTBEAT_S": "0.5"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not latest.exists():  # a checkpoint to name
+            assert time.monotonic() < deadline and torchrun.poll() is None, torchrun.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(worker_of(torchrun, killed), signal.SIGKILL)
+        err = torchrun.communicate(timeout=120)[1]
+    finally:
+        if torchrun.poll() is None:
+            torchrun.send_signal(signal.SIGTERM)
+            torchrun.communicate(timeout=60)
+    found = re.search(rf"^error: rank {survivor} \({host}: step \d+\) lost its connection to the other processes: "
+                      rf"rank\(s\) {killed} stopped \(no heartbeat since\), last seen rank {killed} on {host}: step "
+                      rf"\d+\. .* The last checkpoint is {re.escape(str(latest))} \(step (\d+)\): continue with the "
+                      rf"same command plus --resume\.$", err, re.MULTILINE)
+    assert found, err[-3000:]
+    assert int(found.group(1)) == torch.load(latest, weights_only=True)["trainer"]["step"]
+    assert err.count("Traceback") == 1 and "ChildFailedError" in err, err[-3000:]  # torchrun's, after the sentence
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,10 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
-from gpt_trainer import checkpoint, cli, sample, sweep
+from gpt_trainer import checkpoint, cli, export, sample, sweep
 from gpt_trainer.errors import RunStopped, UsageError, run_cli
+from gpt_trainer.rundir import RunFolder
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, script_env
+from tests.test_distributed import free_port
+from tests.test_checkpoint import nanogpt_checkpoint, other_program_checkpoint, plant_code
+from tests.test_hf import as_dtype, broken, config_text, cut_short, make_folder, with_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,11 +286,283 @@ def model_too_large(w: Where) -> Case:
 
 # ---- setups of round three, one section per area ----
 # ---- setups: checkpoints and loading files ----
+def planted(tmp: Path) -> Path:
+    """A copy of the format 2 fixture with a payload that creates tmp/marker when unpickled (plant_code shows that it
+    does, loaded the unsafe way)."""
+    path = tmp / "planted.pt"
+    shutil.copy(CHECKPOINT_V2, path)
+    plant_code(path, tmp / "marker")
+    return path
+
+
+def resume_a_planted_latest(w: Where) -> Case:
+    """A real run whose latest.pt carries the payload; its intact best.pt is not fallen back to."""
+    out = trained(w, "--max_steps=4", "--eval_interval=4")
+    plant_code(out / "checkpoints" / "latest.pt", w.tmp / "marker")
+    return Case(cli.main, w.argv("--max_steps=6", "--eval_interval=4", "--resume"), protect=(out,), absent=("marker",))
+
+
+def reading(command: str, make: Callable[[Path], Path]) -> Callable[[Where], Case]:
+    """sample, export or --resume FILE (into a fresh folder) given the file `make` writes in tmp."""
+    def setup(w: Where) -> Case:
+        path = make(w.tmp)
+        cases = {"sample": Case(sample.main, [str(path), "--device=cpu"]),
+                 "export": Case(export.main, [str(path), str(w.tmp / "exported")], absent=("exported",)),
+                 "resume": Case(cli.main, w.argv(f"--resume={path}", "--max_steps=2"), absent=("out",))}
+        case = cases[command]
+        return Case(case.command, case.argv, protect=(path,), absent=(*case.absent, "marker"))
+    return setup
+
+
+def wrong_weights(tmp: Path) -> Path:
+    """The format 2 fixture with a configuration that no longer fits its weights (as a hand edit would leave it)."""
+    state = checkpoint.load(CHECKPOINT_V2)
+    state["config"]["n_embd"] *= 2
+    path = tmp / "edited.pt"
+    torch.save(state, path)
+    return path
+
+
+def latest_cut_short(size: Callable[[int], int], best: Callable[[Path], None]) -> Callable[[Where], Case]:
+    """A real run whose latest.pt was cut to `size(its size)` bytes, and `best` done to its best.pt."""
+    def setup(w: Where) -> Case:
+        out = trained(w, "--max_steps=4", "--eval_interval=4")
+        latest = out / "checkpoints" / "latest.pt"
+        latest.write_bytes(latest.read_bytes()[:size(latest.stat().st_size)])
+        best(out / "checkpoints" / "best.pt")
+        return Case(cli.main, w.argv("--max_steps=6", "--eval_interval=4", "--resume"), protect=(out,))
+    return setup
+
+
 # ---- setups: token cache, corpora and prepare ----
+def prepare_on(data: Callable[[Where], Path], cache: Callable[[Where], Path] = lambda w: w.tmp / "cache",
+               protect: bool = True, absent: tuple[str, ...] = ("cache/tokens/*", "disk/cache/tokens/*")
+               ) -> Callable[[Where], Case]:
+    """`python -m gpt_trainer.prepare` on the --data_path and --cache_dir a setup makes: the data is kept as it was
+    (`protect`; a named pipe cannot be read to compare it) and no token cache is published (`absent`; "cache": a
+    --data_path refused before the cache folder is made)."""
+    def setup(w: Where) -> Case:
+        from gpt_trainer import prepare
+
+        path, cache_path = data(w), cache(w)
+        return Case(prepare.main, [f"--data_path={path}", f"--cache_dir={cache_path}"],
+                    protect=(path,) if protect else (), absent=absent)
+    return setup
+
+
+def named_pipe(w: Where) -> Path:
+    os.mkfifo(w.tmp / "pipe.txt")  # nothing writes to it: reading it would wait for ever
+    return w.tmp / "pipe.txt"
+
+
+def dangling_link(w: Where) -> Path:
+    (w.tmp / "corpus.txt").symlink_to(w.tmp / "moved-away.txt")
+    return w.tmp / "corpus.txt"
+
+
+def records_without_the_text_field(w: Where) -> Path:
+    (w.tmp / "records.jsonl").write_text("".join(json.dumps({"content": f"第{i}首"}, ensure_ascii=False) + "\n"
+                                                 for i in range(3)), encoding="utf-8")
+    return w.tmp / "records.jsonl"
+
+
+def folder_with_a_cut_gzip(w: Where) -> Path:
+    import gzip
+
+    data = w.tmp / "corpus"
+    data.mkdir()
+    shutil.copy(CLASSIC_POEMS, data / "a.txt")
+    whole = gzip.compress(CLASSIC_POEMS.read_bytes())
+    (data / "b.txt.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    return data
+
+
+def classic_poems_copy(w: Where) -> Path:
+    shutil.copy(CLASSIC_POEMS, w.tmp / "poems.txt")
+    return w.tmp / "poems.txt"
+
+
+APPENDER = ("import sys, time\n"
+            "while True:\n"
+            "    with open(sys.argv[1], 'a', encoding='utf-8') as f:\n"
+            "        f.write('新添一行\\n')\n"
+            "    time.sleep(0.001)\n")
+
+
+def corpus_written_while_prepared(w: Where) -> Case:
+    """Another process appends to the corpus all along, as to a log being written (a real writer, really running)."""
+    case = prepare_on(classic_poems_copy, protect=False)(w)
+    corpus = Path(case.argv[0].split("=", 1)[1])
+
+    def prepare_while_it_grows(argv: list[str]) -> int:
+        writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(corpus)])
+        try:
+            size, deadline = corpus.stat().st_size, time.monotonic() + 30
+            while corpus.stat().st_size == size and time.monotonic() < deadline:  # it has started writing
+                time.sleep(0.01)
+            return case.command(argv)
+        finally:
+            writer.kill()
+            writer.wait()
+    return Case(prepare_while_it_grows, case.argv, absent=case.absent)
+
+
+def train_on(data: Callable[[Where], Path]) -> Callable[[Where], Case]:
+    """A tiny training run on the --data_path a setup makes: refused before the run folder exists."""
+    def setup(w: Where) -> Case:
+        path = data(w)
+        return Case(cli.main, w.argv(f"--data_path={path}", "--max_steps=2"), protect=(path,), absent=("out",))
+    return setup
 # ---- setups: run folders and export ----
+def export_into(folder: Callable[[Where], Path], *extra: str) -> Callable[[Where], Case]:
+    """python -m gpt_trainer.export of the format 2 fixture into the folder the setup makes; the folder it is in stays
+    as it was (the target unchanged, no staging folder left beside it)."""
+    def setup(w: Where) -> Case:
+        out = folder(w)
+        return Case(export.main, [str(CHECKPOINT_V2), str(out), *extra], protect=(out.parent,))
+    return setup
+
+
+def a_training_run(w: Where) -> Path:
+    return trained(w, "--max_steps=2", "--eval_interval=2")
+
+
+def a_folder_with_a_readme_and_config_json(w: Where) -> Path:
+    (w.tmp / "project").mkdir()
+    (w.tmp / "project" / "README.md").write_text("# my project\n")
+    (w.tmp / "project" / "config.json").write_text('{"mine": true}\n')
+    return w.tmp / "project"
+
+
+def on_a_full_disk(w: Where) -> Path:
+    """A new folder on a real disk (tmpfs) of one 4 KiB page: the weights (17 KiB) do not fit."""
+    return w.tmpfs(w.tmp / "disk", "size=4k") / "model"
+
+
+def an_earlier_export_on_a_full_disk(w: Where) -> Path:
+    """An earlier export on a real disk (tmpfs), then a file of the user's that leaves one 4 KiB page: the new weights
+    do not fit beside the old ones."""
+    disk = w.tmpfs(w.tmp / "disk", "size=64k")
+    assert export.main([str(CHECKPOINT_V2), str(disk / "model")]) == 0
+    (disk / "filler.bin").write_bytes(bytes(shutil.disk_usage(disk).free - 4096))
+    return disk / "model"
+
+
 # ---- setups: --init_from and resume ----
+def init_from(change: Callable[[Path], None], *extra: str) -> Callable[[Where], Case]:
+    """A transformers GPT-2 folder of TINY_SHAPE's shape (tests/test_hf.py's), changed by `change`: refused before
+    anything is written, the folder untouched."""
+    def setup(w: Where) -> Case:
+        path = w.tmp / "gpt2"
+        make_folder(path)
+        change(path)
+        return Case(cli.main, w.argv(f"--init_from={path}", "--max_steps=2", *extra), protect=(path,),
+                    absent=("out",))
+    return setup
+
+
+def bare_resume_of_an_edited_config_json(w: Where) -> Case:
+    """A run stopped before its first checkpoint: its config.json says what the run is, and a bare --resume takes
+    the text, tokenizer and shape from it; this one was edited to hold a value no flag takes."""
+    out = w.tmp / "out"
+    out.mkdir()
+    RunFolder(out).mark()
+    (out / "config.json").write_text(json.dumps({"n_layer": "2", "segments": []}))
+    return Case(cli.main, [f"--output_dir={out}", f"--cache_dir={w.tmp / 'cache'}", "--resume", "--report_to=none"],
+                protect=(out,), absent=("cache",))
+
+
 # ---- setups: sweeps ----
+def a_sweep(w: Where) -> Path:
+    """A valid two-point grid of the real training program (the refused runs never start it)."""
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
+              "parameters": {"learning_rate": {"values": [1.0e-3, 2.0e-3]}}}
+    path = w.tmp / "sweep.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def sweep_into(where: Callable[[Where], Path]) -> Callable[[Where], Case]:
+    """The sweep run into --output_dir `where` (a file, or a folder of the user's), which must stay as it is."""
+    def setup(w: Where) -> Case:
+        out, sweep_file = where(w), a_sweep(w)
+        return Case(sweep.main, [str(sweep_file), f"--output_dir={out}", "--report_to=none"],
+                    protect=(out, sweep_file), absent=("**/trial-*",))
+    return setup
+
+
+def a_folder_of_mine(w: Where) -> Path:
+    (w.tmp / "mine" / "data").mkdir(parents=True)
+    (w.tmp / "mine" / "notes.txt").write_text("my notes\n")
+    return w.tmp / "mine"
+
+
+def damaged_sweep_state(damage: Callable[[dict], bytes]) -> Callable[[Where], Case]:
+    """A sweep's folder whose first trial finished, as the runner records it, its state file then damaged."""
+    def setup(w: Where) -> Case:
+        sweep_file, out = a_sweep(w), w.tmp / "sweep"
+        (out / "trial-001").mkdir(parents=True)
+        (out / "trial-001" / "metrics.jsonl").write_text('{"step": 1, "eval/loss": 2.5}\n')
+        state = {"fingerprint": sweep.fingerprint(sweep.load_sweep(str(sweep_file))),
+                 "trials": [{"name": "trial-001", "status": "finished", "metric": 2.5,
+                             "params": {"learning_rate": 1e-3}, "owner": {"host": "node-ü", "pid": 4242}}]}
+        (out / "sweep_state.json").write_bytes(damage(state))
+        return Case(sweep.main, [str(sweep_file), f"--output_dir={out}", "--report_to=none"],
+                    protect=(out / "sweep_state.json", out / "trial-001"), absent=("sweep/trial-002",))
+    return setup
+
+
+def first_trial(change: Callable[[dict], None]) -> Callable[[dict], bytes]:
+    def damage(state: dict) -> bytes:
+        change(state["trials"][0])
+        return json.dumps(state).encode()
+    return damage
+
+
 # ---- setups: processes, rendezvous and sampling ----
+def by_hand(rank: int, **variables: str | None) -> Callable[[Where], Case]:
+    """The training command as rank `rank` of two processes started without a launcher (as srun or a pod's command
+    starts them): the variables torchrun would set, given by hand (None: not set; the port: a free one, so closed),
+    and a 2 s --dist_timeout. The sockets are real; each case must end within seconds of the time-out."""
+    def setup(w: Where) -> Case:
+        given = {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()),
+                 **variables}
+        return Case(with_environment(given, cli.main), w.argv("--max_steps=2", "--dist_timeout=2"), absent=("out",),
+                    after=within_seconds(20))
+    return setup
+
+
+def port_in_use(w: Where) -> Case:
+    """Rank 0 opens the rendezvous on a port another program listens on."""
+    taken = socket.create_server(("", 0))
+    case = by_hand(0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(taken.getsockname()[1]))(w)
+    case.after = lambda: taken.close()
+    return case
+
+
+def with_environment(variables: dict[str, str | None], command: Callable[[list[str]], int]) -> Callable:
+    """`command` run with these environment variables (None: removed), the environment restored after it."""
+    def run(argv: list[str]) -> int:
+        before = {name: os.environ.get(name) for name in variables}
+        try:
+            set_environment(variables)
+            return command(argv)
+        finally:
+            set_environment(before)
+    return run
+
+
+def set_environment(variables: dict[str, str | None]) -> None:
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def within_seconds(limit: float) -> Callable[[], None]:
+    started = time.monotonic()
+    return lambda: None if time.monotonic() - started < limit else pytest.fail(f"took more than {limit} s")
 
 
 def row(name: str, setup: Callable[[Where], Case], exit_code: int, message: str):
@@ -339,15 +617,148 @@ FAILURES = [
     row("sample --temperature=nan", sample_with("--temperature=nan"), 2, r"--temperature must be .* \(got nan\)"),
     row("sample --temperature=-1", sample_with("--temperature=-1"), 2, r"--temperature must be .* \(got -1\.0\)"),
     row("sample --top_k=-5", sample_with("--top_k=-5"), 2, r"--top_k must be at least 0 \(got -5\)"),
-    row("sample --tokens=-3", sample_with("--tokens=-3"), 2, r"--tokens must be at least 0 \(got -3\)"),
+    row("sample --tokens=-3", sample_with("--tokens=-3"), 2, r"--tokens must be in \[0, 10000\] \(got -3\)"),
     row("sample --top_p=2", sample_with("--top_p=2"), 2, r"--top_p must be in \(0, 1\] \(got 2\.0\)"),
     row("a model too large for memory", model_too_large, 1, r"^error: out of memory: "),
     # ---- checkpoints and loading files (round three) ----
+    row("--resume from a latest.pt that would run code (best.pt intact)", resume_a_planted_latest, 2,
+        r"latest\.pt was refused, and nothing in it was run: loading it would call posix\.system"),
+    row("sample a checkpoint that would run code", reading("sample", planted), 2,
+        r"planted\.pt was refused, and nothing in it was run: loading it would call posix\.system"),
+    row("export a checkpoint that would run code", reading("export", planted), 2,
+        r"planted\.pt was refused, and nothing in it was run: loading it would call posix\.system"),
+    *(row(f"{command} nanoGPT's ckpt.pt", reading(command, lambda tmp: nanogpt_checkpoint(tmp / "ckpt.pt")), 2,
+          r"ckpt\.pt is nanoGPT's checkpoint \(it has model_args and iter_num\), not one written by "
+          r"train_single_gpu\.py") for command in ("resume", "sample", "export")),
+    *(row(f"{command} another program's file with model and config",
+          reading(command, lambda tmp: other_program_checkpoint(tmp / "other.pt")), 2,
+          r"other\.pt is not a checkpoint written by train_single_gpu\.py \(its keys: config, epoch, model; a file of "
+          r"another program\?\)") for command in ("resume", "sample", "export")),
+    *(row(f"{command} a checkpoint whose weights do not fit its configuration", reading(command, wrong_weights), 2,
+          r"edited\.pt does not hold the weights its configuration describes \(RuntimeError: .*\)\. Use another "
+          r"checkpoint of the run\.$") for command in ("sample", "export")),
+    row("latest.pt cut short, no best.pt", latest_cut_short(lambda size: size // 2, Path.unlink), 2,
+        r"latest\.pt is not a readable checkpoint \(it is not the zip container torch\.save writes\): it was cut "
+        r"short .*There is no intact checkpoint to fall back to"),
+    row("latest.pt empty, best.pt damaged", latest_cut_short(lambda size: 0, zero_a_block), 2,
+        r"latest\.pt is not a readable checkpoint \(the file is empty\).*There is no intact checkpoint to fall back "
+        r"to"),
     # ---- token cache, corpora and prepare (round three) ----
+    row("prepare --cache_dir is a file", prepare_on(classic_poems_copy, lambda w: a_file(w)), 2,
+        r"^error: --cache_dir \S+cache\.txt is a file, not a folder\. Choose another --cache_dir\.$"),
+    row("prepare --data_path a named pipe", prepare_on(named_pipe, protect=False, absent=("cache",)), 2,
+        r"pipe\.txt is a named pipe \(FIFO\), not a regular file: preparation reads the text twice"),
+    row("prepare --data_path a symlink that leads nowhere", prepare_on(dangling_link, absent=("cache",)), 2,
+        r"corpus\.txt is a symbolic link that leads nowhere"),
+    row("prepare on .jsonl records none of which has --text_field", prepare_on(records_without_the_text_field), 2,
+        r"none of its 3 JSON records has a `paragraphs` list or a `text` string.*--text_field"),
+    row("training on a folder holding a .gz cut short", train_on(folder_with_a_cut_gzip), 2,
+        r"b\.txt\.gz cannot be decompressed \(.*\): the file is cut short or damaged\. Replace it"),
+    row("a corpus written to while prepare reads it", corpus_written_while_prepared, 1,
+        r"poems\.txt changed while it was read \(.*no token cache was written\. Run again once the corpus is "
+        r"stable\.$"),
+    row("prepare on a real full disk (tmpfs)", prepare_on(classic_poems_copy,
+                                                          lambda w: w.tmpfs(w.tmp / "disk", "size=16k") / "cache"), 1,
+        r"^error: the disk is full \(\S+ could not be written\)\. Free some space, then run the same command "
+        r"again\.$"),
     # ---- run folders and export (round three) ----
+    row("export into a training run's folder, --overwrite", export_into(a_training_run, "--overwrite"), 2,
+        r"out is a training run's folder \(it holds \.gpt-trainer-run\).* refused, --overwrite too"),
+    row("export --overwrite into a folder with the user's README.md and config.json",
+        export_into(a_folder_with_a_readme_and_config_json, "--overwrite"), 2,
+        r"project holds files no export wrote \(README\.md, config\.json\): it has no \.gpt-trainer-export"),
+    row("export onto a real full disk (tmpfs)", export_into(on_a_full_disk), 1,
+        r"^error: the disk is full \(\S+/disk/model/model\.safetensors could not be written\)\. Free some space, "
+        r"then run the same command again\.$"),
+    row("export --overwrite of an earlier export on a real full disk (tmpfs)",
+        export_into(an_earlier_export_on_a_full_disk, "--overwrite"), 1,
+        r"^error: the disk is full \(\S+/disk/model/model\.safetensors could not be written\)\. Free some space, "
+        r"then run the same command again\.$"),
+    row("--wandb_run_name with a newline", run_name(lambda w: "tiny\nrun"), 2,
+        r"'tiny\\nrun' is also the name of the TensorBoard folder .* no line break or other control character"),
     # ---- --init_from and resume (round three) ----
+    row("--init_from weights with NaN and inf", init_from(with_values("transformer.h.1.mlp.c_fc.weight", float("nan"),
+                                                                      float("inf"))), 2,
+        r"are not all finite numbers: h\.1\.mlp\.c_fc\.weight \(1 NaN, 1 infinite of 4,096 values\)"),
+    row("--init_from int8 weights", init_from(as_dtype("transformer.h.0.attn.c_attn.weight", torch.int8)), 2,
+        r"are not all floating point: h\.0\.attn\.c_attn\.weight \(int8\)\. A run starts from fp16, bf16"),
+    row("--init_from config.json an array", init_from(config_text(b"[1, 2]")), 2,
+        r"config\.json holds a JSON array, not an object of settings"),
+    row("--init_from config.json with n_layer as text", init_from(lambda p: broken(p, "config.json", n_layer="2")), 2,
+        r"config\.json gives sizes that are not whole numbers of at least 1 \(n_layer is \"2\"\)"),
+    row("--init_from config.json with null sizes", init_from(lambda p: broken(p, "config.json", n_embd=None)), 2,
+        r"\(n_embd is null\)"),
+    row("--init_from config.json with a negative size", init_from(lambda p: broken(p, "config.json", n_layer=-2)), 2,
+        r"\(n_layer is -2\)"),
+    row("--init_from config.json with a zero size", init_from(lambda p: broken(p, "config.json", n_positions=0)), 2,
+        r"\(n_positions is 0\)"),
+    row("--init_from config.json not UTF-8", init_from(config_text(b'{"model_type": "gpt2", "note": "\xe9t\xe9"}')),
+        2, r"config\.json is not UTF-8 text \(byte offset 32\)"),
+    row("--init_from config.json cut short", init_from(cut_short), 2, r"config\.json is not valid JSON \(.*line \d+"),
+    row("--init_from an empty string", flags("--init_from="), 2, r"--init_from '' names no folder"),
+    row("--init_from blanks", flags("--init_from=  "), 2, r"--init_from '  ' names no folder"),
+    row("--n_embd that differs from the --init_from folder's", init_from(lambda p: None, "--n_embd=33"), 2,
+        r"--n_embd 33 \(the folder's: 32\) contradicts"),
+    row("a bare --resume of a hand-edited config.json", bare_resume_of_an_edited_config_json, 2,
+        r"the run records n_layer '2', which no flag of that name takes .* Give --n_layer on the command line"),
     # ---- sweeps (round three) ----
+    row("sweep --output_dir a file", sweep_into(a_file), 2, r"--output_dir \S+cache\.txt is a file, not a folder"),
+    row("sweep --output_dir a folder with the user's files", sweep_into(a_folder_of_mine), 2,
+        r"--output_dir \S+mine already holds files no sweep wrote \(data, notes\.txt\)"),
+    row("sweep_state.json truncated", damaged_sweep_state(lambda state: json.dumps(state, indent=1).encode()[:50]), 2,
+        r"sweep_state\.json is damaged: it is not valid JSON \(.*line \d+, column \d+\)\..* move it aside"),
+    row("sweep_state.json empty", damaged_sweep_state(lambda state: b""), 2,
+        r"sweep_state\.json is damaged: it is empty\..*the trials' folders are kept"),
+    row("sweep_state.json holds []", damaged_sweep_state(lambda state: b"[]"), 2,
+        r"sweep_state\.json is damaged: it holds \[\], not the mapping of `fingerprint` and `trials`"),
+    row("sweep_state.json: a trial without params", damaged_sweep_state(first_trial(lambda t: t.pop("params"))), 2,
+        r"sweep_state\.json is damaged: its trial #1 \(trial-001\) has no `params`"),
+    row("sweep_state.json: a trial's fields of the wrong types",
+        damaged_sweep_state(first_trial(lambda t: t.update(params=["learning_rate"], metric="2.5"))), 2,
+        r"sweep_state\.json is damaged: its trial #1 \(trial-001\) has `params` \[\"learning_rate\"\], not a mapping"),
+    row("sweep_state.json not UTF-8",
+        damaged_sweep_state(lambda state: json.dumps(state, ensure_ascii=False).encode("latin-1")), 2,
+        r"sweep_state\.json is damaged: it is not UTF-8 text \(byte offset \d+\)"),
+    row("a grid whose --min_lr is above some --learning_rate",
+        sweep_file("method: grid\nparameters:\n  learning_rate: {values: [1.0e-3, 2.0e-2]}\n"
+                   "  min_lr: {value: 1.0e-2}\n"), 2,
+        r"refuses 1 of the 2 trials checked \(every point of the grid\).*`--learning_rate=0\.001`: --min_lr 0\.01 is "
+        r"above --learning_rate 0\.001"),
+    row("a grid of --data_path values with --use_chinese fixed",
+        sweep_file("method: grid\nparameters:\n  use_chinese: {value: true}\n  data_path: {values: [a.txt, b.txt]}\n"),
+        2, r"refuses 2 of the 2 trials .*`--data_path=a\.txt`: --use_chinese asks for the Chinese poetry corpus, but "
+           r"--data_path a\.txt names other text"),
+    row("a random sweep whose ranges of --min_lr and --learning_rate overlap",
+        sweep_file("method: random\nparameters:\n  learning_rate: {distribution: log_uniform_values, min: 1.0e-4, "
+                   "max: 1.0e-2}\n  min_lr: {distribution: uniform, min: 0.0, max: 1.0e-3}\n"), 2,
+        r"refuses 1 of the 4 trials checked \(every combination of .* the ends of its range\).*"
+        r"`--learning_rate=0\.0001 --min_lr=0\.001`: --min_lr 0\.001 is above"),
     # ---- processes, rendezvous and sampling (round three) ----
+    row("rendezvous: a closed port on 127.0.0.1", by_hand(1, MASTER_ADDR="127.0.0.1"), 1,
+        r"^error: rank 1 could not join the rendezvous at 127\.0\.0\.1:\d+ \(MASTER_ADDR:MASTER_PORT\) within 2 s "
+        r"\(--dist_timeout\): nothing listens on port \d+ there \(connection refused\)\. Check that MASTER_ADDR is "
+        r"rank 0's machine .* no firewall blocks the port; `python -m gpt_trainer\.doctor --distributed`"),
+    row("rendezvous: a name that does not resolve", by_hand(1, MASTER_ADDR="no-such-host.invalid"), 1,
+        r"rendezvous at no-such-host\.invalid:\d+ .* within 2 s \(--dist_timeout\): the name "
+        r"no-such-host\.invalid does not resolve"),
+    # what comes back depends on the network between: nothing where it drops the packets, a refusal or an answer
+    # from something else where a proxy or firewall takes them (as on the machine these tests were written on)
+    row("rendezvous: a non-routable address", by_hand(1, MASTER_ADDR="10.255.255.1", MASTER_PORT="29500"), 1,
+        r"rendezvous at 10\.255\.255\.1:29500 .* within 2 s \(--dist_timeout\): (10\.255\.255\.1 does not answer|"
+        r"something answers there, but not as the job's rendezvous|nothing listens on port 29500 there|"
+        r"10\.255\.255\.1 cannot be reached).*gpt_trainer\.doctor --distributed"),
+    row("rendezvous: rank 0 waits alone", by_hand(0, MASTER_ADDR="127.0.0.1"), 1,
+        r"rank 0 opened it, but only 1 of the 2 processes arrived\. Check that the other processes run, with "
+        r"MASTER_ADDR set to this machine"),
+    row("rendezvous: rank 0's port in use", port_in_use, 1,
+        r"rank 0 could not join .*: port \d+ is in use on this machine .* choose another MASTER_PORT"),
+    row("WORLD_SIZE set by hand, MASTER_ADDR not", by_hand(1, MASTER_ADDR=None), 2,
+        r"WORLD_SIZE=2 makes this process rank 1 of several, but MASTER_ADDR is not set"),
+    row("MASTER_PORT not a number", by_hand(1, MASTER_ADDR="127.0.0.1", MASTER_PORT="http"), 2,
+        r"MASTER_PORT must be a port number from 1 to 65535 \(got 'http'\)"),
+    row("sample --tokens above the cap", sample_with("--tokens=10001"), 2,
+        r"--tokens 10,001 is more than one sample draws \(10,000 per prompt\).* sampling again with the end of this "
+        r"one as --prompts"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -20,10 +21,11 @@ from gpt_trainer.errors import UsageError
 from gpt_trainer.model import generate_text
 from gpt_trainer.rundir import RunFolder
 from gpt_trainer.sample import model_from_checkpoint
-from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
-from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, make_trainer
+from gpt_trainer.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, files_containing, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_V1, CHECKPOINT_V2 = (ROOT / "tests" / "fixtures" / f"checkpoint_v{n}.pt" for n in (1, 2))
 CORPUS = CLASSIC_POEMS.read_text(encoding="utf-8")
 SP_VOCAB = 1400  # the fixture corpus needs at least 1,336 (its characters, 256 bytes and 3 control pieces)
 KINDS = {"char": [], "sentencepiece": ["--tokenizer=sentencepiece", f"--vocab_size={SP_VOCAB}"]}
@@ -62,7 +64,7 @@ def exported(trained, tmp_path_factory):
 
 def ours(path: Path):
     state = checkpoint.load(path)
-    return state, model_from_checkpoint(state, torch.device("cpu")).eval(), tokenizer_from_dict(state["tokenizer"])
+    return state, model_from_checkpoint(state, torch.device("cpu"), path).eval(), tokenizer_from_dict(state["tokenizer"])
 
 
 def listing(folder: Path) -> dict[str, str]:
@@ -297,27 +299,67 @@ def test_an_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert listing(tmp_path) == before
 
 
-def test_a_folder_that_is_not_empty_is_refused_without_overwrite(tmp_path, capsys):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "mine.txt").write_text("keep me", encoding="utf-8")
+def test_an_out_dir_that_is_a_link_leading_nowhere_is_refused_not_replaced(tmp_path, capsys):
+    (tmp_path / "out").symlink_to(tmp_path / "missing")
+    assert export.main([str(CHECKPOINT_V2), str(tmp_path / "out")]) == 2
+    assert "is a symbolic link that leads nowhere" in capsys.readouterr().err
+    assert (tmp_path / "out").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "--overwrite"])
+def test_a_folder_without_the_export_marker_is_refused_naming_its_files(tmp_path, capsys, overwrite):
+    """A README.md and a config.json of the user's (not an export's: no marker) are never replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# my project\n", encoding="utf-8")
+    (out / "config.json").write_text('{"mine": true}\n', encoding="utf-8")
     before = listing(tmp_path)
-    assert export.main([str(ROOT / "tests" / "fixtures" / "checkpoint_v2.pt"), str(tmp_path / "out")]) == 2
+    assert export.main([str(CHECKPOINT_V2), str(out), *overwrite]) == 2
     err = capsys.readouterr().err
-    assert "exists and is not empty" in err and "--overwrite" in err
+    assert "holds files no export wrote (README.md, config.json)" in err and ".gpt-trainer-export" in err
     assert listing(tmp_path) == before
 
 
-def test_overwrite_replaces_an_exports_files_and_keeps_the_others(tmp_path, capsys):
+def test_a_training_run_folder_is_refused_as_the_export_target(tmp_path, capsys):
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.mark()
+    run.write_config({"run_name": "poems"}, 0, {})
+    before = listing(tmp_path)
+    assert export.main([str(CHECKPOINT_V2), str(run.path), "--overwrite"]) == 2
+    assert "is a training run's folder (it holds .gpt-trainer-run)" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+def test_an_export_folder_is_marked_with_the_files_it_wrote(tmp_path):
+    assert export.main([str(CHECKPOINT_V2), str(tmp_path / "out")]) == 0
+    marker = json.loads((tmp_path / "out" / export.EXPORT_MARKER).read_text())
+    assert marker["files"] == sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != export.EXPORT_MARKER)
+
+
+def test_an_earlier_export_is_replaced_only_with_overwrite_and_the_users_files_beside_it_are_kept(tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    assert export.main([str(CHECKPOINT_V1), str(out)]) == 0
     (out / "mine.txt").write_text("keep me", encoding="utf-8")
-    (out / "tokenizer.model").write_bytes(b"an earlier sentencepiece export's")  # this char export writes none
-    (out / "config.json").write_text("{}", encoding="utf-8")
-    assert export.main([str(ROOT / "tests" / "fixtures" / "checkpoint_v2.pt"), str(out), "--overwrite"]) == 0
+    before = listing(tmp_path)
+    assert export.main([str(CHECKPOINT_V2), str(out)]) == 2
+    assert "exists and is not empty: it holds an earlier export. Pass --overwrite" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+    assert export.main([str(CHECKPOINT_V2), str(out), "--overwrite"]) == 0
     assert (out / "mine.txt").read_text(encoding="utf-8") == "keep me" and "mine.txt" in capsys.readouterr().err
-    assert not (out / "tokenizer.model").exists()
-    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    assert "--wandb_run_name=fixture-v2" in (out / "README.md").read_text(encoding="utf-8")  # v1's card replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_files_of_an_earlier_export_this_one_does_not_write(exported, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(exported("sentencepiece")[1], out)
+    assert (out / "tokenizer.model").exists()
+    assert export.main([str(CHECKPOINT_V2), str(out), "--overwrite"]) == 0  # a char export: no tokenizer.model
+    assert not (out / "tokenizer.model").exists()
+    assert json.loads((out / export.EXPORT_MARKER).read_text())["files"] == sorted(
+        p.name for p in out.iterdir() if p.name != export.EXPORT_MARKER)
 
 
 def test_a_failure_while_writing_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -361,3 +403,84 @@ def test_a_run_from_the_export_evaluates_as_the_checkpoint_did(exported, kind, t
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     [start] = [row["eval/loss"] for row in rows if row["step"] == 0 and "eval/loss" in row]
     assert abs(start - recorded) < 1e-5, (start, recorded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_round_trip_export_init_from_train_export_runs_in_transformers_with_our_greedy_text(exported, kind,
+                                                                                                tmp_path, cache_dir):
+    """export -> --init_from -> train -> export again: the second export (an hf tokenizer) has the first one's
+    tokenizer and special ids, names the folder it started from by its name only, and transformers continues the demo
+    prompts with our greedy tokens and text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt_trainer import cli
+
+    _, first = exported(kind)
+    run, second = RunFolder(tmp_path / "from-export"), tmp_path / "second"
+    shape = [flag for flag in TINY_SHAPE if not flag.startswith(("--n_layer", "--n_head", "--n_embd"))]
+    assert cli.main([f"--init_from={first}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}",
+                     f"--output_dir={run.path}", *shape, "--max_steps=2", "--eval_interval=2"]) == 0
+    assert export.main([str(run.best), str(second)]) == 0
+    state, model, tokenizer = ours(run.best)
+    assert state["tokenizer"]["kind"] == "hf" and state["config"]["init_from"] == str(first)
+    assert not files_containing(second, str(first))  # the card names the folder it started from by its name only
+
+    def ids_of(folder: Path) -> dict:
+        config, settings = (json.loads((folder / name).read_text())
+                            for name in ("config.json", "tokenizer_config.json"))
+        return {**{key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+                **{key: settings.get(key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}}
+    assert ids_of(second) == ids_of(first)
+    assert json.loads((second / "tokenizer.json").read_text()) == json.loads((first / "tokenizer.json").read_text())
+    theirs, their_tokenizer = AutoModelForCausalLM.from_pretrained(second).eval(), AutoTokenizer.from_pretrained(second)
+    for prompt in CHINESE_PROMPTS.split(","):
+        ids = tokenizer.encode(prompt)
+        assert their_tokenizer(prompt).input_ids == ids
+        new = state["config"]["block_size"] - len(ids)
+        mine = model.generate(torch.tensor([ids]), new, temperature=0)[0].tolist()
+        generated = theirs.generate(**their_tokenizer(prompt, return_tensors="pt"), do_sample=False,
+                                    max_new_tokens=new)[0].tolist()
+        assert generated == mine
+        text = generate_text(model, tokenizer, prompt, "fp32", new, 0.0, 0, 1.0)
+        assert their_tokenizer.decode(generated, skip_special_tokens=True) == text
+
+
+def test_an_init_from_bert_tokenizer_exports_with_its_special_ids_and_nothing_added_around_the_text(tmp_path):
+    """A BERT WordPiece tokenizer (as --init_from reads a vocab.txt): [CLS] and [SEP] are bos and eos, and
+    transformers encodes a text to the ids training used, without its post-processor's [CLS] ... [SEP]."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import AutoTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(CORPUS) - set(" \n\t"))]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = HFTokenizer(BertWordPieceTokenizer(str(tmp_path / "vocab.txt")).to_str())
+    ids = export.special_ids(tokenizer)
+    assert ids == {"bos": 2, "eos": 3, "pad": 0, "unk": 1}
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name, data in export.tokenizer_files(tokenizer, 16, ids).items():
+        (folder / name).write_bytes(data)
+    theirs = AutoTokenizer.from_pretrained(folder)
+    assert (theirs.bos_token, theirs.eos_token, theirs.pad_token, theirs.unk_token) == ("[CLS]", "[SEP]", "[PAD]",
+                                                                                        "[UNK]")
+    text = CORPUS[:300]
+    assert theirs(text).input_ids == tokenizer.encode(text) and tokenizer.encode(text)[0] != ids["bos"]
+
+
+def test_no_exported_file_holds_an_absolute_local_path(tmp_path, cache_dir):
+    """The model card names the text, the run folder and the training command's paths by their last part only: the
+    planted folder's path, which the checkpoint holds, appears in no file of the export."""
+    planted = tmp_path / "PLANTED-private-folder-5d1c"
+    planted.mkdir()
+    shutil.copy(CLASSIC_POEMS, planted / "my-poems.txt")
+    cfg = parse_args([f"--data_path={planted / 'my-poems.txt'}", f"--cache_dir={cache_dir}",
+                      f"--output_dir={planted / 'run'}", *TINY_SHAPE, "--max_steps=1", "--eval_interval=1"])
+    make_trainer(cfg).train()
+    best = RunFolder(planted / "run").best
+    config = checkpoint.load(best)["config"]
+    assert str(planted) in config["data_path"] and str(planted) in config["output_dir"]  # the positive control
+    assert export.main([str(best), str(tmp_path / "model")]) == 0
+    assert not files_containing(tmp_path / "model", planted.name)
+    card = (tmp_path / "model" / "README.md").read_text(encoding="utf-8")
+    assert "--data_path=my-poems.txt" in card and "--output_dir=run" in card

@@ -83,7 +83,7 @@ def test_resume_moves_from_fsdp_to_ddp_to_one_process_without_a_seam(tmp_path, c
     losses = train_losses(out)
     assert list(losses) == list(range(1, 33))
     assert largest_difference({step: losses[step] for step in range(1, 31)}, ddp_30_steps) <= TOLERANCE
-    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert saved["trainer"]["step"] == 32 and all(isinstance(i, int) for i in saved["optimizer"]["state"])
 
 
@@ -166,7 +166,7 @@ def test_a_kill_9_under_fsdp_resumes_with_each_step_once(tmp_path, cache_dir):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == list(range(1, 41))  # each step once, across the kill
-    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["trainer"]["step"] == 40
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["trainer"]["step"] == 40
     assert not list((out / "checkpoints").glob(".*.tmp-*"))
 
 

@@ -4,6 +4,7 @@ uer/gpt2-chinese-cluecorpussmall's, no hub) as the start of a run: its weights, 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -109,14 +110,19 @@ def test_the_folder_tokenizer_encodes_without_special_tokens_and_travels_in_a_di
     assert hf.folder_tokenizer(only_vocab).encode("A") == [VOCAB.index("[UNK]")]
 
 
-def test_a_run_from_a_gpt2_folder_starts_from_its_weights_and_learns(folder, tmp_path, cache_dir, capsys):
+def test_a_run_from_a_gpt2_folder_starts_from_its_weights_and_learns(folder, tmp_path, cache_dir, capsys,
+                                                                     monkeypatch):
     path, theirs = folder
     out = tmp_path / "out"
+    reads = []  # a spy: the real reader runs, and says each time whether it loaded the weights or only their shapes
+    real_read = hf.read_weights
+    monkeypatch.setattr(hf, "read_weights", lambda where, meta=False: reads.append(meta) or real_read(where, meta))
     # the shape flags of TINY_SHAPE agree with the folder's, and its --block_size 16 is below n_positions 32
     argv = [f"--init_from={path}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={out}",
             *TINY_SHAPE, "--max_steps=30", "--eval_interval=10", "--log_interval=10", "--learning_rate=3e-3",
             "--warmup_steps=0"]
     assert main(argv) == 0
+    assert reads == [False]  # checked and trained from one read of the folder's weights
     assert f"step 0 (the weights of {path}) | val" in capsys.readouterr().out
     rows = metrics(out)
     evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
@@ -131,8 +137,33 @@ def test_a_run_from_a_gpt2_folder_starts_from_its_weights_and_learns(folder, tmp
     config = json.loads((out / "config.json").read_text())
     assert (config["init_from"], config["tokenizer"], config["n_layer"], config["n_embd"], config["block_size"],
             config["vocab_size"]) == (str(path), "hf", 2, 32, 16, len(VOCAB))
-    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert saved["tokenizer"]["kind"] == "hf" and saved["config"]["init_from"] == str(path)
+    # the trained model beat the start: best.pt holds the best of the trained steps
+    best_step, best = min(evals[1:], key=lambda e: e[1])
+    assert torch.load(out / "checkpoints" / "best.pt", weights_only=True)["trainer"]["step"] == best_step
+    assert saved["trainer"]["best_val_loss"] == pytest.approx(best) and saved["trainer"]["best_step"] == best_step
+
+
+def test_a_start_training_never_beats_writes_no_best_pt_and_the_end_says_so(folder, tmp_path, cache_dir, capsys):
+    """A learning rate far too high makes every evaluation worse than the folder's weights, which stay the best: the
+    closing line's best val loss is theirs, and best.pt (never worse than the start) is not written."""
+    path, out = folder[0], tmp_path / "out"
+    assert main([f"--init_from={path}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}",
+                 f"--output_dir={out}", *TINY_SHAPE, "--max_steps=4", "--eval_interval=2", "--learning_rate=3",
+                 "--min_lr=3", "--warmup_steps=0"]) == 0
+    printed = capsys.readouterr().out
+    rows = metrics(out)
+    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    (_, start), trained = evals[0], [loss for _, loss in evals[1:]]
+    assert [step for step, _ in evals] == [0, 2, 4] and min(trained) > start
+    assert not (out / "checkpoints" / "best.pt").exists()
+    assert f"best val loss {start:.4f}" in printed
+    assert f"no step beat the starting weights of {path} (step 0), so no best.pt was written" in printed
+    assert "training made the model worse" in printed and "memorising" not in printed
+    assert rows[-1]["final/best_perplexity"] == pytest.approx(math.exp(start))
+    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["trainer"]
+    assert saved["best_val_loss"] == pytest.approx(start) and saved["best_step"] == 0
 
 
 def test_a_folder_with_only_a_bert_vocab_txt_trains_with_its_full_context(tmp_path, cache_dir):
@@ -152,12 +183,47 @@ def broken(path: Path, file: str, **changes) -> None:
     (path / file).write_text(json.dumps({**data, **changes}))
 
 
-def without_key(path: Path, key: str) -> None:
+def edit_weights(path: Path, edit) -> None:
+    """Change the folder's weights in place: edit(state) on the tensors of model.safetensors or pytorch_model.bin."""
     from safetensors.torch import load_file, save_file
 
-    state = load_file(path / "model.safetensors")
-    del state[key]
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    if (path / "model.safetensors").exists():
+        state = load_file(path / "model.safetensors")
+        edit(state)
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        state = torch.load(path / "pytorch_model.bin", weights_only=True)
+        edit(state)
+        torch.save(state, path / "pytorch_model.bin")
+
+
+def without_key(path: Path, key: str) -> None:
+    edit_weights(path, lambda state: state.pop(key))
+
+
+def with_values(key: str, *values: float):
+    """A change to the folder: the first values of tensor `key` replaced by `values` (NaN, inf)."""
+    def change(path: Path) -> None:
+        def edit(state):
+            state[key] = state[key].clone()
+            state[key].view(-1)[: len(values)] = torch.tensor(values)
+        edit_weights(path, edit)
+    return change
+
+
+def as_dtype(key: str, dtype: torch.dtype):
+    """A change to the folder: tensor `key` stored as `dtype` (int8, as a quantized model holds its matrices)."""
+    return lambda path: edit_weights(path, lambda state: state.update({key: state[key].to(dtype)}))
+
+
+def config_text(text: bytes):
+    """A change to the folder: config.json replaced by these bytes."""
+    return lambda path: (path / "config.json").write_bytes(text)
+
+
+def cut_short(path: Path) -> None:
+    config = (path / "config.json").read_bytes()
+    (path / "config.json").write_bytes(config[: len(config) // 2])
 
 
 BAD = {  # name: (change to the folder, extra flags, what the message must say)
@@ -165,7 +231,7 @@ BAD = {  # name: (change to the folder, extra flags, what the message must say)
     "llama": (lambda p: broken(p, "config.json", model_type="llama", architectures=["LlamaForCausalLM"]), [],
               "holds a llama model (LlamaForCausalLM)"),
     "exact gelu": (lambda p: broken(p, "config.json", activation_function="gelu"), [],
-                   "activation_function is 'gelu', not 'gelu_new'"),
+                   'activation_function is "gelu", not "gelu_new"'),
     "no weights": (lambda p: (p / "model.safetensors").unlink(), [], "has no weights"),
     "a weight missing": (lambda p: without_key(p, "transformer.h.1.mlp.c_proj.bias"), [],
                          "missing h.1.mlp.c_proj.bias"),
@@ -178,9 +244,39 @@ BAD = {  # name: (change to the folder, extra flags, what the message must say)
                                           f"(config.json's vocab_size) has only {len(VOCAB) - 5} rows"),
     "not a folder": (lambda p: shutil.rmtree(p), [], "no such folder"),
     "a conflicting --n_layer": (None, ["--n_layer=3"], "--n_layer 3 (the folder's: 2)"),
-    "a conflicting --model_size": (None, ["--model_size=small"], "--model_size small (12 layers x 768 wide"),
+    "a conflicting --model_size": (None, ["--model_size=small"], "--model_size small (12 layers x 768 wide, 12 "
+                                                                 "heads; the folder's: 2 layers x 32 wide, 2 heads)"),
+    # the flag's value and the folder's: not the default preset's n_head (6) or n_embd (384), which the folder replaces
+    "a conflicting --n_embd alone": (None, ["--n_embd=33"], "--n_embd 33 (the folder's: 32)"),
+    "a conflicting --n_head alone": (None, ["--n_head=5"], "--n_head 5 (the folder's: 2)"),
     "a longer --block_size": (None, ["--block_size=64"], "--block_size 64 (the folder's model has 32 positions"),
     "another tokenizer": (None, ["--tokenizer=sentencepiece"], "--tokenizer sentencepiece asks for another"),
+    # weights no run can start from: refused by name before anything is written, not trained into NaN or cast
+    "NaN and inf weights": (with_values("transformer.h.1.mlp.c_fc.weight", math.nan, math.nan, math.inf), [],
+                            "are not all finite numbers: h.1.mlp.c_fc.weight (2 NaN, 1 infinite of 4,096 values)"),
+    "int8 weights": (as_dtype("transformer.h.0.attn.c_attn.weight", torch.int8), [],
+                     "are not all floating point: h.0.attn.c_attn.weight (int8)"),
+    "bool weights": (as_dtype("transformer.ln_f.bias", torch.bool), [],
+                     "are not all floating point: ln_f.bias (bool)"),
+    # a config.json that is not one: a sentence each, never a traceback
+    "config.json an array": (config_text(b"[1, 2]"), [], "config.json holds a JSON array, not an object of settings"),
+    "config.json not UTF-8": (config_text(b'\xff\xfe{"model_type": "gpt2"}'), [],
+                              "config.json is not UTF-8 text (byte offset 0)"),
+    "config.json cut short": (cut_short, [], "config.json is not valid JSON ("),
+    "a size as text": (lambda p: broken(p, "config.json", n_layer="2"), [],
+                       'gives sizes that are not whole numbers of at least 1 (n_layer is "2")'),
+    "sizes null": (lambda p: broken(p, "config.json", n_embd=None, vocab_size=None), [],
+                   "(vocab_size is null; n_embd is null)"),
+    "a negative size": (lambda p: broken(p, "config.json", n_layer=-1), [], "(n_layer is -1)"),
+    "a zero size": (lambda p: broken(p, "config.json", n_head=0), [], "(n_head is 0)"),
+    "a width the heads do not divide": (lambda p: broken(p, "config.json", n_head=3), [],
+                                        "gives n_embd 32, which does not divide by n_head 3"),
+    "a billion layers": (lambda p: broken(p, "config.json", n_layer=10**9), [],
+                         "it says 1000000000 layers, the weights hold 2"),
+    "layer_norm_epsilon as text": (lambda p: broken(p, "config.json", layer_norm_epsilon="1e-5"), [],
+                                   'layer_norm_epsilon is "1e-5", not 1e-05'),
+    "layer_norm_epsilon NaN": (lambda p: broken(p, "config.json", layer_norm_epsilon=math.nan), [],
+                               "layer_norm_epsilon is NaN, not 1e-05"),
 }
 
 
@@ -197,6 +293,49 @@ def test_a_bad_folder_or_a_conflicting_flag_exits_2_naming_it_and_writes_nothing
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists() and not cache.exists()
+
+
+def test_nan_weights_in_pytorch_model_bin_are_refused_too(tmp_path, capsys):
+    path = tmp_path / "gpt2"
+    make_folder(path, safetensors=False)
+    with_values("transformer.wte.weight", math.inf)(path)
+    out = tmp_path / "out"
+    assert main([f"--init_from={path}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={tmp_path / 'cache'}",
+                 f"--output_dir={out}", *RUN, "--max_steps=2"]) == 2
+    assert "wte.weight (1 infinite of 34,688 values)" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_weights_of_every_floating_width_are_accepted_and_read_once(folder, tmp_path, dtype):
+    path = tmp_path / "gpt2"
+    shutil.copytree(folder[0], path)
+    edit_weights(path, lambda state: state.update({key: value.to(dtype) for key, value in state.items()}))
+    cfg = parse_args([f"--init_from={path}", f"--data_path={CLASSIC_POEMS}", *RUN])
+    settled, weights = hf.settle_init_from(cfg, load=True)
+    model = GPT(hf.read_gpt2_config(path))
+    model.load_state_dict(weights, strict=True)  # as the trainer takes them: no second read of the folder
+    expected = folder[1].transformer.h[1].mlp.c_fc.weight.t().to(dtype).float()
+    assert torch.equal(model.blocks[1].mlp.fc.weight.detach(), expected)
+    assert hf.settle_init_from(cfg, load=False)[1] is None  # a resumed run: nothing loaded
+
+
+def test_a_model_size_with_the_folder_s_shape_given_beside_it_agrees(folder):
+    argv = [f"--init_from={folder[0]}", f"--data_path={CLASSIC_POEMS}", *RUN]
+    settled, _ = hf.settle_init_from(parse_args([*argv, "--model_size=small", "--n_layer=2", "--n_head=2",
+                                                 "--n_embd=32"]),
+                                     frozenset({"model_size", "n_layer", "n_head", "n_embd"}))
+    assert (settled.n_layer, settled.n_head, settled.n_embd) == (2, 2, 32)
+    # the width alone, the folder's: the default preset's 6 heads do not make it indivisible
+    settled, _ = hf.settle_init_from(parse_args([*argv, "--n_embd=32"]), frozenset({"n_embd"}))
+    assert (settled.n_head, settled.n_embd) == (2, 32)
+
+
+@pytest.mark.parametrize("value", ["", "   "], ids=["empty", "blank"])
+def test_an_init_from_that_names_no_folder_is_refused(value, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([f"--init_from={value}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={tmp_path / 'cache'}",
+                 f"--output_dir={out}", *RUN, "--max_steps=2"]) == 2
+    assert f"--init_from {value!r} names no folder" in capsys.readouterr().err and not out.exists()
 
 
 def char_folder(path: Path, chars: list[str]) -> None:
@@ -276,12 +415,15 @@ def test_a_run_from_a_folder_resumes_from_its_checkpoint_and_samples(folder, tmp
     assert [losses(resumed)[s] for s in (5, 6)] == pytest.approx([losses(straight)[s] for s in (5, 6)], abs=1e-6)
     assert [r["step"] for r in metrics(resumed) if "eval/loss" in r] == [0, 3, 4, 6]  # no second step-0 evaluation
     latest = resumed / "checkpoints" / "latest.pt"
-    saved = torch.load(latest, weights_only=False)
+    saved = torch.load(latest, weights_only=True)
     assert saved["trainer"]["step"] == 6 and saved["tokenizer"]["kind"] == "hf"
     # sampling needs the checkpoint alone
     assert sample_main([str(latest), "--prompts=春江", "--tokens=4", "--device=cpu", "--seed=1"]) == 0
     assert capsys.readouterr().out.startswith("--- '春江' ---\n春 江")
-    # a resume without --init_from says which folder the run started from
+    # a resume without --init_from keeps the run's (its tokenizer); one with another tokenizer names the folder
     assert main([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={resumed}", *RUN,
-                 "--max_steps=8", "--resume"]) == 2
+                 "--max_steps=8", "--resume"]) == 0
+    assert f"resumed from {latest} at step 6" in capsys.readouterr().out
+    assert main([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={resumed}", *RUN,
+                 "--max_steps=10", "--resume", "--tokenizer=char"]) == 2
     assert f"it started from --init_from {path}" in capsys.readouterr().err

@@ -451,6 +451,16 @@ def test_the_program_is_where_the_image_keeps_it():
     assert (ROOT / "train_single_gpu.py").is_file()  # the same file in this repository, which the test below runs
 
 
+def test_torchrun_lets_the_processes_save_within_the_pods_grace_period():
+    """torch 2.13's torchrun kills its training processes TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 when unset) after
+    passing SIGTERM on; the kubelet kills the pod terminationGracePeriodSeconds (30 when unset) after its SIGTERM."""
+    job, trainjob = the("Job"), the("TrainJob")
+    for pod, env in ((job["spec"]["template"]["spec"], env_list(job_container(job))),
+                     (trainjob_pod(trainjob)[0], {e["name"]: e for e in trainjob["spec"]["trainer"]["env"]})):
+        shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
+        assert 30 < shutdown < pod.get("terminationGracePeriodSeconds", 30), (shutdown, pod)
+
+
 def test_kubernetes_expansion_matches_kubelet():
     mapping = {"VAR_A": "A", "VAR_B": "B", "EMPTY": ""}
     cases = {"$(VAR_A)": "A", "___$(VAR_B)___": "___B___", "$(VAR_A)-$(VAR_B)": "A-B", "$(EMPTY)": "",

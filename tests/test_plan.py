@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from gpt_trainer.cli import main
-from gpt_trainer.plan import lr_multiplier
-from tests.conftest import plan_for
+from gpt_trainer.config import given_flags, parse_args
+from gpt_trainer.errors import UsageError
+from gpt_trainer.plan import keep_run_values, lr_multiplier
+from tests.conftest import CLASSIC_POEMS, plan_for
 
 
 def test_learning_rate_warms_up_then_decays_to_the_minimum():
@@ -43,7 +45,7 @@ def test_config_json_the_checkpoint_and_the_dry_run_describe_the_run_alike(tiny_
     recorded = json.loads((tmp_path / "out" / "config.json").read_text())
     segments = recorded.pop("segments")
     assert [s["from_step"] for s in segments] == [0]
-    saved = torch.load(tmp_path / "out" / "checkpoints" / "latest.pt", weights_only=False)
+    saved = torch.load(tmp_path / "out" / "checkpoints" / "latest.pt", weights_only=True)
     assert saved["config"] == recorded
     assert {**dry, "output_dir": recorded["output_dir"], "dry_run": False} == recorded
     assert recorded["batch_size"] == 16 and recorded["global_batch_size"] == 16 and recorded["run_name"] == "same"
@@ -70,3 +72,46 @@ def test_a_run_announces_its_memory_plan_in_two_lines(tiny_argv, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory")]
     assert len(lines) == 2 and lines[0].startswith("memory per GPU (estimated: fp32, micro-batch")
     assert lines[1].endswith("on the CPU: not checked")
+
+
+def test_on_resume_the_flags_not_given_keep_the_run_s_text_tokenizer_and_shape(tiny_cfg):
+    """What a bare --resume keeps, from a real run's description (the one its checkpoint and config.json hold)."""
+    recorded = plan_for(tiny_cfg("--tokenizer=sentencepiece", "--vocab_size=2000", "--n_layer=3",
+                                 "--learning_rate=1e-3")).describe()
+
+    def resumed(*argv: str):
+        cfg, kept = keep_run_values(parse_args(["--resume", *argv]), recorded, given_flags(["--resume", *argv]))
+        return cfg, kept
+
+    bare, kept = resumed()
+    assert (bare.data_path, bare.corpus, bare.tokenizer, bare.vocab_size) == (str(CLASSIC_POEMS), None,
+                                                                              "sentencepiece", 2000)
+    assert (bare.n_layer, bare.n_head, bare.n_embd, bare.block_size, bare.learning_rate) == (3, 2, 32, 16, 1e-3)
+    assert {"data_path", "tokenizer", "n_layer", "block_size", "cache_dir", "seed"} <= kept
+    # a flag of a group given replaces the group: other text (the run's --data_path is not mixed in) ...
+    assert resumed("--corpus=tang")[0].data_path is None
+    # ... another tokenizer, another preset (its layers, heads and width; the run's block_size stays)
+    assert resumed("--tokenizer=char")[0].tokenizer == "char"
+    small = resumed("--model_size=small")[0]
+    assert (small.n_layer, small.n_head, small.n_embd, small.block_size) == (12, 12, 768, 16)
+    assert resumed("--n_layer=4")[0].n_layer == 4 and resumed("--n_layer=4")[0].n_embd == 32  # one flag: itself
+
+
+def test_what_a_description_resolved_is_kept_as_the_flag_that_gives_it(tiny_cfg):
+    """The description records the corpus's name and the vocabulary's size: a named corpus is kept as its --corpus
+    (no download attempt: song_ci from the cache, or the embedded poems the run fell back to), a char vocabulary's
+    size is no --vocab_size; with --init_from, the folder sets layers, heads and width."""
+    recorded = {**plan_for(tiny_cfg()).describe(), "data_path": None, "corpus": "builtin"}
+    cfg, kept = keep_run_values(parse_args(["--resume"]), recorded, frozenset({"resume"}))
+    assert cfg.corpus == "builtin" and cfg.vocab_size == 4000 and "vocab_size" not in kept
+    with_folder = {**recorded, "init_from": "/models/gpt2", "tokenizer": "hf"}
+    cfg, kept = keep_run_values(parse_args(["--resume"]), with_folder, frozenset({"resume"}))
+    assert (cfg.init_from, cfg.tokenizer, cfg.block_size) == ("/models/gpt2", "hf", 16)
+    assert not kept & {"model_size", "n_layer", "n_head", "n_embd"}
+
+
+def test_a_recorded_value_no_flag_takes_is_refused_by_name(tiny_cfg):
+    recorded = {**plan_for(tiny_cfg()).describe(), "n_layer": "2", "tokenizer": "bpe"}
+    with pytest.raises(UsageError, match=r"the run records (n_layer '2', tokenizer 'bpe'|tokenizer 'bpe', n_layer "
+                                         r"'2'), which no flag of that name takes"):
+        keep_run_values(parse_args(["--resume"]), recorded, frozenset({"resume"}))

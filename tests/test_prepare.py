@@ -62,6 +62,67 @@ def test_a_malformed_json_line_exits_2_naming_the_file_and_line_and_leaves_no_ca
     assert complete_caches(cache) == [] and staging_folders(cache) == []
 
 
+def test_a_corpus_too_short_for_training_s_default_block_is_prepared_with_advice_for_training(tmp_path, capsys):
+    """prepare takes no --block_size: it publishes the cache and says what training needs, naming train's flag and
+    the largest value that fits (which training then accepts, and one more it refuses)."""
+    from gpt_trainer.config import parse_args
+    from gpt_trainer.data import prepare_data
+    from gpt_trainer.errors import UsageError
+
+    corpus, cache = tmp_path / "short.txt", tmp_path / "cache"
+    corpus.write_text("春江花月夜" * 40, encoding="utf-8")  # 200 tokens: 180 train, 20 validation
+    assert main([f"--data_path={corpus}", f"--cache_dir={cache}"]) == 0
+    captured = capsys.readouterr()
+    assert "180 train + 20 validation tokens" in captured.out and len(complete_caches(cache)) == 1
+    assert ("note: training needs at least block_size + 1 tokens in each split, and the shorter split here has 20: "
+            "too few for train_single_gpu.py's default --block_size 256. To train on it, train with --block_size 19 "
+            "or less, or use more text or another --train_split (then prepare again).") in captured.err
+    flags = [f"--data_path={corpus}", f"--cache_dir={cache}"]
+    assert not prepare_data(parse_args([*flags, "--block_size=19"])).built  # the advice holds, on this very cache
+    with pytest.raises(UsageError, match=r"needs at least block_size \+ 1 = 21"):
+        prepare_data(parse_args([*flags, "--block_size=20"]))
+
+
+def test_prepare_with_a_cache_dir_that_is_a_file_exits_2_with_a_sentence_and_writes_nothing(tmp_path, capsys):
+    cache = tmp_path / "cache.txt"
+    cache.write_text("my notes\n")
+    assert main([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --cache_dir {cache} is a file, not a folder. Choose another --cache_dir.\n"
+    assert cache.read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.txt"]
+
+
+def test_each_note_about_a_file_is_said_once_per_preparation(tmp_path, capsys):
+    """Preparation reads a text corpus twice (the vocabulary, then the ids): its notes come once."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a_poems.txt").write_bytes(CLASSIC_POEMS.read_bytes())
+    (data / "cut.txt").write_bytes("春江花月夜\n海上明月".encode("utf-8")[:-1])
+    (data / "wide.txt").write_bytes("静夜思\n床前明月光\n".encode("utf-16-le"))
+    assert main([f"--data_path={data}", f"--cache_dir={tmp_path / 'cache'}"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ends in the middle of a character") == 1 and err.count("is UTF-16-LE text") == 1, err
+
+
+def test_ctrl_c_during_prepare_says_to_run_it_again_not_to_resume_and_leaves_no_staging(tmp_path, monkeypatch, capsys):
+    """A real SIGINT to this process, sent between the two passes (a hook on the first pass times it)."""
+    from gpt_trainer import data
+
+    real_scan = data.scan
+
+    def scan_then_ctrl_c(*args, **kwargs):
+        found = real_scan(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return found
+    monkeypatch.setattr(data, "scan", scan_then_ctrl_c)
+    cache = tmp_path / "cache"
+    assert main([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache}"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "error: stopped by Ctrl-C. To finish the job, run the same command again."
+    assert "--resume" not in err and "checkpoint" not in err
+    assert complete_caches(cache) == [] and staging_folders(cache) == []
+
+
 # ---- as separate processes ------------------------------------------------------------------------------------------
 def prepare_cmd(corpus: Path, cache: Path, *extra: str) -> list:
     return [sys.executable, "-m", "gpt_trainer.prepare", f"--data_path={corpus}", f"--cache_dir={cache}", *extra]

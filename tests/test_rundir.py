@@ -1,9 +1,13 @@
 """The run folder's rule, on real folders: what it accepts, what it refuses, and what --overwrite removes."""
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 
+from gpt_trainer import checkpoint, cli
 from gpt_trainer.errors import UsageError
 from gpt_trainer.rundir import MARKER, RunFolder
 
@@ -42,17 +46,90 @@ def test_a_run_folder_of_a_version_before_the_marker_is_recognised(tmp_path):
     folder.check_writable(resuming=True, overwrite=False)
 
 
-def test_clear_removes_every_own_entry_and_keeps_the_users_notes(tmp_path):
+def write(path: Path, text: str = "x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_clear_removes_exactly_the_runs_files_and_keeps_the_users_byte_for_byte(tmp_path):
     folder = RunFolder(tmp_path)
     folder.mark()
-    for name in ("config.json", "metrics.jsonl", "samples.txt"):
-        (tmp_path / name).write_text("x")
-    for name in ("checkpoints", "logs/run-a", "wandb/offline-run-1", "swanlog/run-1"):
-        (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "file").write_text("x")
-    (tmp_path / "notes.txt").write_text("mine")
-    removed = folder.clear()
-    assert sorted(removed) == ["checkpoints", "config.json", "logs", "metrics.jsonl", "samples.txt", "swanlog",
-                               "wandb"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "notes.txt"]
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    folder.write_config({"run_name": "run-a"}, 0, {})
+    run = [write(tmp_path / name) for name in (
+        "metrics.jsonl", "samples.txt", ".metrics.jsonl.tmp", "checkpoints/latest.pt", "checkpoints/best.pt",
+        "checkpoints/.latest.pt.tmp-4242", "logs/run-a/events.out.tfevents.1.host.1.0",
+        "logs/run-a/events.out.tfevents.2.host.1.1", "wandb/offline-run-1/run-1.wandb", "swanlog/run-1/run-1.swanlab")]
+    users = {path: path.read_bytes() for path in (
+        write(tmp_path / "notes.txt", "mine"), write(tmp_path / "checkpoints/keep-step6.pt", "a copy of step 6"),
+        write(tmp_path / "logs/my_notes.txt", "lr 3e-4 looked good"), write(tmp_path / "logs/run-a/plot.png", "png"),
+        write(tmp_path / "logs/by-hand/events.out.tfevents.9.host.1.0", "another run's curves"))}
+    removed, kept = folder.clear()
+    assert sorted(removed) == sorted(["config.json", "metrics.jsonl", "samples.txt", ".metrics.jsonl.tmp",
+                                      "checkpoints/latest.pt", "checkpoints/best.pt",
+                                      "checkpoints/.latest.pt.tmp-4242", "logs/run-a/ (2 TensorBoard event files)",
+                                      "wandb/", "swanlog/"])
+    assert kept == ["notes.txt", "checkpoints/keep-step6.pt", "logs/my_notes.txt", "logs/run-a/plot.png",
+                    "logs/by-hand/ (1 TensorBoard event file)"]
+    assert not any(path.exists() for path in [*run, folder.config_json, tmp_path / "wandb", tmp_path / "swanlog"])
+    assert {path: path.read_bytes() for path in users} == users
+    assert folder.marker.exists() and folder.foreign_entries() == []
+
+
+def test_clear_removes_the_folders_it_empties(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.mark()
+    folder.write_config({"run_name": "run-a"}, 0, {})
+    for name in ("checkpoints/latest.pt", "logs/run-a/events.out.tfevents.1.host.1.0", "samples.txt"):
+        write(tmp_path / name)
+    assert folder.clear()[1] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER]
+
+
+def test_every_run_name_the_folder_used_is_cleared_not_only_config_jsons(tmp_path):
+    """A run name config.json no longer names (a --resume from another folder's run took that run's name): the marker
+    recorded it, so its TensorBoard events go too."""
+    folder = RunFolder(tmp_path)
+    folder.mark()
+    folder.write_config({"run_name": "first"}, 0, {})
+    folder.write_config({"run_name": "second"}, 0, {})
+    assert json.loads(folder.config_json.read_text())["run_name"] == "second"
+    events = [write(tmp_path / "logs" / name / "events.out.tfevents.1.host.1.0") for name in ("first", "second")]
+    folder.clear()
+    assert not any(event.exists() for event in events) and not folder.logs.exists()
+
+
+def test_a_hand_edited_marker_cannot_send_clear_outside_the_logs_folder(tmp_path):
+    out = tmp_path / "out"
+    folder = RunFolder(out)
+    out.mkdir()
+    folder.write_marker({"written_by": "gpt-trainer", "run_names": ["../..", "..", "/etc", "a/../../.."]})
+    outside = write(tmp_path / "events.out.tfevents.1.host.1.0", "not the run's")
+    assert folder.run_names() == []
+    folder.clear()
+    assert outside.read_text() == "not the run's"
+
+
+def test_overwrite_keeps_the_users_files_in_checkpoints_and_logs_and_says_what_it_removed_and_kept(tiny_argv,
+                                                                                                   tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = tiny_argv("--max_steps=2", "--eval_interval=2", "--report_to=tensorboard")
+    assert cli.main(argv) == 0
+    [first_run] = folder_names(out / "logs")
+    users = {path: path.read_bytes() for path in (
+        shutil.copy(out / "checkpoints" / "latest.pt", out / "checkpoints" / "keep-step2.pt"),
+        write(out / "logs" / "my_notes.txt", "the lr was too high"),
+        write(out / "checkpoints" / "notes.md", "step 2 sounded best"))}
+    capsys.readouterr()
+    assert cli.main([*argv, "--overwrite", "--wandb_run_name=second"]) == 0
+    said = capsys.readouterr().err
+    assert {path: path.read_bytes() for path in users} == users
+    assert folder_names(out / "logs") == ["second"]  # the first run's TensorBoard folder is gone, events and all
+    assert re.search(r"--overwrite: removed the earlier run's .*checkpoints/latest\.pt, checkpoints/best\.pt, "
+                     + re.escape(f"logs/{first_run}/ (2 TensorBoard event files)") + r" from \S+; kept what no run "
+                     r"wrote: checkpoints/keep-step2\.pt, checkpoints/notes\.md, logs/my_notes\.txt", said), said
+    assert checkpoint.load(out / "checkpoints" / "latest.pt")["tracker"]["run_name"] == "second"
+
+
+def folder_names(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir())

@@ -1,10 +1,18 @@
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from gpt_trainer.config import MAX_SAMPLE_TOKENS
+from gpt_trainer.model import GPT, GPTConfig, generate_text, stream_text
 from gpt_trainer.rundir import RunFolder
 from gpt_trainer.sample import main
-from tests.conftest import make_trainer
+from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer
+from tests.conftest import CLASSIC_POEMS, make_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sampling_needs_nothing_but_the_checkpoint(tiny_cfg, tmp_path, capsys):
@@ -56,3 +64,35 @@ def test_the_sample_command_of_the_package_works_as_the_sample_module(capsys):
     assert package.stdout == module.stdout and module.stdout.startswith("--- '春' ---\n春")
     refused = python_m("gpt_trainer.sample", fixture, "--temperature=-1")
     assert refused.returncode == 2 and "--temperature must be" in refused.stderr
+
+
+def test_a_long_sample_is_printed_as_it_is_drawn():
+    """The most tokens a sample may draw take the fixture model more than a minute on a CPU: its first text must
+    arrive while the rest is still being drawn, not all at the end."""
+    fixture = ROOT / "tests" / "fixtures" / "checkpoint_v2.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_trainer.sample", str(fixture), "--prompts=春",
+                             f"--tokens={MAX_SAMPLE_TOKENS}", "--device=cpu", "--seed=1"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.read(len("--- '春' ---\n春") + 40)  # the heading, the prompt and 40 characters drawn
+        with pytest.raises(subprocess.TimeoutExpired):  # printed all at the end, it would exit at once
+            proc.wait(timeout=3)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert first.startswith("--- '春' ---\n春") and len(first) == len("--- '春' ---\n春") + 40, first
+
+
+@pytest.mark.parametrize("kind", ["char", "sentencepiece"])
+def test_the_pieces_streamed_make_the_same_text_as_one_sample(kind):
+    """An untrained model draws any token: for sentencepiece, also the byte pieces of characters split over several
+    tokens, which print only once complete."""
+    text = CLASSIC_POEMS.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.train(text) if kind == "char" else SentencePieceTokenizer.train(text, 1400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    draws = dict(prompt="春江", precision="fp32", tokens=300, temperature=1.0, top_k=0, top_p=1.0)
+    pieces = list(stream_text(model, tokenizer, **draws, generator=torch.Generator().manual_seed(1)))
+    whole = generate_text(model, tokenizer, **draws, generator=torch.Generator().manual_seed(1))
+    assert pieces[0] == "春江" and len(pieces) > 30
+    assert "".join(pieces) == whole

@@ -28,6 +28,7 @@ def test_every_sweep_file_validates_against_wandbs_schema_and_names_real_flags(p
     # the agent runs the command's literal program: `python` (which the image has) or the torchrun launcher
     assert config["command"][1] in ("python", "torchrun") and "${args}" in config["command"]
     assert set(config["parameters"]) <= sweep.FLAGS
+    sweep.check_trials(config, str(path), Path("output_sweep"), "tensorboard")  # no trial refused, alone or together
 
 
 def test_the_top_level_grid_is_the_one_asked_for():
@@ -409,3 +410,163 @@ def test_two_workers_train_a_2_point_grid_in_parallel_with_the_real_program(tmp_
         rows = [json.loads(line) for line in (out / t["name"] / "metrics.jsonl").read_text().splitlines()]
         assert t["metric"] == min(r["eval/loss"] for r in rows if "eval/loss" in r)
         assert (out / t["name"] / "checkpoints" / "latest.pt").exists()
+
+
+# ---- values refused together: each trial's command line checked before the first trial -----------------------------
+METRIC = {"name": "eval/loss", "goal": "minimize"}
+
+
+@pytest.mark.parametrize("method, refused, accepted, named", [
+    ("grid", {"learning_rate": {"values": [1.0e-3, 2.0e-2]}, "min_lr": {"value": 1.0e-2}},
+     {"learning_rate": {"values": [1.0e-2, 2.0e-2]}, "min_lr": {"value": 1.0e-2}},
+     ["refuses 1 of the 2 trials checked (every point of the grid)",
+      "(1) `--learning_rate=0.001`: --min_lr 0.01 is above --learning_rate 0.001"]),
+    ("grid", {"use_chinese": {"value": True}, "data_path": {"values": ["a.txt", "b.txt"]}},
+     {"use_chinese": {"value": False}, "data_path": {"values": ["a.txt", "b.txt"]}},
+     ["refuses 2 of the 2 trials", "(1) `--data_path=a.txt`: --use_chinese asks for the Chinese poetry corpus, but "
+      "--data_path a.txt names other text", "(2) `--data_path=b.txt`"]),
+    ("random", {"learning_rate": {"distribution": "log_uniform_values", "min": 1.0e-4, "max": 1.0e-2},
+                "min_lr": {"distribution": "uniform", "min": 0.0, "max": 1.0e-3}},
+     {"learning_rate": {"distribution": "log_uniform_values", "min": 1.0e-3, "max": 1.0e-2},
+      "min_lr": {"distribution": "uniform", "min": 0.0, "max": 1.0e-3}},
+     ["refuses 1 of the 4 trials checked (every combination of each parameter's fixed or listed values and the ends "
+      "of its range)", "`--learning_rate=0.0001 --min_lr=0.001`: --min_lr 0.001 is above --learning_rate 0.0001"]),
+    ("bayes", {"n_head": {"values": [4, 6]}, "n_embd": {"distribution": "int_uniform", "min": 96, "max": 128}},
+     {"n_head": {"values": [4, 8]}, "n_embd": {"distribution": "q_uniform", "min": 96, "max": 128, "q": 8}},
+     ["refuses 1 of the 4 trials", "`--n_embd=128 --n_head=6`: n_embd=128 is not divisible by n_head=6"]),
+])
+def test_check_refuses_values_that_the_training_command_refuses_together(tmp_path, capsys, method, refused, accepted,
+                                                                         named):
+    """Each value alone is fine; together they are not, in some trials or all."""
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": method, "metric": METRIC, "parameters": refused}
+    for name, spec in refused.items():
+        assert sweep.refused_values(name, spec) == []
+    assert main([write(tmp_path, "bad.yaml", yaml.safe_dump(config)), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and all(n in err for n in named), err
+    config["parameters"] = accepted  # the control
+    assert main([write(tmp_path, "good.yaml", yaml.safe_dump(config)), "--check"]) == 0
+    assert "train_single_gpu.py accepts each of the" in capsys.readouterr().out
+
+
+def test_the_refusal_named_is_the_training_commands_own_and_nothing_runs(tmp_path, capsys):
+    parameters = {"use_chinese": {"value": True}, "data_path": {"values": ["a.txt", "b.txt"]}}
+    sweep_file = fake_sweep(tmp_path, parameters)
+    out = tmp_path / "sweep"
+    assert main([sweep_file, f"--output_dir={out}"]) == 2  # a real run is checked as --check is
+    said = capsys.readouterr().err
+    assert cli.main(["--use_chinese=True", "--data_path=a.txt", f"--output_dir={tmp_path / 'o'}"]) == 2
+    training_said = capsys.readouterr().err.removeprefix("error: ").strip()
+    assert f"`--data_path=a.txt`: {training_said}" in said
+    assert not out.exists() and not (tmp_path / "o").exists()
+
+
+def test_the_ends_of_a_range_are_the_values_the_sweep_engine_draws_between():
+    assert sweep.parameter_values("warmup_steps", {"distribution": "int_uniform", "min": 0, "max": 500}) == [0, 500]
+    assert sweep.parameter_values("learning_rate", {"distribution": "log_uniform_values", "min": 1.0e-4,
+                                                    "max": 3.0e-3}) == [1e-4, 3e-3]
+    # log_uniform's min and max are natural logarithms: e^-9.2 and e^-4.6, not -9.2 (which would be refused)
+    spec = {"distribution": "log_uniform", "min": -9.2, "max": -4.6}
+    assert sweep.parameter_values("learning_rate", spec) == pytest.approx([1.0104e-4, 1.0052e-2], rel=1e-3)
+    assert sweep.refused_values("learning_rate", spec) == []
+    # a normal distribution has no ends: its 0.1 and 99.9 percentiles, here below 0 for dropout
+    spec = {"distribution": "normal", "mu": 0.1, "sigma": 0.05}
+    assert sweep.parameter_values("dropout", spec) == pytest.approx([0.1 - 0.1545, 0.1 + 0.1545], abs=1e-3)
+    assert [value for value, _ in sweep.refused_values("dropout", spec)] == sweep.parameter_values("dropout", spec)[:1]
+
+
+# ---- the state file, damaged: refused and left as it is ---------------------------------------------------------
+def one_trial_done(tmp_path, monkeypatch) -> tuple[str, Path, Path]:
+    """A two-point sweep (the fake program) with its first trial finished: the sweep file, its folder, the fake log."""
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none", "--count=1"]) == 0
+    assert [t["status"] for t in trials(out)] == ["finished"]
+    return sweep_file, out, log
+
+
+def first_trial(change):
+    """A damage to the state file: a change to its first trial."""
+    def damage(data: bytes) -> bytes:
+        state = json.loads(data)
+        change(state["trials"][0])
+        return json.dumps(state).encode()
+    return damage
+
+
+DAMAGES = {  # what a full disk, a killed editor or a hand edit leaves; and the words that name it
+    "truncated": (lambda data: data[:len(data) // 2], "it is not valid JSON ("),
+    "empty": (lambda data: b"", "it is empty"),
+    "a list": (lambda data: b"[]", "it holds [], not the mapping of `fingerprint` and `trials` a sweep writes"),
+    "trials not a list": (lambda data: json.dumps({**json.loads(data), "trials": {}}).encode(),
+                          "its `trials` is {}, not a list"),
+    "a trial without params": (first_trial(lambda t: t.pop("params")), "its trial #1 (trial-001) has no `params`"),
+    "params a list": (first_trial(lambda t: t.update(params=[1])),
+                      "its trial #1 (trial-001) has `params` [1], not a mapping"),
+    "metric a string": (first_trial(lambda t: t.update(metric="low")), "has `metric` \"low\", not a number or null"),
+    "name a number": (first_trial(lambda t: t.update(name=7)), "its trial #1 has `name` 7, not a name such as"),
+    "name a path": (first_trial(lambda t: t.update(name="../elsewhere")), "has `name` \"../elsewhere\", not a name"),
+    "status null": (first_trial(lambda t: t.update(status=None)), "has `status` null, not running, finished or"),
+    "not UTF-8": (lambda data: data.replace(b'"finished"', b'"fini\xe9"'), "it is not UTF-8 text (byte offset"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_a_damaged_state_file_is_refused_and_left_byte_for_byte(tmp_path, monkeypatch, capsys, damage):
+    sweep_file, out, log = one_trial_done(tmp_path, monkeypatch)
+    change, words = DAMAGES[damage]
+    state = out / "sweep_state.json"
+    state.write_bytes(change(state.read_bytes()))
+    before = state.read_bytes()
+    capsys.readouterr()
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {state} is damaged: ") and words in err, err
+    assert f"move it aside (`mv {state} {state}.damaged`)" in err and "Traceback" not in err
+    assert state.read_bytes() == before and len(logged(log)) == 1  # never reset, and nothing ran
+
+
+def test_after_a_damaged_state_is_moved_aside_new_trials_never_reuse_the_kept_folders(tmp_path, monkeypatch):
+    sweep_file, out, log = one_trial_done(tmp_path, monkeypatch)
+    kept = (out / "trial-001" / "metrics.jsonl").read_text()
+    state = out / "sweep_state.json"
+    state.write_text("")
+    os.replace(state, out / "sweep_state.json.damaged")  # what the message says to do
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 0
+    assert [t["name"] for t in trials(out)] == ["trial-002", "trial-003"]  # the grid again, after the kept folder
+    assert [s["output_dir"] for s in logged(log)[1:]] == [str(out / "trial-002"), str(out / "trial-003")]
+    assert (out / "trial-001" / "metrics.jsonl").read_text() == kept
+
+
+# ---- the sweep's folder ---------------------------------------------------------------------------------------------
+def test_a_folder_with_files_no_sweep_wrote_is_refused_and_an_earlier_sweeps_is_continued(tmp_path, monkeypatch,
+                                                                                        capsys):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}})
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes\n")
+    assert main([sweep_file, f"--output_dir={mine}", "--report_to=none"]) == 2
+    assert f"--output_dir {mine} already holds files no sweep wrote (data, notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["data", "notes.txt"]
+
+    starting = tmp_path / "starting"  # what workers started together see of each other before the marker is written
+    starting.mkdir()
+    for name in (".write-probe-x1y2", "sweep_state.lock", "trial-001.claim", "trial-001"):
+        (starting / name).touch()
+    assert sweep.foreign_entries(starting) == []
+
+    out = tmp_path / "sweep"  # a sweep's folder: marked, and continued (a moved-aside file of it is not foreign)
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none", "--count=1"]) == 0
+    assert (out / sweep.MARKER).exists()
+    (out / "notes.txt").write_text("what I saw\n")
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 0
+    assert [t["status"] for t in trials(out)] == ["finished", "finished"]
+
+    earlier = tmp_path / "earlier"  # the folder of a version before the marker: its state file says it is a sweep's
+    assert main([sweep_file, f"--output_dir={earlier}", "--report_to=none", "--count=1"]) == 0
+    (earlier / sweep.MARKER).unlink()
+    (earlier / "notes.txt").write_text("what I saw\n")  # the user's, beside a sweep's state: still a sweep's folder
+    assert main([sweep_file, f"--output_dir={earlier}", "--report_to=none"]) == 0
+    assert [t["status"] for t in trials(earlier)] == ["finished", "finished"]

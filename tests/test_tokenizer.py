@@ -62,3 +62,32 @@ def test_sentencepiece_trains_on_a_corpus_with_no_line_breaks_and_round_trips_it
     assert tok.vocab_size == 1500
     ids = tok.encode(text)
     assert len(ids) < len(text) and tok.decode(ids) == text
+
+
+def hf_tokenizer(folder):
+    """A Hugging Face tokenizer as an --init_from folder holds one: a BERT WordPiece vocabulary of the text's
+    characters."""
+    from tokenizers import BertWordPieceTokenizer
+
+    from gpt_trainer.tokenizer import HFTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(TEXT) - set(" \n\r\t"))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return HFTokenizer(BertWordPieceTokenizer(str(folder / "vocab.txt")).to_str(), vocab_size=len(vocab) + 3)
+
+
+@pytest.mark.parametrize("kind", ["char", "sentencepiece", "hf"])
+def test_every_tokenizer_kind_round_trips_through_json_data(tmp_path, kind):
+    import json
+
+    from gpt_trainer.tokenizer import tokenizer_from_json, tokenizer_to_json
+
+    tok = {"char": lambda: CharTokenizer.train(TEXT),
+           "sentencepiece": lambda: SentencePieceTokenizer.train(CLASSIC_POEMS.read_text(encoding="utf-8"), 2000),
+           "hf": lambda: hf_tokenizer(tmp_path)}[kind]()
+    text = tokenizer_to_json(tok)
+    assert json.loads(text)["kind"] == kind  # plain JSON: reading it back runs no code
+    again = tokenizer_from_json(text)
+    assert again.to_dict() == tok.to_dict() and again.vocab_size == tok.vocab_size
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.decode(tok.encode(TEXT)) == tok.decode(tok.encode(TEXT))
+    assert tokenizer_to_json(again) == text
