@@ -4,7 +4,7 @@
 import importlib
 import sys
 
-from . import cli
+from .commands import train
 
 COMMANDS = ("sample", "sweep", "doctor", "benchmark", "demo", "prepare", "export")
 
@@ -12,8 +12,8 @@ COMMANDS = ("sample", "sweep", "doctor", "benchmark", "demo", "prepare", "export
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
-        return importlib.import_module(f"gpt_trainer.{argv[0]}").main(argv[1:])
-    return cli.main(argv)
+        return importlib.import_module(f"gpt_trainer.commands.{argv[0]}").main(argv[1:])
+    return train.main(argv)
 
 
 if __name__ == "__main__":

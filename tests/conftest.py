@@ -13,12 +13,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt_trainer.config import TrainConfig, parse_args
-from gpt_trainer.data import prepare_data
-from gpt_trainer.distributed import World
-from gpt_trainer.hardware import resolve_precision
-from gpt_trainer.plan import RunPlan, make_plan
-from gpt_trainer.rundir import RunFolder
-from gpt_trainer.trainer import Trainer
+from gpt_trainer.data.tokens import prepare_data
+from gpt_trainer.plan.run_plan import RunPlan, make_plan
+from gpt_trainer.system.distributed import World
+from gpt_trainer.system.hardware import resolve_precision
+from gpt_trainer.system.rundir import RunFolder
+from gpt_trainer.train.trainer import Trainer
 
 POEMS = ("静夜思\n床前明月光，疑是地上霜。举头望明月，低头思故乡。\n\n"
          "春晓\n春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。\n\n") * 8

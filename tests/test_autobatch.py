@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from gpt_trainer import autobatch
-from gpt_trainer.autobatch import largest_that_fits, settle_batch
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.config import CPU_AUTO_BATCH_SIZE
-from gpt_trainer.distributed import World
 from gpt_trainer.errors import UsageError
+from gpt_trainer.plan import autobatch
+from gpt_trainer.plan.autobatch import largest_that_fits, settle_batch
+from gpt_trainer.system.distributed import World
 
 GIB = 2**30
 CPU, GPU = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU until a tensor uses it
@@ -112,7 +112,7 @@ def test_a_bad_global_batch_changes_no_file(tiny_argv, tmp_path, capsys):
 def test_auto_under_fsdp_takes_the_memory_plan_not_a_full_replica(tiny_cfg, monkeypatch):
     """--parallel fsdp: a trial step here would run an unsharded replica (N times each process's weights, gradients
     and AdamW state), so the search takes the memory plan's estimate of the sharded step instead."""
-    from gpt_trainer.memory import plan_for_flags
+    from gpt_trainer.plan.memory import plan_for_flags
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 80 * GIB))
     monkeypatch.setattr(autobatch, "step_peak_bytes", lambda *args: pytest.fail("measured an unsharded replica"))

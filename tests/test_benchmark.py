@@ -3,9 +3,9 @@ import types
 
 import pytest
 
-from gpt_trainer import benchmark
-from gpt_trainer.benchmark import CPU_SUITE, main
-from gpt_trainer.trainer import Trainer
+from gpt_trainer.commands import benchmark
+from gpt_trainer.commands.benchmark import CPU_SUITE, main
+from gpt_trainer.train.trainer import Trainer
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--vocab_size=100",
         "--device=cpu"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_trainer import checkpoint, cli
+from gpt_trainer.commands import train as cli
+from gpt_trainer.data.tokenizer import CharTokenizer
 from gpt_trainer.errors import UsageError
-from gpt_trainer.rundir import RunFolder
-from gpt_trainer.tokenizer import CharTokenizer
+from gpt_trainer.system.rundir import RunFolder
+from gpt_trainer.train import checkpoint
 from tests.conftest import make_trainer
-
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

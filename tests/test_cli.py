@@ -1,6 +1,6 @@
+import dataclasses
 import errno
 import hashlib
-import dataclasses
 import json
 import math
 import shutil
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_trainer import checkpoint
-from gpt_trainer.cli import main, tensorboard_command, what_happened
+from gpt_trainer.commands.train import main, tensorboard_command, what_happened
 from gpt_trainer.config import TrainConfig
-from gpt_trainer.rundir import RunFolder
-from gpt_trainer.trainer import TrainResult
+from gpt_trainer.system.rundir import RunFolder
+from gpt_trainer.train import checkpoint
+from gpt_trainer.train.trainer import TrainResult
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]

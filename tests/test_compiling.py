@@ -6,10 +6,10 @@ runs in the container stage (--compile inside the image) and in tests/test_gpu.p
 import pytest
 import torch
 
-from gpt_trainer import compiling
-from gpt_trainer.cli import main
-from gpt_trainer.compiling import wants_compile
-from gpt_trainer.trainer import Trainer
+from gpt_trainer.commands.train import main
+from gpt_trainer.system import compiling
+from gpt_trainer.system.compiling import wants_compile
+from gpt_trainer.train.trainer import Trainer
 from tests.conftest import make_trainer
 
 

@@ -5,11 +5,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gpt_trainer import corpora
 from gpt_trainer.config import CHINESE_PROMPTS, parse_args
+from gpt_trainer.data import corpora
+from gpt_trainer.data.corpora import (
+    BUILTIN_POEMS,
+    RemoteCorpus,
+    chinese_default,
+    fetch_remote_corpus,
+    load_corpus,
+    load_named,
+    read_data_path,
+)
 from gpt_trainer.errors import UsageError
-from gpt_trainer.corpora import (BUILTIN_POEMS, RemoteCorpus, chinese_default, fetch_remote_corpus, load_corpus,
-                                 load_named, read_data_path)
 
 POEMS = [{"rhythmic": "虞美人", "paragraphs": ["春花秋月何时了？", "往事知多少。"]},
          {"title": "静夜思", "paragraphs": ["床前明月光，", "疑是地上霜。"]}]
@@ -201,7 +208,7 @@ def test_the_embedded_poems_are_read_from_the_package(tmp_path, monkeypatch):
 
 
 def test_a_run_folder_inside_the_data_path_folder_is_not_read_as_corpus(tiny_argv, tmp_path, capsys):
-    from gpt_trainer.cli import main
+    from gpt_trainer.commands.train import main
     from tests.conftest import CLASSIC_POEMS
 
     data = tmp_path / "data"

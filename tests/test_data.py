@@ -5,11 +5,12 @@ import shutil
 import numpy as np
 import pytest
 
-from gpt_trainer import data as data_module
+from gpt_trainer.data import tokens as data_module
+from gpt_trainer.data.batches import EpochSampler, validation_windows
+from gpt_trainer.data.corpora import Corpus
+from gpt_trainer.data.tokenizer import CharTokenizer
+from gpt_trainer.data.tokens import prepare_data
 from gpt_trainer.errors import UsageError
-from gpt_trainer.corpora import Corpus
-from gpt_trainer.data import EpochSampler, prepare_data, validation_windows
-from gpt_trainer.tokenizer import CharTokenizer
 
 
 def test_tokens_are_cached_on_disk_and_not_recomputed(tiny_cfg, tmp_path, monkeypatch):
@@ -97,7 +98,6 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_notice_never_trained_on(tiny_cf
     expected = (np.array(good.train), np.array(good.val))
     [folder] = (tmp_path / "cache" / "tokens").iterdir()
     damage(folder)
-    monkeypatch.setattr(data_module, "_verified", set())  # a new process: digests are checked at the first load
     again = prepare_data(cfg)
     assert "is damaged" in capsys.readouterr().err
     assert np.array_equal(again.train, expected[0]) and np.array_equal(again.val, expected[1])
@@ -141,7 +141,6 @@ def test_the_cache_stores_the_tokenizer_as_json_and_a_planted_pickle_is_never_ru
     meta["files"] = {**{n: meta["files"][n] for n in ("train.bin", "val.bin")},
                      "tokenizer.pkl": {"bytes": len(planted), "sha256": hashlib.sha256(planted).hexdigest()}}
     (folder / "meta.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(data_module, "_verified", set())  # a new process
     capsys.readouterr()
     again = prepare_data(cfg)
     assert not marker.exists()
@@ -260,9 +259,9 @@ def vocabulary(tokenizer) -> list:
 @pytest.mark.parametrize("tokenizer", ["char", "sentencepiece"])
 def test_prepared_ids_equal_those_of_the_whole_text_algorithm(tiny_cfg, tmp_path, monkeypatch, source, tokenizer,
                                                               chunk):
-    from gpt_trainer import corpora
-    from gpt_trainer.corpora import read_data_path
-    from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer
+    from gpt_trainer.data import corpora
+    from gpt_trainer.data.corpora import read_data_path
+    from gpt_trainer.data.tokenizer import CharTokenizer, SentencePieceTokenizer
     from tests.conftest import CLASSIC_POEMS
 
     if chunk:
@@ -282,7 +281,7 @@ def test_prepared_ids_equal_those_of_the_whole_text_algorithm(tiny_cfg, tmp_path
 
 @pytest.mark.parametrize("tokenizer", ["char", "sentencepiece"])
 def test_the_number_of_workers_does_not_change_a_byte_of_the_cache(tiny_cfg, tmp_path, monkeypatch, tokenizer):
-    from gpt_trainer import corpora
+    from gpt_trainer.data import corpora
     from tests.conftest import CLASSIC_POEMS
 
     big = tmp_path / "big.txt"
@@ -303,7 +302,7 @@ def test_the_number_of_workers_does_not_change_a_byte_of_the_cache(tiny_cfg, tmp
 
 def test_a_complete_cache_is_used_without_reading_the_corpus_and_a_changed_file_makes_a_new_one(tiny_cfg, tmp_path,
                                                                                                 monkeypatch):
-    from gpt_trainer import corpora
+    from gpt_trainer.data import corpora
     from tests.conftest import CLASSIC_POEMS
 
     corpus = tmp_path / "poems.txt"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gpt_trainer import demo
+from gpt_trainer.commands import demo
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 import contextlib
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_trainer.data import EpochSampler, share_of
-from gpt_trainer.distributed import World
+from gpt_trainer.data.batches import EpochSampler, share_of
+from gpt_trainer.system.distributed import World
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines, plan_for, scalars
 from tests.wandb_offline import history_rows, run_files
 

@@ -1,6 +1,6 @@
 import torch
 
-from gpt_trainer.doctor import main
+from gpt_trainer.commands.doctor import main
 
 FAKE_KEY = "FAKEKEY_" + "d0" * 20
 

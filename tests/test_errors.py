@@ -22,12 +22,15 @@ from typing import Callable
 import pytest
 import torch
 
-from gpt_trainer import checkpoint, cli, export, sample, sweep
-from gpt_trainer.errors import RunStopped, UsageError, run_cli
-from gpt_trainer.rundir import RunFolder
+from gpt_trainer.commands import export, sample, sweep
+from gpt_trainer.commands import train as cli
+from gpt_trainer.commands.failures import run_cli
+from gpt_trainer.errors import RunStopped, UsageError
+from gpt_trainer.system.rundir import RunFolder
+from gpt_trainer.train import checkpoint
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, script_env
-from tests.test_distributed import free_port
 from tests.test_checkpoint import nanogpt_checkpoint, other_program_checkpoint, plant_code
+from tests.test_distributed import free_port
 from tests.test_hf import as_dtype, broken, config_text, cut_short, make_folder, with_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,7 +345,7 @@ def prepare_on(data: Callable[[Where], Path], cache: Callable[[Where], Path] = l
     (`protect`; a named pipe cannot be read to compare it) and no token cache is published (`absent`; "cache": a
     --data_path refused before the cache folder is made)."""
     def setup(w: Where) -> Case:
-        from gpt_trainer import prepare
+        from gpt_trainer.commands import prepare
 
         path, cache_path = data(w), cache(w)
         return Case(prepare.main, [f"--data_path={path}", f"--cache_dir={cache_path}"],

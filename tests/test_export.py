@@ -15,13 +15,15 @@ import pytest
 import torch
 import yaml
 
-from gpt_trainer import checkpoint, export, hf
+from gpt_trainer.commands import export
+from gpt_trainer.commands.sample import model_from_checkpoint
 from gpt_trainer.config import CHINESE_PROMPTS, parse_args
+from gpt_trainer.data.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 from gpt_trainer.errors import UsageError
-from gpt_trainer.model import generate_text
-from gpt_trainer.rundir import RunFolder
-from gpt_trainer.sample import model_from_checkpoint
-from gpt_trainer.tokenizer import CharTokenizer, HFTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+from gpt_trainer.model import hf
+from gpt_trainer.model.gpt import generate_text
+from gpt_trainer.system.rundir import RunFolder
+from gpt_trainer.train import checkpoint
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, files_containing, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +66,8 @@ def exported(trained, tmp_path_factory):
 
 def ours(path: Path):
     state = checkpoint.load(path)
-    return state, model_from_checkpoint(state, torch.device("cpu"), path).eval(), tokenizer_from_dict(state["tokenizer"])
+    model = model_from_checkpoint(state, torch.device("cpu"), path).eval()
+    return state, model, tokenizer_from_dict(state["tokenizer"])
 
 
 def listing(folder: Path) -> dict[str, str]:
@@ -392,7 +395,7 @@ def test_the_export_command_of_the_package_works_as_the_export_module(tmp_path):
 def test_a_run_from_the_export_evaluates_as_the_checkpoint_did(exported, kind, tmp_path, cache_dir):
     """export -> --init_from the export -> its step-0 evaluation on the same text and windows: the validation loss the
     checkpoint recorded, to 1e-5 (the exported tokenizer gives our ids, the exported weights our logits)."""
-    from gpt_trainer import cli
+    from gpt_trainer.commands import train as cli
 
     best, out = exported(kind)
     recorded = checkpoint.load(best)["trainer"]["best_val_loss"]
@@ -414,7 +417,7 @@ def test_the_round_trip_export_init_from_train_export_runs_in_transformers_with_
     prompts with our greedy tokens and text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gpt_trainer import cli
+    from gpt_trainer.commands import train as cli
 
     _, first = exported(kind)
     run, second = RunFolder(tmp_path / "from-export"), tmp_path / "second"

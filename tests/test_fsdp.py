@@ -173,7 +173,8 @@ def test_a_kill_9_under_fsdp_resumes_with_each_step_once(tmp_path, cache_dir):
 def test_fsdp_with_fp16_is_refused_before_anything_is_written(tiny_argv, tmp_path, monkeypatch, capsys):
     """fp16 exists only on GPUs; a GPU that resolves --precision to fp16 and a world of two processes are stood in for
     here (no GPU): the run stops with exit 2 before joining the processes or writing a file."""
-    from gpt_trainer import cli, distributed
+    from gpt_trainer.commands import train as cli
+    from gpt_trainer.system import distributed
 
     monkeypatch.setattr(cli, "resolve_precision", lambda cfg, device: "fp16")
     monkeypatch.setattr(distributed, "launched_world", lambda: distributed.World(rank=0, local_rank=0, size=2))

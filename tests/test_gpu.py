@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-from gpt_trainer.data import prepare_data
-from gpt_trainer.doctor import main as doctor
-from gpt_trainer.hardware import autocast, bf16_supported, gpu_memory_metrics, resolve_precision
-from gpt_trainer.model import GPT, GPTConfig
-from gpt_trainer.trainer import Trainer
+from gpt_trainer.commands.doctor import main as doctor
+from gpt_trainer.data.tokens import prepare_data
+from gpt_trainer.model.gpt import GPT, GPTConfig
+from gpt_trainer.system.hardware import autocast, bf16_supported, gpu_memory_metrics, resolve_precision
+from gpt_trainer.train.trainer import Trainer
 from tests.conftest import make_trainer
 
 pytestmark = pytest.mark.gpu
@@ -100,8 +100,8 @@ def test_float32_matmuls_use_tf32_on_a_gpu(tiny_cfg):
 
 
 def test_batch_size_auto_finds_a_micro_batch_that_trains(tiny_cfg):
-    from gpt_trainer.autobatch import settle_batch
-    from gpt_trainer.distributed import World
+    from gpt_trainer.plan.autobatch import settle_batch
+    from gpt_trainer.system.distributed import World
 
     cfg = tiny_cfg("--device=cuda", "--fp32=false", "--batch_size=auto", "--global_batch_size=2048")
     precision = resolve_precision(cfg, GPU)
@@ -114,8 +114,8 @@ def test_batch_size_auto_finds_a_micro_batch_that_trains(tiny_cfg):
 
 
 def test_a_real_out_of_memory_stops_with_the_fixes(tiny_cfg):
-    from gpt_trainer.cli import explain
-    from gpt_trainer.trainer import OutOfMemory
+    from gpt_trainer.commands.train import explain
+    from gpt_trainer.train.trainer import OutOfMemory
 
     # ~25 GB of activations per layer: more than any GPU holds
     trainer = gpu_trainer(tiny_cfg, "--batch_size=65536", "--block_size=256", "--n_embd=384", "--n_head=6",
@@ -135,7 +135,7 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights():
 
     import torch.distributed as dist
 
-    from gpt_trainer.distributed import shard
+    from gpt_trainer.system.distributed import shard
 
     if not bf16_supported(GPU):
         pytest.skip("this GPU has no bf16")

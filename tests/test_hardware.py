@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt_trainer import hardware
 from gpt_trainer.config import parse_args
 from gpt_trainer.errors import UsageError
+from gpt_trainer.system import hardware
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -92,7 +92,7 @@ def test_the_cpu_clock_is_the_highest_a_core_may_reach(monkeypatch, tmp_path):
 def test_a_real_cpu_step_never_measures_above_the_assumed_peak(precision):
     """On this machine, whatever it is. The old fixed 80 GFLOP/s per thread measured 125 % (fp32) and 200 % (bf16) with
     this matmul-heavy shape on a 2-core Xeon with AVX-512 and AMX."""
-    from gpt_trainer.benchmark import benchmark
+    from gpt_trainer.commands.benchmark import benchmark
 
     if precision == "bf16" and not hardware.cpu_has_bf16():
         pytest.skip("this CPU has no bf16 (it is refused here)")

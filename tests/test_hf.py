@@ -13,14 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt_trainer import hf
-from gpt_trainer.cli import main
+from gpt_trainer.commands.prepare import main as prepare_main
+from gpt_trainer.commands.sample import main as sample_main
+from gpt_trainer.commands.train import main
 from gpt_trainer.config import parse_args
-from gpt_trainer.data import prepare_data, validation_windows
-from gpt_trainer.model import GPT
-from gpt_trainer.prepare import main as prepare_main
-from gpt_trainer.sample import main as sample_main
-from gpt_trainer.tokenizer import encode_piece, start_worker, tokenizer_from_dict
+from gpt_trainer.data.batches import validation_windows
+from gpt_trainer.data.tokenizer import encode_piece, start_worker, tokenizer_from_dict
+from gpt_trainer.data.tokens import prepare_data
+from gpt_trainer.model import hf
+from gpt_trainer.model.gpt import GPT
 from tests.conftest import CLASSIC_POEMS, POEMS, TINY_SHAPE
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -128,7 +129,8 @@ def test_a_run_from_a_gpt2_folder_starts_from_its_weights_and_learns(folder, tmp
     evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
     assert [step for step, _ in evals] == [0, 10, 20, 30]
     # the evaluation before the first step is transformers' own loss on the same validation windows
-    data = prepare_data(parse_args(argv))
+    cfg = parse_args(argv)
+    data = prepare_data(cfg, tokenizer=hf.init_tokenizer(cfg))
     assert not data.built  # the same tokenizer finds the cache the run made
     windows = validation_windows(data.val, 16, 2 * 4)
     assert evals[0][1] == pytest.approx(hf_loss(theirs, windows, 4), abs=1e-4)
@@ -387,9 +389,9 @@ def test_the_token_cache_is_keyed_on_the_tokenizer(folder, tmp_path, capsys):
     assert prepare_main([f"--init_from={folder[0]}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache}",
                          "--prepare_workers=2"]) == 0
     assert "(hf), prepared in" in capsys.readouterr().out
-    first = prepare_data(cfg(folder[0]))
+    first = prepare_data(cfg(folder[0]), tokenizer=hf.folder_tokenizer(folder[0]))
     assert not first.built and first.tokenizer.to_dict() == hf.folder_tokenizer(folder[0]).to_dict()
-    second = prepare_data(cfg(other))
+    second = prepare_data(cfg(other), tokenizer=hf.folder_tokenizer(other))
     assert second.built and second.folder != first.folder and second.tokenizer.vocab_size == len(VOCAB) + 1
     # two workers encoded what one tokenizer call on the whole text gives (the fixture is a single piece)
     ids = hf.folder_tokenizer(folder[0]).encode(CLASSIC_POEMS.read_text(encoding="utf-8"))

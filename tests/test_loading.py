@@ -24,15 +24,15 @@ SAFE_YAML_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader"}
 
 # (file, the function it is in, the call) -> why it cannot run code from a file
 ALLOWED = {
-    ("checkpoint.py", "load", "torch.load"):
+    ("train/checkpoint.py", "load", "torch.load"):
         "weights_only=True: tensors and plain data only; the one allowance (NUMPY_ARRAY) rebuilds the numpy array that "
         "older checkpoints' RNG state holds, and calls nothing else",
-    ("hf.py", "read_weights", "torch.load"):
+    ("model/hf.py", "read_weights", "torch.load"):
         "weights_only=True: a GPT-2 folder's pytorch_model.bin, tensors only",
-    ("data.py", "Workers._receive", "pickle.load"):
+    ("data/tokens.py", "Workers._receive", "pickle.load"):
         "a pipe from our own worker process (tokenizer.serve, started by Workers), never a file: the bytes are what "
         "our code pickled a moment before",
-    ("tokenizer.py", "serve", "pickle.load"):
+    ("data/tokenizer.py", "serve", "pickle.load"):
         "this worker's stdin, a pipe from the Workers of data.py that started it, never a file",
 }
 

@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 
-from gpt_trainer import memory, model
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.config import MODEL_PRESETS, parse_args
-from gpt_trainer.memory import GIB, estimate, kept_activation_bytes, parameter_count, plan_for_flags
+from gpt_trainer.model import gpt as model
+from gpt_trainer.plan import memory
+from gpt_trainer.plan.memory import GIB, estimate, kept_activation_bytes, parameter_count, plan_for_flags
 
 VOCAB, BATCH, BLOCK = 1000, 2, 128  # small enough that `small` (12 x 768) measures in seconds
 

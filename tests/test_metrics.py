@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from gpt_trainer import metrics
-from gpt_trainer.metrics import ThroughputWindow
+from gpt_trainer.train import metrics
+from gpt_trainer.train.metrics import ThroughputWindow
 
 
 class FakeClock:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gpt_trainer.config import MODEL_PRESETS
-from gpt_trainer.model import GPT, GPTConfig, build_model, sample_next, saved_activation_bytes
+from gpt_trainer.model.gpt import GPT, GPTConfig, build_model, sample_next, saved_activation_bytes
 
 
 def expected_params(vocab: int, block: int, layers: int, width: int) -> int:

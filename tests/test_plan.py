@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.config import given_flags, parse_args
 from gpt_trainer.errors import UsageError
-from gpt_trainer.plan import keep_run_values, lr_multiplier
+from gpt_trainer.plan.run_plan import keep_run_values, lr_multiplier
 from tests.conftest import CLASSIC_POEMS, plan_for
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_trainer.prepare import main
+from gpt_trainer.commands.prepare import main
 from tests.conftest import CLASSIC_POEMS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def test_a_corpus_too_short_for_training_s_default_block_is_prepared_with_advice
     """prepare takes no --block_size: it publishes the cache and says what training needs, naming train's flag and
     the largest value that fits (which training then accepts, and one more it refuses)."""
     from gpt_trainer.config import parse_args
-    from gpt_trainer.data import prepare_data
+    from gpt_trainer.data.tokens import prepare_data
     from gpt_trainer.errors import UsageError
 
     corpus, cache = tmp_path / "short.txt", tmp_path / "cache"
@@ -106,7 +106,7 @@ def test_each_note_about_a_file_is_said_once_per_preparation(tmp_path, capsys):
 
 def test_ctrl_c_during_prepare_says_to_run_it_again_not_to_resume_and_leaves_no_staging(tmp_path, monkeypatch, capsys):
     """A real SIGINT to this process, sent between the two passes (a hook on the first pass times it)."""
-    from gpt_trainer import data
+    from gpt_trainer.data import tokens as data
 
     real_scan = data.scan
 

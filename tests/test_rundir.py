@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gpt_trainer import checkpoint, cli
+from gpt_trainer.commands import train as cli
 from gpt_trainer.errors import UsageError
-from gpt_trainer.rundir import MARKER, RunFolder
+from gpt_trainer.system.rundir import MARKER, RunFolder
+from gpt_trainer.train import checkpoint
 
 
 def test_a_new_or_empty_folder_is_accepted(tmp_path):

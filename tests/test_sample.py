@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt_trainer.commands.sample import main
 from gpt_trainer.config import MAX_SAMPLE_TOKENS
-from gpt_trainer.model import GPT, GPTConfig, generate_text, stream_text
-from gpt_trainer.rundir import RunFolder
-from gpt_trainer.sample import main
-from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer
+from gpt_trainer.data.tokenizer import CharTokenizer, SentencePieceTokenizer
+from gpt_trainer.model.gpt import GPT, GPTConfig, generate_text, stream_text
+from gpt_trainer.system.rundir import RunFolder
 from tests.conftest import CLASSIC_POEMS, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt_trainer import cli, sweep
+from gpt_trainer.commands import sweep
+from gpt_trainer.commands import train as cli
+from gpt_trainer.commands.sweep import agent_args, load_sweep, main
 from gpt_trainer.config import parse_args
-from gpt_trainer.sweep import agent_args, load_sweep, main
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, interrupt_after_lines
 from tests.swanlab_offline import run_folders
 

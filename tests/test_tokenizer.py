@@ -2,8 +2,8 @@ import re
 
 import pytest
 
+from gpt_trainer.data.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 from gpt_trainer.errors import UsageError
-from gpt_trainer.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 from tests.conftest import CLASSIC_POEMS, POEMS
 
 RARE = "𠀀𪚥"  # outside the Basic Multilingual Plane: two UTF-16 units, one Python character each
@@ -69,7 +69,7 @@ def hf_tokenizer(folder):
     characters."""
     from tokenizers import BertWordPieceTokenizer
 
-    from gpt_trainer.tokenizer import HFTokenizer
+    from gpt_trainer.data.tokenizer import HFTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(TEXT) - set(" \n\r\t"))]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
@@ -80,7 +80,7 @@ def hf_tokenizer(folder):
 def test_every_tokenizer_kind_round_trips_through_json_data(tmp_path, kind):
     import json
 
-    from gpt_trainer.tokenizer import tokenizer_from_json, tokenizer_to_json
+    from gpt_trainer.data.tokenizer import tokenizer_from_json, tokenizer_to_json
 
     tok = {"char": lambda: CharTokenizer.train(TEXT),
            "sentencepiece": lambda: SentencePieceTokenizer.train(CLASSIC_POEMS.read_text(encoding="utf-8"), 2000),

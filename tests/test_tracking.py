@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from gpt_trainer import tracking
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.config import build_parser
-from gpt_trainer.distributed import World
 from gpt_trainer.errors import UsageError
+from gpt_trainer.system.distributed import World
 from gpt_trainer.tracking import JsonlBackend, RunSummary, Tracker, start_tracking
 from tests.conftest import files_containing, interrupt_after_lines, plan_for, scalars, script_env
-from tests.swanlab_offline import read_records as read_swanlab
 from tests.swanlab_offline import finish_states, run_folders, scalar_steps
+from tests.swanlab_offline import read_records as read_swanlab
 from tests.wandb_offline import history_rows, read_records, run_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.tracking.swanlab import swanlab_key_source
 from tests.conftest import files_containing, scalars
 from tests.swanlab_offline import finish_states, media_steps, read_records, run_folders, scalar_steps, start_record

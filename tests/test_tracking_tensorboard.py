@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.tracking import RunSummary, start_tracking
 from tests.conftest import plan_for, scalars
 

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpt_trainer.cli import main
+from gpt_trainer.commands.train import main
 from gpt_trainer.config import parse_args
-from gpt_trainer.rundir import RunFolder
+from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking.base import RunInfo
 from gpt_trainer.tracking.wandb import WandbBackend, log_lost_rows_again, wandb_key_source
 from gpt_trainer.tracking.wandb_records import BLOCK

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_trainer import checkpoint
-from gpt_trainer.rundir import RunFolder
+from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
+from gpt_trainer.train import checkpoint
 from tests.conftest import make_trainer
 
 
@@ -107,8 +107,8 @@ def losses_by_step(out) -> dict:
 
 
 def test_out_of_memory_saves_the_last_good_state_and_says_what_to_change(tiny_argv, tmp_path, monkeypatch, capsys):
-    from gpt_trainer.cli import main
-    from gpt_trainer.model import GPT
+    from gpt_trainer.commands.train import main
+    from gpt_trainer.model.gpt import GPT
 
     argv = tiny_argv("--max_steps=6", "--log_interval=1", "--eval_interval=100", "--save_interval=100")
     reference = tiny_argv("--max_steps=6", "--log_interval=1", "--eval_interval=100", "--save_interval=100",
@@ -132,7 +132,7 @@ def test_out_of_memory_saves_the_last_good_state_and_says_what_to_change(tiny_ar
 
 
 def test_out_of_memory_while_the_weights_change_saves_nothing(tiny_argv, tmp_path, monkeypatch, capsys):
-    from gpt_trainer.cli import main
+    from gpt_trainer.commands.train import main
 
     run_out_of_memory_at(monkeypatch, torch.optim.AdamW, "step", 2)
     assert main(tiny_argv("--max_steps=6", "--save_interval=100", "--eval_interval=100")) == 1
@@ -154,7 +154,7 @@ def test_each_prompt_samples_from_its_own_seeded_stream(tiny_cfg):
 
 
 def test_a_warmup_as_long_as_the_run_is_shortened_to_a_tenth_with_a_note(tiny_argv, tmp_path, capsys):
-    from gpt_trainer.cli import main
+    from gpt_trainer.commands.train import main
 
     assert main(tiny_argv("--max_steps=40", "--warmup_steps=100", "--log_interval=1")) == 0
     err = capsys.readouterr().err
@@ -167,7 +167,7 @@ def test_a_warmup_as_long_as_the_run_is_shortened_to_a_tenth_with_a_note(tiny_ar
 
 
 def test_every_evaluation_sets_val_best_and_best_pt_and_the_line_shows_it(tiny_argv, tmp_path, capsys):
-    from gpt_trainer.cli import main
+    from gpt_trainer.commands.train import main
 
     # --eval_interval beyond the run: only epoch ends evaluate, and they alone must drive val, best and best.pt
     assert main(tiny_argv("--epochs=3", "--eval_interval=100000", "--log_interval=1", "--learning_rate=3e-3")) == 0

@@ -1,5 +1,5 @@
-"""Rebuild gpt_trainer/poems_builtin.txt, the offline corpus: Tang poems from chinese-poetry (MIT licence; the poems
-themselves are over a thousand years old and in the public domain), in simplified characters.
+"""Rebuild gpt_trainer/data/poems_builtin.txt, the offline corpus: Tang poems from chinese-poetry (MIT licence; the
+poems themselves are over a thousand years old and in the public domain), in simplified characters.
 
 The corpus must be big enough that the demo (about 800 K tokens seen) does not memorise it: about 200,000 characters,
 so the demo sees each one about four times and validation loss still falls at its end (BENCHMARKS.md).
@@ -26,7 +26,7 @@ from pathlib import Path
 TARBALL_SHA256 = "25b549e46919c3a0569db6b68ddc96956b04a484ea4518ad2bbd4f137e307e86"
 POETS = ("李白", "杜甫", "王維", "孟浩然", "李商隱", "杜牧", "王昌齡", "岑參", "高適", "劉禹錫", "韋應物", "白居易")
 TARGET_CHARS = 200_000
-OUT = Path(__file__).resolve().parents[1] / "gpt_trainer" / "poems_builtin.txt"
+OUT = Path(__file__).resolve().parents[1] / "gpt_trainer" / "data" / "poems_builtin.txt"
 NOTE = re.compile(r"（[^）]*）|\([^)]*\)|〖[^〗]*〗|\[[^\]]*\]|\{[^}]*\}|[\s　]")
 UNWANTED = re.compile(r"[□A-Za-z0-9（）()〖〗\[\]{}]")  # lost characters, or a note the pattern above could not remove
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gpt_trainer import checkpoint  # noqa: E402
-from gpt_trainer.rundir import RunFolder  # noqa: E402
+from gpt_trainer.system.rundir import RunFolder  # noqa: E402
+from gpt_trainer.train import checkpoint  # noqa: E402
 
 STEPS, EVAL_INTERVAL = 200, 10
 FLAGS = [f"--data_path={ROOT / 'tests' / 'fixtures' / 'classic_poems.txt'}", "--n_layer=2", "--n_head=2",

@@ -13,7 +13,7 @@ from . import swanlab, tensorboard, wandb
 from .base import JsonlBackend, RunInfo, RunSummary, Tracker
 
 if TYPE_CHECKING:  # only a type here: `doctor` imports the trackers' key lookups where torch may be missing
-    from ..plan import RunPlan
+    from ..plan.run_plan import RunPlan
 
 __all__ = ["BACKENDS", "RunSummary", "Tracker", "check", "chosen", "start_tracking"]
 

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 from ..config import TrainConfig
 from ..errors import notice
-from ..rundir import RunFolder
+from ..system.rundir import RunFolder
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
-from .errors import UsageError
+from ..errors import UsageError
 
 MARKER = ".gpt-trainer-run"
 TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files TensorBoard's writer makes in a run's logs folder

@@ -29,12 +29,17 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from .config import TrainConfig
-from .errors import RunStopped, UsageError, notice
-from .rundir import RunFolder
+from ..config import TrainConfig
+from ..errors import RunStopped, UsageError, notice
+from ..system.rundir import RunFolder
 
 FORMAT_VERSION = 3
 FULL_DISK_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from .distributed import World, all_reduce
-from .hardware import synchronize
+from ..system.distributed import World, all_reduce
+from ..system.hardware import synchronize
 
 
 def model_flops_utilisation(flops_per_token: float, tokens_per_sec: float, peak_tflops: float) -> float:

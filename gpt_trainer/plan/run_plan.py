@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
+from ..config import CORPORA, DATA_FLAGS, TrainConfig, build_parser, validate
+from ..data.batches import windows_in
+from ..data.tokens import TokenData
+from ..errors import UsageError
+from ..system.compiling import wants_compile
+from ..system.distributed import World
+from ..system.rundir import RunFolder
 from .autobatch import settle_batch
-from .compiling import wants_compile
-from .config import CORPORA, DATA_FLAGS, TrainConfig, build_parser, validate
-from .data import TokenData, windows_in
-from .distributed import World
-from .errors import UsageError
 from .memory import MemoryPlan, plan_for_run
-from .rundir import RunFolder
 
 # flags that change the optimisation: on --resume, a changed value takes effect from the resumed step
 OPTIMISATION_FLAGS = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "batch_size",

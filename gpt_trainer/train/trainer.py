@@ -21,18 +21,19 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import checkpoint, compiling
-from .compiling import compile_or_eager
-from .data import EpochSampler, TokenData, gather_windows, share_of, to_device, validation_windows
-from . import distributed
-from .distributed import all_reduce
-from .errors import is_out_of_memory, notice
-from .hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
-from .hf import gpt2_state
+from ..data.batches import EpochSampler, gather_windows, share_of, to_device, validation_windows
+from ..data.tokens import TokenData
+from ..errors import is_out_of_memory, notice
+from ..model.gpt import build_model, generate_text
+from ..model.hf import gpt2_state
+from ..plan.run_plan import RunPlan
+from ..system import compiling, distributed
+from ..system.compiling import compile_or_eager
+from ..system.distributed import all_reduce
+from ..system.hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
+from ..tracking import Tracker
+from . import checkpoint
 from .metrics import ThroughputWindow
-from .model import build_model, generate_text
-from .plan import RunPlan
-from .tracking import Tracker
 
 
 def perplexity(loss: float) -> float:

@@ -10,12 +10,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .config import CPU_AUTO_BATCH_SIZE, TrainConfig
-from .distributed import World, all_reduce
-from .errors import UsageError
-from .hardware import autocast
+from ..config import CPU_AUTO_BATCH_SIZE, TrainConfig
+from ..errors import UsageError
+from ..model.gpt import build_model
+from ..system.distributed import World, all_reduce
+from ..system.hardware import autocast
 from .memory import plan_for_flags
-from .model import build_model
 
 LARGEST_TRIED = 1024
 MEMORY_MARGIN = 0.10  # of the free memory, kept for evaluation, sampling and the allocator's fragmentation

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .errors import notice
-from .hardware import autocast
+from ..errors import notice
+from ..system.hardware import autocast
 
 
 @dataclass

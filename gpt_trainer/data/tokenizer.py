@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class CharTokenizer:
@@ -248,7 +248,7 @@ WORKER_FUNCTIONS = {"start_worker": start_worker, "encode_piece": encode_piece}
 
 
 def serve() -> None:
-    """A worker process (`python -m gpt_trainer.tokenizer`): answer (function name, argument) requests read from
+    """A worker process (`python -m gpt_trainer.data.tokenizer`): answer (function name, argument) requests read from
     stdin with pickled results on stdout, until stdin closes. It imports this module and numpy only."""
     import pickle
     import sys

@@ -20,24 +20,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from .config import TrainConfig
+from ..config import TrainConfig
+from ..errors import RunStopped, UsageError, notice
+from ..system.rundir import held
 from .corpora import Corpus, default_prompts_for, listing, load_corpus, sha256_file, utf8_pieces
-from .errors import RunStopped, UsageError, notice
-from .rundir import held
-from .hf import folder_tokenizer
-from .tokenizer import (UNICODE_SIZE, WORKER_FUNCTIONS, CharTokenizer, SentencePieceTokenizer, characters_in,
-                        tokenizer_from_json, tokenizer_to_json, training_sentences)
-
+from .tokenizer import (
+    UNICODE_SIZE,
+    WORKER_FUNCTIONS,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    characters_in,
+    tokenizer_from_json,
+    tokenizer_to_json,
+    training_sentences,
+)
 
 CACHE_FILES = ("train.bin", "val.bin", "tokenizer.json")
 # in every cache folder's name: format 1 stored the tokenizer as a pickle (tokenizer.pkl), which anyone who can write a
 # shared cache could make run code; format 2 stores it as JSON. A new format gets new folders, so versions sharing a
 # cache never rebuild each other's
 CACHE_FORMAT = 2
-_verified: set = set()  # (file, size) whose digest this process has checked
 
 
 @dataclass
@@ -70,7 +74,7 @@ def usable_cores() -> int:
 
 
 class Workers:
-    """Worker processes (`python -m gpt_trainer.tokenizer`: they import the tokenizer module and numpy, not torch)
+    """Worker processes (`python -m gpt_trainer.data.tokenizer`: they import the tokenizer module and numpy, not torch)
     that run one request each at a time; `map` hands out pieces in turn and yields the answers in order, so the
     output does not depend on the number of workers, and at most one piece per worker is in flight (bounded memory).
     With one worker, everything runs here."""
@@ -78,7 +82,7 @@ class Workers:
     def __init__(self, count: int):
         package_root = str(Path(__file__).resolve().parent.parent)  # importable even when not installed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self.procs = [subprocess.Popen([sys.executable, "-m", "gpt_trainer.tokenizer"], stdin=subprocess.PIPE,
+        self.procs = [subprocess.Popen([sys.executable, "-m", "gpt_trainer.data.tokenizer"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, env=env) for _ in range(count if count > 1 else 0)]
 
     def call_each(self, name: str, *argument) -> None:
@@ -304,8 +308,8 @@ def split_off_validation(staging: Path, train_bytes: int) -> None:
 
 def cache_problem(folder: Path) -> str | None:
     """What makes a token cache unusable, said as "is damaged (...)" or "is from an older version (...)", or None.
-    Sizes are checked at every load, content digests at the first load in each process (a cache that changes under a
-    running process is beyond this check). A pickled tokenizer is never read, whatever meta.json says of it."""
+    Sizes and content digests are checked at every load (a cache that changes under a running process is beyond this
+    check). A pickled tokenizer is never read, whatever meta.json says of it."""
     if (folder / "tokenizer.pkl").exists():
         return ("is from an older version (its tokenizer is tokenizer.pkl, a pickle: reading one can run code, so this "
                 "version never does)")
@@ -317,15 +321,16 @@ def cache_problem(folder: Path) -> str | None:
         path, recorded = folder / name, files.get(name, {})
         if not path.exists() or path.stat().st_size != recorded.get("bytes"):
             return f"is damaged ({name} is missing or has the wrong size)"
-        if (path, recorded["bytes"]) not in _verified:
-            if sha256_file(path) != recorded.get("sha256"):
-                return f"is damaged ({name} does not match its recorded SHA-256)"
-            _verified.add((path, recorded["bytes"]))
+        if sha256_file(path) != recorded.get("sha256"):
+            return f"is damaged ({name} does not match its recorded SHA-256)"
     return None
 
 
-def prepare_tokens(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
-    """The token data of the corpus, prepared once: a cache found complete is used without reading the corpus."""
+def prepare_tokens(cfg: TrainConfig, corpus: Corpus | None = None, tokenizer=None) -> TokenData:
+    """The token data of the corpus, prepared once: a cache found complete is used without reading the corpus.
+    `tokenizer`: a given one (--init_from's, which --tokenizer hf names), used whatever the text."""
+    if (cfg.tokenizer == "hf") != (tokenizer is not None):
+        raise ValueError("--tokenizer hf is the --init_from folder's tokenizer: pass it, and only it")
     tokens_dir = Path(cfg.resolved_cache_dir()) / "tokens"
     if cfg.data_path:  # the user's files are checked before anything is written (a named corpus downloads: locked)
         corpus = corpus or load_corpus(cfg)
@@ -333,16 +338,14 @@ def prepare_tokens(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
         for leftover in tokens_dir.glob(".staging-*"):  # a preparation that was killed (the lock says none runs)
             shutil.rmtree(leftover, ignore_errors=True)
         corpus = corpus or load_corpus(cfg)
-        # --init_from: the folder's tokenizer, whatever the text (char and sentencepiece ones are made from it)
-        given = folder_tokenizer(Path(cfg.init_from)) if cfg.tokenizer == "hf" else None
-        folder = tokens_dir / cache_key(corpus.identity(), cfg, given)
+        folder = tokens_dir / cache_key(corpus.identity(), cfg, tokenizer)
         problem = cache_problem(folder) if folder.exists() else "absent"
         built = bool(problem)
         if problem:
             if folder.exists():
                 notice(f"note: the token cache {folder} {problem}; rebuilding it")
                 shutil.rmtree(folder)
-            build_token_cache(corpus, cfg, folder, given)
+            build_token_cache(corpus, cfg, folder, tokenizer)
     meta = json.loads((folder / "meta.json").read_text())
     tokenizer = tokenizer_from_json((folder / "tokenizer.json").read_text(encoding="utf-8"))
     train, val = (
@@ -354,9 +357,9 @@ def prepare_tokens(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
                      built)
 
 
-def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
+def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None, tokenizer=None) -> TokenData:
     """The token data of the corpus (`prepare_tokens`), refused when a split is too short for the run's block size."""
-    data = prepare_tokens(cfg, corpus)
+    data = prepare_tokens(cfg, corpus, tokenizer)
     need = cfg.block_size + 1
     if len(data.train) < need or len(data.val) < need:
         raise UsageError(
@@ -365,71 +368,3 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None) -> TokenData:
             f"--train_split."
         )
     return data
-
-
-def windows_in(tokens: np.ndarray, block_size: int) -> int:
-    """How many non-overlapping training windows (block_size + 1 tokens, sharing one at the seams) the tokens hold."""
-    return (len(tokens) - 1) // block_size
-
-
-class EpochSampler:
-    """Hands out training windows: each epoch is a fresh, seeded permutation of non-overlapping windows (with a
-    random shift, so epochs see different boundaries). Its whole state is (epoch, position): resume is exact."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        self.windows_per_epoch = windows_in(tokens, block_size)
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        slack = len(self.tokens) - 1 - self.windows_per_epoch * self.block_size
-        shift = int(rng.integers(0, slack + 1))
-        return shift + rng.permutation(self.windows_per_epoch) * self.block_size
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.position / self.windows_per_epoch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._epoch_order(self.epoch)
-
-    def next_offsets(self, count: int) -> np.ndarray:
-        offsets = []
-        for _ in range(count):
-            if self.position == self.windows_per_epoch:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            offsets.append(self._order[self.position])
-            self.position += 1
-        return np.asarray(offsets)
-
-
-def gather_windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> torch.Tensor:
-    """(N, block_size + 1) int64 tensor of the windows starting at offsets: inputs are [:, :-1], targets [:, 1:]."""
-    rows = np.stack([tokens[o : o + block_size + 1] for o in offsets]).astype(np.int64)
-    return torch.from_numpy(rows)
-
-
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute instead of blocking it
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
-
-
-def validation_windows(tokens: np.ndarray, block_size: int, count: int) -> torch.Tensor:
-    """A fixed, evenly spread set of validation windows, so every evaluation measures the same thing."""
-    last_start = len(tokens) - block_size - 1
-    offsets = np.linspace(0, last_start, num=count).astype(np.int64)
-    return gather_windows(tokens, offsets, block_size)
-
-
-def share_of(offsets: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This process's contiguous share of a step's windows: together the processes take each window once, and
-    process r takes what micro-batches r*accum ... (r+1)*accum - 1 of one process would."""
-    return offsets.reshape(world_size, -1)[rank]

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .errors import notice
+from ..errors import notice
 
 BACKEND = "inductor"  # tests swap in a backend that fails, to exercise the fallback without a broken compiler
 

@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import RunStopped, UsageError, notice
+from ..errors import RunStopped, UsageError, notice
 
 # how often every process says it is alive (the tests shorten it; a silent one is named after --dist_timeout)
 HEARTBEAT_S = float(os.environ.get("GPT_TRAINER_HEARTBEAT_S", "5"))

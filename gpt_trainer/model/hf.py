@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .config import MODEL_PRESETS, ModelShape, TrainConfig, validate
-from .errors import UsageError
-from .model import GPT, GPTConfig
-from .tokenizer import HFTokenizer
+from ..config import MODEL_PRESETS, ModelShape, TrainConfig, validate
+from ..data.tokenizer import HFTokenizer
+from ..errors import UsageError
+from .gpt import GPT, GPTConfig
 
 LAYER_NORM_EPSILON = 1e-5  # torch's nn.LayerNorm default, which our model uses; GPT-2's too
 # ours -> transformers', per block; the Conv1D ones are stored transposed
@@ -291,6 +291,11 @@ def folder_tokenizer(folder: Path, vocab_size: int | None = None) -> HFTokenizer
                          f"vocabulary (config.json's vocab_size) has only {vocab_size} rows: they do not belong "
                          f"together.")
     return tokenizer
+
+
+def init_tokenizer(cfg: TrainConfig) -> HFTokenizer | None:
+    """The tokenizer a run's token data is made with when it is given rather than trained: --init_from's."""
+    return folder_tokenizer(Path(cfg.init_from)) if cfg.tokenizer == "hf" else None
 
 
 def load_gpt2_folder(folder: Path, block_size: int | None = None) -> tuple[GPTConfig, dict, HFTokenizer]:

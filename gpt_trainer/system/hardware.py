@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .errors import UsageError
+from ..config import TrainConfig
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)

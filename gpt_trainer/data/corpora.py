@@ -20,9 +20,9 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CHINESE_PROMPTS, TrainConfig
-from .errors import UsageError, notice
-from .rundir import MARKER
+from ..config import CHINESE_PROMPTS, TrainConfig
+from ..errors import UsageError, notice
+from ..system.rundir import MARKER
 
 # chinese-poetry at a fixed commit, so the bytes (and so the token cache) never change under a user.
 CHINESE_POETRY_COMMIT = "8ce34a6414c51ee43771db8a575b3074a6ba2299"

@@ -1,0 +1,321 @@
+"""The training command: parse flags, check every input before anything is written, train, sample.
+
+Bad input ends with one paragraph on stderr and exit code 2; SIGTERM (docker stop) and Ctrl-C save a checkpoint and
+exit with 128 + the signal number."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from .. import tracking
+from ..config import TrainConfig, given_flags, parse_args
+from ..data.tokens import TokenData, prepare_data
+from ..errors import RunStopped, UsageError, notice
+from ..model import hf
+from ..plan.run_plan import RunPlan, keep_run_values, make_plan
+from ..system import distributed
+from ..system.hardware import device_name, memory_in_use, pick_device, resolve_precision
+from ..system.rundir import RunFolder, check_writable_folder
+from ..tracking import RunSummary, Tracker, start_tracking
+from ..train import checkpoint
+from ..train.trainer import Diverged, OutOfMemory, Trainer, TrainingFailure, TrainResult, WeightsNotFinite, perplexity
+from .failures import RESUME, run_cli
+
+
+def run(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
+    """`given`: the flags written on the command line (on --resume, the others keep the run's values)."""
+    world, finished = distributed.launched_world(), False
+    try:
+        exit_code = run_in(world, cfg, given)
+        finished = True
+        return exit_code
+    finally:
+        distributed.stop(world, finished)
+
+
+def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
+    """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
+    checks the inputs and trains its share; only the main one writes files, logs and prints."""
+    cfg, folder, saved, resume_from, start_weights = check_inputs(cfg, given)
+    plan, data = plan_run(cfg, world, folder, saved, resume_from)
+    if cfg.dry_run:
+        if world.is_main:
+            print(json.dumps(plan.describe(), indent=2, ensure_ascii=False))
+            # the memory plan in words, on stderr: stdout stays one JSON document (`--dry_run | jq` works)
+            if plan.memory:
+                print("\n".join(plan.memory.describe()), file=sys.stderr)
+        return 0
+    if saved and plan.start_step >= plan.total_steps:  # resuming a finished run changes nothing
+        if world.is_main:
+            print(f"the run in {folder.path} is complete: step {plan.start_step} of {plan.total_steps}. Nothing was "
+                  f"changed; to train further, resume with a larger --max_steps or --epochs.")
+        return 0
+    lock = take_folder(plan, saved) if world.is_main else None  # noqa: F841  (held until the process ends)
+    tracker = start_tracking(plan, saved["tracker"] if saved else None)
+    trainer = Trainer(plan, data, tracker, start_weights)
+    del start_weights  # the model holds them now: no second copy for the whole run
+    if saved:
+        trainer.restore(saved)
+    if world.is_main:
+        announce(plan, trainer)
+    return train_to_end(trainer, tracker)
+
+
+# ---- the phases of a run, in order ---------------------------------------------------------------------------------
+def check_inputs(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> tuple[
+        TrainConfig, RunFolder, dict | None, Path | None, dict | None]:
+    """Everything that can be refused before the hardware or the data is touched: the folders, the checkpoint to
+    resume (on --resume the flags not `given` keep the run's values, so a bare --resume prepares the run's text), the
+    trackers, and the --init_from folder (its shape for the shape flags not given; for a run that does not resume
+    from a checkpoint, its weights, read and checked once). Returns the run's configuration, its folder, the
+    checkpoint and its path (None, None when there is none to resume), and the weights to start from (or None)."""
+    folder = RunFolder(Path(sweep_output_dir(cfg)))
+    folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite,
+                          ignore=(Path(cfg.resolved_cache_dir()),))
+    resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
+    saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
+    kept = frozenset()
+    if cfg.resume is not None:  # before the first checkpoint, config.json records the run
+        cfg, kept = keep_run_values(cfg, saved["config"] if saved else folder.previous_config(), given)
+    check_writable_folder(Path(cfg.resolved_cache_dir()), "--cache_dir")
+    tracking.check(cfg)
+    cfg, start_weights = hf.settle_init_from(cfg, given | kept, load=saved is None)
+    return cfg, folder, saved, resume_from, start_weights
+
+
+def sweep_output_dir(cfg: TrainConfig) -> str:
+    """Under a wandb agent every run would share the default folder (and the second be refused): give each its own."""
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep_id and run_id and cfg.output_dir == TrainConfig.output_dir:
+        return os.path.join("output_sweeps", sweep_id.replace("/", "_"), run_id)
+    return cfg.output_dir
+
+
+def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder, saved: dict | None,
+             resume_from: Path | None) -> tuple[RunPlan, TokenData]:
+    """The device, the token data, and the plan resolved from them and the checkpoint to resume (nothing written
+    yet)."""
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg, device)
+    if cfg.parallel == "fsdp" and world.active and precision == "fp16":
+        raise UsageError("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not handle "
+                         "sharded gradients. Pass --bf16 or --fp32, or use --parallel ddp.")
+    device = distributed.start(world, device, cfg.dist_timeout)
+    distributed.check_same_checkpoint(world, (str(resume_from) if saved else None,
+                                              saved["trainer"]["step"] if saved else None))
+    # on each node the first process to take the cache's lock prepares, the others then read its work; nodes that
+    # find the cache ready wait for those still preparing, however long that takes
+    data = distributed.everyone_does(world, "preparing the token data",
+                                     lambda: prepare_data(cfg, tokenizer=hf.init_tokenizer(cfg)), cfg.dist_timeout)
+    if saved:
+        checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
+        checkpoint.check_same_text(saved, data.digest, cfg.allow_new_data, resume_from)
+    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from)
+    if plan.warmup_note and world.is_main:
+        notice(plan.warmup_note)
+    return plan, data
+
+
+def take_folder(plan: RunPlan, saved: dict | None):
+    """Everything is checked: from here on files change, and only while this process holds the folder's lock (which
+    it returns). The marker first, then config.json, before any tracker writes."""
+    lock = plan.folder.hold()
+    plan.folder.mark()
+    if plan.cfg.overwrite:
+        removed, kept = plan.folder.clear()
+        if removed:
+            notice(f"--overwrite: removed the earlier run's {hf.listed(removed, shown=12)} from {plan.folder.path}"
+                   + (f"; kept what no run wrote: {hf.listed(kept)}" if kept else ""))
+    for name in checkpoint.remove_interrupted_saves(plan.folder):
+        notice(f"note: removed {name}, left by a save that was interrupted")
+    changes = plan.resume_changes(saved) if saved else {}
+    if changes:
+        notice(f"--resume: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}; the new values take "
+               f"effect from step {plan.start_step} (config.json lists the changes of every resumed segment).")
+    plan.folder.write_config(plan.describe(), plan.start_step, changes)
+    return lock
+
+
+def announce(plan: RunPlan, trainer: Trainer) -> None:
+    cfg = plan.cfg
+    if plan.resume_from:
+        print(f"resumed from {plan.resume_from} at step {trainer.step}")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {plan.folder.path} yet, starting fresh")
+    if plan.batch_choice:
+        print(f"batch: {plan.batch_choice}")
+    if trainer.compile_seconds is not None:
+        print(f"torch.compile: {trainer.compile_seconds:.1f} s before the first step (not counted in tokens/s)")
+    processes = f" x {plan.world.size} processes" if plan.world.active else ""
+    print(f"model {cfg.model_label()}: {trainer.model.num_params():,} parameters | {device_name(plan.device)} "
+          f"({plan.precision}){processes} | corpus {plan.corpus}: {plan.train_tokens:,} train / {plan.val_tokens:,} "
+          f"val tokens, vocab {plan.vocab_size:,} ({cfg.tokenizer}) | {plan.total_steps:,} steps of "
+          f"{plan.tokens_per_step:,} tokens (global batch {plan.global_batch}) | run {plan.run_name}")
+    if plan.memory:
+        print("\n".join(plan.memory.describe()))
+    sys.stdout.flush()
+
+
+def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
+    """Train, then sample; whatever happens, flush every tracker and close the wandb run, so no logged row is lost."""
+    plan, exit_code, main = trainer.plan, 1, trainer.world.is_main
+    try:
+        with stop_on_signals(trainer):
+            result = trainer.train()
+            if result.interrupted_by is None and main:
+                write_samples(trainer, plan.folder.samples)  # a stop request skips the prompts left
+        stopped = result.interrupted_by or trainer.stop_signal
+        if stopped is not None:
+            exit_code = 128 + stopped
+            if main:
+                print(f"stopped at step {result.steps}; checkpoint saved to {plan.folder.latest}. Continue with the "
+                      f"same command plus --resume.", file=sys.stderr)
+            return exit_code
+        if main:
+            print("\n".join(what_happened(result, plan)))
+        exit_code = 0
+        return exit_code
+    except TrainingFailure as failure:
+        raise RunStopped(explain(failure, trainer)) from None
+    except RuntimeError as error:
+        if trainer.world.active:  # torchrun stops the survivors of a lost process with SIGTERM: say why first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        lost = distributed.missing_peers(trainer.world, error)
+        if lost is None:
+            raise
+        raise RunStopped(f"{lost} {where_to_continue(trainer)}") from None
+    finally:
+        summary = RunSummary(checkpoints=[plan.folder.best, plan.folder.latest], exit_code=exit_code)
+        if exit_code == 0:
+            summary.final = {"final/best_perplexity": perplexity(trainer.best_val_loss),
+                             "final/total_steps": trainer.step, "final/total_epochs": trainer.sampler.epochs_done}
+            summary.step = trainer.step
+        tracker.close(summary)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """The first SIGTERM/SIGINT asks the loop to save and stop after the current step; a second Ctrl-C stops at once."""
+    def request_stop(signum, frame):
+        trainer.stop_signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step ...", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ---- what the user reads at the end --------------------------------------------------------------------------------
+def explain(failure: TrainingFailure, trainer: Trainer) -> str:
+    """The sentences a run that could not go on ends with: what happened, what was kept, what to change."""
+    plan, cfg = trainer.plan, trainer.cfg
+    resume = "continue from the latest with the same command plus --resume and the changed flags"
+    if isinstance(failure, Diverged):
+        where = (f"{failure.last_good[1]:.4f} at step {failure.last_good[0]}" if failure.last_good
+                 else "never seen (it was not finite from the start)")
+        fp16 = " or use --bf16 / --fp32 instead of fp16 (its range is small)" if plan.precision == "fp16" else ""
+        clip = f"tighten --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "enable --grad_clip (e.g. 1.0)"
+        what = (f"{failure.bad_in_a_row} optimizer steps in a row up to step {failure.step} had a non-finite loss or "
+                f"gradient norm (each was skipped, none applied)" if failure.bad_in_a_row >= cfg.max_bad_steps else
+                f"the validation loss at step {failure.step} is not finite ({failure.bad_in_a_row} step(s) before it "
+                f"had a non-finite loss or gradient and were skipped)")
+        return (f"training diverged: {what}. The last finite training loss "
+                f"was {where}. Try a lower --learning_rate (now {cfg.learning_rate:g}, {failure.lr:.2g} at this "
+                f"step), {clip}{fp16}. The checkpoints saved so far are untouched: {resume}.")
+    if isinstance(failure, OutOfMemory):
+        kept = (f"The state after step {failure.failed_step - 1} was saved to {failure.saved_to}" if failure.saved_to
+                else f"Nothing was saved; the checkpoints in {plan.folder.checkpoints} are untouched")
+        return (f"out of memory in training step {failure.failed_step}: model {cfg.model_label()}, "
+                f"{trainer.model.num_params() / 1e6:.1f}M parameters in {plan.precision}; micro-batch "
+                f"{plan.micro_batch} x block {cfg.block_size} tokens, {plan.accumulation} accumulation step(s); "
+                f"{memory_in_use(plan.device)}. Fixes: --batch_size auto (the largest micro-batch that fits), or the "
+                f"same batch per step in smaller pieces (--batch_size {max(1, plan.micro_batch // 2)} "
+                f"--gradient_accumulation_steps {plan.accumulation * 2}), a shorter --block_size, or a smaller "
+                f"--model_size. {kept}: continue with the same command plus --resume and the changed flags.")
+    if isinstance(failure, WeightsNotFinite):
+        return (f"the model's weights are no longer finite at step {failure.step}, so nothing was saved over the "
+                f"checkpoints in {plan.folder.checkpoints}. Continue from the latest with --resume and a lower "
+                f"--learning_rate or a tighter --grad_clip.")
+    raise failure
+
+
+def where_to_continue(trainer: Trainer) -> str:
+    """The checkpoint a run that lost one of its processes continues from, and how."""
+    plan, saved_at = trainer.plan, distributed.last_saved(trainer.world, trainer.saved_at)
+    if saved_at is not None:
+        return f"The last checkpoint is {plan.folder.latest} (step {saved_at}): {RESUME}."
+    if plan.resume_from:
+        return f"The last checkpoint is {plan.resume_from} (step {plan.start_step}), as at the start: {RESUME}."
+    return f"No checkpoint was saved yet: {RESUME} to start again."
+
+
+def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
+    """The end of a run in two lines (three when validation loss rose at the end: memorising, said plainly)."""
+    minutes, seconds = divmod(round(result.seconds), 60)
+    losses = []
+    if result.history:
+        losses.append(f"train loss {result.history[0]['train/loss']:.4f} -> {result.history[-1]['train/loss']:.4f}")
+    if result.evals:
+        (first_step, first), (last_step, last) = result.evals[0], result.evals[-1]
+        losses.append(f"val loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}), best val loss "
+                      f"{result.best_val_loss:.4f} (guessing uniformly among the {plan.vocab_size:,} tokens scores "
+                      f"{math.log(plan.vocab_size):.4f})")
+    if result.best_step == 0:  # best.pt is written only for a trained model that beats --init_from's weights
+        losses.append(f"no step beat the starting weights of {plan.cfg.init_from} (step 0), so no best.pt was "
+                      f"written")
+    lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s; {'; '.join(losses)}."]
+    where = [f"samples in {plan.folder.samples}", f"checkpoints in {plan.folder.checkpoints}"]
+    if "tensorboard" in tracking.chosen(plan.cfg.report_to):
+        where.append(f"curves: {tensorboard_command()} --logdir {shlex.quote(str(plan.folder.logs))}")
+    lines.append("; ".join(where))
+    rose = result.evals and result.evals[-1][1] > result.best_val_loss * 1.02  # 2 %: more than evaluation noise
+    if rose and result.best_step == 0:
+        lines.append(f"warning: validation loss rose from the starting weights' {result.best_val_loss:.4f} to "
+                     f"{result.evals[-1][1]:.4f}: training made the model worse. Try a lower --learning_rate (now "
+                     f"{plan.cfg.learning_rate:g}); the weights in {plan.cfg.init_from} are still the best.")
+    elif rose:
+        lines.append(f"warning: validation loss rose from its best, {result.best_val_loss:.4f}, to "
+                     f"{result.evals[-1][1]:.4f}: the model is memorising its training text. Train on more text, for "
+                     f"fewer steps or with more --dropout; best.pt holds the weights with the best validation loss.")
+    return lines
+
+
+def tensorboard_command() -> str:
+    """`tensorboard` when it is on PATH, else the one beside this Python (a virtual environment not activated)."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    if shutil.which("tensorboard") or not beside.exists():
+        return "tensorboard"
+    with contextlib.suppress(ValueError):  # relative to here: shorter, and what ./dev.sh users can paste as it is
+        return shlex.quote(str(beside.relative_to(Path.cwd())))
+    return shlex.quote(str(beside))
+
+
+def write_samples(trainer: Trainer, path: Path) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== step {trainer.step} ===\n")
+        for prompt in trainer.plan.sample_prompts:
+            if trainer.stop_signal is not None:
+                return
+            text = trainer.sample(prompt)
+            print(f"--- sample ({prompt!r}) ---\n{text}\n")
+            f.write(f"--- {prompt!r} ---\n{text}\n\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda args: run(parse_args(args), given_flags(sys.argv[1:] if args is None else args)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The memory plan: an estimate, before anything is allocated, of the bytes one GPU needs for a training step - the
+weights, their gradients, AdamW's state, what the forward pass keeps for the backward pass, the logits of the loss,
+and a fixed allowance for the CUDA context - and, when that is more than the GPU holds, the change of flags that fits.
+
+The activation formula follows gpt_trainer/model.py operation by operation (tests/test_memory.py compares it with the
+bytes a real forward pass saves). Per token and block, with C the width, H the heads, a the bytes of an activation
+(2 under bf16/fp16 autocast, 4 in fp32) and r = 4 (the residual stream stays fp32 under autocast):
+  ln_1 and ln_2 keep their inputs (2 x r x C) and their mean and 1/std (4 x 4 bytes); the qkv, proj, fc and MLP proj
+  Linears keep their inputs (ln_1's output C, the attention output C, ln_2's output C, the GELU output 4C, x a);
+  attention keeps q, k, v (the qkv output, 3C x a), its output (C x a: the proj input shares it) and the log-sum-exp
+  (H x 4 bytes) - the fused kernels never store the T x T attention matrix -; GELU keeps its input (4C x a); each
+  dropout with p > 0 keeps a one-byte mask (2 per block, one after the embeddings). Together 2rC + 14aC + 16 + 4H
+  bytes (+ 2C with dropout): 64C + 4H + 16 in fp32, 36C + 4H + 16 in bf16 (32C + ... under FSDP's bf16 policy, where
+  the residual stream is bf16 too: r = 2).
+Outside the blocks: the token ids (8 bytes), ln_f's input and output, and the fp32 log-probabilities the loss keeps
+(4V bytes per token, V the vocabulary: often the largest single tensor). While the loss is back-propagated two more
+fp32 B x T x V tensors exist (the gradients of the log-probabilities and of the logits), and the caller holds the
+logits: the "logits" line of the plan adds those.
+With activation checkpointing each block keeps only its input (r x C per token); during the backward pass one block is
+recomputed at a time, so one block's full set is added back once.
+
+An estimate, not a measurement: the CUDA context and the caching allocator's fragmentation are an assumed fixed
+OVERHEAD_BYTES, compiled steps usually need less than this, and temporary buffers of single kernels are left out."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MODEL_PRESETS, ModelShape, TrainConfig
+from ..system.hardware import device_name
+
+GIB = 2**30
+OVERHEAD_BYTES = GIB  # ASSUMED: the CUDA context (~0.3-0.6 GiB) plus the caching allocator's fragmentation
+FP32 = 4
+RESIDUAL_BYTES = FP32  # the residual stream (embeddings + block outputs) stays fp32 under autocast
+MASK_BYTES = 1  # a dropout mask on a GPU is bool
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What an estimate depends on: the model's shape and the flags that change memory."""
+    shape: ModelShape
+    precision: str  # fp32, bf16 or fp16
+    micro_batch: int
+    block_size: int
+    parallel: str  # ddp or fsdp
+    processes: int
+    activation_checkpointing: bool
+    vocab_size: int
+    dropout: float = 0.0
+    accumulation: int = 1  # micro-batches per optimizer step: memory does not depend on it, suggestions keep it
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp" and self.processes > 1
+
+    @property
+    def activation_bytes(self) -> int:
+        return FP32 if self.precision == "fp32" else 2
+
+    @property
+    def residual_bytes(self) -> int:
+        """fp32 under autocast (DDP, one process); under FSDP's bf16 policy every module computes in bf16."""
+        return self.activation_bytes if self.sharded else RESIDUAL_BYTES
+
+
+def parameter_count(shape: ModelShape, vocab_size: int, block_size: int) -> int:
+    """The parameters of gpt_trainer.model.GPT (the output projection is tied to the token embedding)."""
+    C = shape.n_embd
+    return vocab_size * C + block_size * C + shape.n_layer * block_parameters(C) + 2 * C
+
+
+def block_parameters(C: int) -> int:
+    """One block: two LayerNorms (2C each), qkv (3C x C + 3C), proj (C x C + C), fc (4C x C + 4C), proj (4C x C + C)."""
+    return 12 * C * C + 13 * C
+
+
+def block_activation_bytes(s: Setup) -> int:
+    """What one block's forward keeps for its backward, per micro-batch (the formula in the module's docstring)."""
+    C, H, a = s.shape.n_embd, s.shape.n_head, s.activation_bytes
+    per_token = 2 * s.residual_bytes * C + 14 * a * C + 2 * 2 * FP32 + H * FP32
+    if s.dropout > 0:
+        per_token += 2 * MASK_BYTES * C
+    return s.micro_batch * s.block_size * per_token
+
+
+def kept_activation_bytes(s: Setup) -> int:
+    """What the whole forward keeps for the backward (the log-probabilities of the loss included): the number
+    tests/test_memory.py compares with the bytes a real forward saves. With activation checkpointing, only each
+    block's input is kept (the recomputed block is added by `estimate`)."""
+    C, tokens = s.shape.n_embd, s.micro_batch * s.block_size
+    embeddings = tokens * 8 + s.block_size * 8 + (tokens * MASK_BYTES * C if s.dropout > 0 else 0)  # ids, positions
+    head = tokens * (s.residual_bytes * C + 2 * FP32 + s.activation_bytes * C + FP32 * s.vocab_size + 8)
+    if s.activation_checkpointing:
+        blocks = s.shape.n_layer * tokens * s.residual_bytes * C
+    else:
+        blocks = s.shape.n_layer * block_activation_bytes(s)
+    return embeddings + blocks + head
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU, by part. `capacity`: the GPU's memory (None on the CPU: not checked)."""
+    setup: Setup
+    parameters: int  # fp32 master weights (this process's shard under FSDP)
+    compute_copies: int  # bf16/fp16 copies of the weights: autocast's cache (DDP) or the gathered FSDP units
+    gradients: int  # fp32 (under DDP with several processes: and the copy in DDP's buckets)
+    optimizer: int  # AdamW: two fp32 moments per parameter
+    activations: int  # kept by the forward for the backward (+ one recomputed block with checkpointing)
+    logits: int  # the logits held by the caller and the two fp32 gradients of the loss's backward
+    overhead: int = OVERHEAD_BYTES
+    capacity: int | None = None
+    device: str = "the CPU"
+
+    @property
+    def total(self) -> int:
+        return (self.parameters + self.compute_copies + self.gradients + self.optimizer + self.activations
+                + self.logits + self.overhead)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def with_setup(self, **changes) -> MemoryPlan:
+        """The same GPU with some flags changed."""
+        return estimate(**{**dataclasses.asdict(self.setup), "shape": self.setup.shape, **changes},
+                        capacity=self.capacity, device=self.device)
+
+    def suggestion(self) -> tuple[str, MemoryPlan] | None:
+        """The first change of flags whose estimate fits, tried in this order: --parallel fsdp (several processes),
+        --activation_checkpointing, a smaller micro-batch (halved until it fits; the accumulation doubled so the batch
+        per step stays), then the combinations of those. (flags, the plan with them), or None when the plan fits or
+        nothing does."""
+        if self.fits:
+            return None
+        s = self.setup
+        changes: list[tuple[str, dict]] = []
+        if s.processes > 1 and s.parallel != "fsdp":
+            changes.append(("--parallel fsdp", {"parallel": "fsdp"}))
+        if not s.activation_checkpointing:
+            changes.append(("--activation_checkpointing", {"activation_checkpointing": True}))
+        tried = [([flag], change) for flag, change in changes]
+        if len(changes) == 2:
+            tried.append(([changes[0][0], changes[1][0]], {**changes[0][1], **changes[1][1]}))
+        for flags, change in [([], {}), *tried]:  # a smaller micro-batch alone, then with each of the above
+            batch, factor = s.micro_batch // 2, 2
+            while batch >= 1:
+                tried.append(([*flags, f"--batch_size {batch} --gradient_accumulation_steps {s.accumulation * factor}"],
+                              {**change, "micro_batch": batch}))
+                batch, factor = batch // 2, factor * 2
+        for flags, change in tried:
+            plan = self.with_setup(**change)
+            if plan.fits:
+                return " ".join(flags), plan
+        return None
+
+    def describe(self) -> list[str]:
+        """Two lines (three when it does not fit): the parts, the total against the GPU, and what fits instead."""
+        s = self.setup
+        where = f"{s.parallel}, {s.processes} process{'es' if s.processes > 1 else ''}"
+        if s.activation_checkpointing:
+            where += ", activation checkpointing"
+        copies = f", {gib(self.compute_copies)} {s.precision} copies" if self.compute_copies else ""
+        lines = [f"memory per GPU (estimated: {s.precision}, micro-batch {s.micro_batch} x block {s.block_size}, "
+                 f"{where}): weights {gib(self.parameters)} GiB fp32{copies}, gradients {gib(self.gradients)}, "
+                 f"AdamW state {gib(self.optimizer)}, activations {gib(self.activations)}, logits "
+                 f"{gib(self.logits)}, CUDA context and fragmentation {gib(self.overhead)} (assumed)"]
+        if self.capacity is None:
+            lines.append(f"memory total {gib(self.total)} GiB (what one GPU would need); on {self.device}: not checked")
+            return lines
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"memory total {gib(self.total)} GiB of {gib(self.capacity)} GiB on {self.device}: {verdict}")
+        if not self.fits:
+            found = self.suggestion()
+            if found:
+                flags, plan = found
+                lines.append(f"memory: {flags} would fit (estimated {gib(plan.total)} GiB)")
+            else:
+                lines.append("memory: no flag change fits on this GPU, even with --parallel fsdp, "
+                             "--activation_checkpointing and micro-batch 1: use more GPUs (fsdp shards across them) "
+                             "or a smaller --model_size / --block_size")
+        return lines
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: int, parallel: str = "ddp",
+             processes: int = 1, activation_checkpointing: bool = False, vocab_size: int = 50257,
+             dropout: float = 0.0, capacity: int | None = None, device: str = "the CPU",
+             accumulation: int = 1) -> MemoryPlan:
+    """Bytes per GPU of one training step (forward, backward, AdamW step) of gpt_trainer.model.GPT.
+
+    DDP (and one process): every process holds all weights, gradients and optimizer state, and with several processes
+    DDP's gradient buckets are a second copy of the gradients. FSDP with N processes: weights, gradients and optimizer
+    state divided by N, plus the largest FSDP unit (a block, or the embeddings) unsharded: its weights twice in the
+    compute precision (the next unit is prefetched) and its fp32 gradients before they are reduce-scattered.
+    bf16/fp16 under DDP: autocast caches a half-precision copy of every weight matrix during the step."""
+    s = Setup(shape, precision, micro_batch, block_size, parallel, processes, activation_checkpointing, vocab_size,
+              dropout, accumulation)
+    count = parameter_count(shape, vocab_size, block_size)
+    half = precision != "fp32"
+    C = shape.n_embd
+    if s.sharded:
+        n = processes
+        largest_unit = max(block_parameters(C), vocab_size * C + block_size * C + 2 * C)  # a block, or the root
+        parameters = math.ceil(count / n) * FP32
+        compute_copies = 2 * largest_unit * s.activation_bytes
+        gradients = math.ceil(count / n) * FP32 + largest_unit * FP32
+        optimizer = 2 * math.ceil(count / n) * FP32
+    else:
+        parameters = count * FP32
+        compute_copies = 2 * (count - block_size * C) if half else 0  # every matrix but the position embedding
+        gradients = count * FP32 * (2 if processes > 1 else 1)
+        optimizer = 2 * count * FP32
+    activations = kept_activation_bytes(s)
+    if activation_checkpointing:
+        activations += block_activation_bytes(s)  # the block being recomputed in the backward pass
+    tokens = micro_batch * block_size
+    logits = tokens * vocab_size * (s.activation_bytes + 2 * FP32)
+    return MemoryPlan(s, parameters, compute_copies, gradients, optimizer, activations, logits, OVERHEAD_BYTES,
+                      capacity, device)
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """(the GPU's total memory, its name) when the run is on a GPU; (None, "the CPU") otherwise."""
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return capacity, device_name(device)
+
+
+def plan_for_flags(cfg: TrainConfig, vocab_size: int, precision: str, micro_batch: int, processes: int,
+                   accumulation: int = 1, capacity: int | None = None, device: str = "the CPU") -> MemoryPlan:
+    """The memory plan of a run's flags."""
+    return estimate(ModelShape(cfg.n_layer, cfg.n_head, cfg.n_embd), precision, micro_batch, cfg.block_size,
+                    cfg.parallel, processes, cfg.activation_checkpointing, vocab_size, cfg.dropout, capacity, device,
+                    accumulation)
+
+
+def plan_for_run(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, micro_batch: int,
+                 processes: int, accumulation: int = 1) -> MemoryPlan:
+    """The memory plan of a run's flags, against the memory of `device` when it is a GPU."""
+    capacity, name = device_memory(device)
+    return plan_for_flags(cfg, vocab_size, precision, micro_batch, processes, accumulation, capacity, name)
+
+
+# ---- the table in docs/memory.md -----------------------------------------------------------------------------------
+TABLE_GPUS_GB = (24, 48, 80, 141)  # GPU memory as vendors state it; compared as 10^9 bytes (cards report a bit more)
+TABLE_VOCAB = 50257  # GPT-2's tokenizer
+TABLE_BLOCK = 1024
+TABLE_MICRO_BATCH = 8
+TABLE_DROPOUT = 0.1  # the --dropout default
+TABLE_LAYOUTS = (("1 GPU", "ddp", 1), ("DDP", "ddp", 8), ("FSDP x 2", "fsdp", 2), ("FSDP x 4", "fsdp", 4),
+                 ("FSDP x 8", "fsdp", 8))  # DDP: the same on any number of GPUs above one
+
+
+def table(activation_checkpointing: bool, micro_batch: int = TABLE_MICRO_BATCH, block_size: int = TABLE_BLOCK,
+          vocab_size: int = TABLE_VOCAB, precision: str = "bf16") -> str:
+    """A Markdown table of docs/memory.md: per preset and layout, the estimated GiB per GPU and the smallest of
+    TABLE_GPUS_GB it fits on."""
+    rows = [f"| preset | {' | '.join(name for name, _, _ in TABLE_LAYOUTS)} |",
+            f"| --- |{' --- |' * len(TABLE_LAYOUTS)}"]
+    for preset, shape in MODEL_PRESETS.items():
+        cells = []
+        for _, parallel, processes in TABLE_LAYOUTS:
+            total = estimate(shape, precision, micro_batch, block_size, parallel, processes, activation_checkpointing,
+                             vocab_size, TABLE_DROPOUT).total
+            smallest = next((f"{gb} GB" for gb in TABLE_GPUS_GB if total <= gb * 10**9), "none")
+            cells.append(f"{gib(total)} ({smallest})")
+        rows.append(f"| {preset} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def tables(micro_batch: int = TABLE_MICRO_BATCH, block_size: int = TABLE_BLOCK, vocab_size: int = TABLE_VOCAB) -> str:
+    """Both tables of docs/memory.md, without and with activation checkpointing, as the page shows them."""
+    return "\n\n".join(f"{title}:\n\n{table(checkpointing, micro_batch, block_size, vocab_size)}"
+                       for title, checkpointing in (("Without activation checkpointing", False),
+                                                    ("With --activation_checkpointing", True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt_trainer.memory",
+        description="Print the estimated memory tables of docs/memory.md (GiB per GPU, bf16, and the smallest of "
+                    "24/48/80/141 GB GPUs each fits on).")
+    parser.add_argument("--table", action="store_true", help="the tables for every preset (the default)")
+    parser.add_argument("--micro_batch", type=int, default=TABLE_MICRO_BATCH)
+    parser.add_argument("--block_size", type=int, default=TABLE_BLOCK)
+    parser.add_argument("--vocab_size", type=int, default=TABLE_VOCAB)
+    args = parser.parse_args(argv)
+    print(tables(args.micro_batch, args.block_size, args.vocab_size))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""What the run stands on: the device and its precision rules, the processes of a job, compiling, the run folder."""

@@ -1,0 +1,1 @@
+"""Training: the loop, how the model is parallelised, checkpoints, step health and throughput."""
