@@ -191,7 +191,7 @@ def start_ranks(argv_of_rank, env: dict | None = None) -> list[subprocess.Popen]
 
 WAITING_SCRIPT = """
 import os, sys, time, torch
-from gpt_trainer import distributed
+from gpt_trainer.system import distributed
 from gpt_trainer.errors import RunStopped
 world = distributed.launched_world()
 distributed.start(world, torch.device("cpu"), 2.0)

@@ -91,10 +91,10 @@ BYTES_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-from gpt_trainer import distributed
+from gpt_trainer.system import distributed
 from gpt_trainer.config import parse_args
-from gpt_trainer.data import prepare_data
-from gpt_trainer.trainer import Trainer
+from gpt_trainer.data.tokens import prepare_data
+from gpt_trainer.train.trainer import Trainer
 from tests.conftest import plan_for
 
 def local_bytes(tensors):

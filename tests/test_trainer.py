@@ -31,7 +31,7 @@ def test_reported_loss_is_the_mean_over_micro_batches_not_the_last(tiny_cfg):
         logits, loss = original(x, y)
         batch_losses.append(loss.item())
         return logits, loss
-    trainer.forward = spy
+    trainer.parallel.forward = spy
     assert trainer.accumulate_gradients().item() == pytest.approx(sum(batch_losses) / 4, abs=1e-6)
 
 
@@ -76,14 +76,14 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_cfg):
     trainer = make_trainer(tiny_cfg("--max_steps=10"))
     trainer.train_step()
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    forward = trainer.forward
-    trainer.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(forward(x, y))  # a poisoned batch
+    forward = trainer.forward  # below: a poisoned batch
+    trainer.parallel.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(forward(x, y))
     loss, _ = trainer.train_step()
-    assert not trainer.step_ok and trainer.bad_steps == 1 and trainer.bad_in_a_row == 1 and loss.isnan()
+    assert not trainer.step_ok and trainer.health.bad_steps == 1 and trainer.health.bad_in_a_row == 1 and loss.isnan()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # nothing was applied
-    trainer.forward = forward
+    trainer.parallel.forward = forward
     trainer.train_step()
-    assert trainer.step_ok and trainer.bad_in_a_row == 0 and trainer.step == 3
+    assert trainer.step_ok and trainer.health.bad_in_a_row == 0 and trainer.step == 3
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 

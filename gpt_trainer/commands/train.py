@@ -253,7 +253,7 @@ def explain(failure: TrainingFailure, trainer: Trainer) -> str:
 
 def where_to_continue(trainer: Trainer) -> str:
     """The checkpoint a run that lost one of its processes continues from, and how."""
-    plan, saved_at = trainer.plan, distributed.last_saved(trainer.world, trainer.saved_at)
+    plan, saved_at = trainer.plan, distributed.last_saved(trainer.world, trainer.checkpointer.saved_at)
     if saved_at is not None:
         return f"The last checkpoint is {plan.folder.latest} (step {saved_at}): {RESUME}."
     if plan.resume_from:

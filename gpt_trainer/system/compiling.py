@@ -1,5 +1,5 @@
-"""torch.compile where it pays (GPUs), and never a dead run for a speed option: the model is compiled and run once
-before training, and if that fails the run goes on uncompiled with one notice."""
+"""torch.compile where it pays (GPUs), and never a dead run for a speed option: what is compiled is run once before
+training, and if that fails the run goes on uncompiled with one notice."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..errors import notice
+from .hardware import keep_rng
 
 BACKEND = "inductor"  # tests swap in a backend that fails, to exercise the fallback without a broken compiler
 
@@ -19,31 +20,24 @@ def wants_compile(setting: str, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else setting == "true"
 
 
-def compile_or_eager(model: torch.nn.Module, warm_up: Callable[[torch.nn.Module], None], device: torch.device,
-                     announce: bool = True) -> tuple[torch.nn.Module, float | None]:
-    """(the module to train with, seconds compiling took or None when it fell back to `model`). torch.compile is
-    lazy: `warm_up` runs the compiled module on every shape and mode training uses, so a failure surfaces here, not
-    at step 1. The random state is put back afterwards: compiled or not, training draws the same numbers."""
-    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+def compiled_or_eager(warm_up: Callable[[], None], undo: Callable[[], None], device: torch.device,
+                      announce: bool = True) -> float | None:
+    """The one fallback for every way of compiling (the whole model, or each block before sharding): torch.compile is
+    lazy, so `warm_up` runs what was compiled on every shape and mode training uses and a failure surfaces here, not
+    at step 1. Returns the seconds it took, or None after a failure, once `undo` has put the eager modules back. The
+    random state is kept: compiled or not, training draws the same numbers."""
     started = time.perf_counter()
-    compiled = torch.compile(model, backend=BACKEND)
     try:
-        warm_up(compiled)
+        with keep_rng(device):
+            warm_up()
+        return time.perf_counter() - started
     except Exception as e:  # noqa: BLE001 - any compiler failure (no C compiler, an unsupported op) means: run eager
+        undo()
+        torch._dynamo.reset()  # drop what the failed attempt cached
         if announce:
             notice(f"note: torch.compile failed ({root_cause(e)}); training goes on uncompiled, which is slower but "
                    f"gives the same results. Pass --compile=false to skip the attempt.")
-        compiled = None
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train()
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], device)
-    if compiled is None:
-        torch._dynamo.reset()  # drop what the failed attempt cached
-        return model, None
-    return compiled, time.perf_counter() - started
+        return None
 
 
 def root_cause(error: BaseException) -> str:

@@ -151,6 +151,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def keep_rng(device: torch.device):
+    """A block whose random draws leave training's random state as it was (the one way a run isolates them: compiling's
+    warm-up, the sampling copy's construction): the CPU generator, and the device's own on a GPU."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..config import TrainConfig
 from ..errors import RunStopped, UsageError, notice
+from ..system import distributed
 from ..system.rundir import RunFolder
 
 FORMAT_VERSION = 3
@@ -125,6 +126,33 @@ def restore(state: dict, parts: dict[str, Stateful]) -> None:
     for name, part in parts.items():
         part.load_state_dict(state[name])
     restore_rng_states(state["rng"])
+
+
+class Checkpointer:
+    """The one owner of a run's checkpoints: it assembles what the run is (`about`), the RNG states and every part's
+    state, writes them (the main process; with `collective` parts, a sharded model's, every process first helps
+    gather them), restores them, and knows the step of the last latest.pt on every process, so all of them decide
+    alike whether a stop still saves and each can name it when another process is lost."""
+
+    def __init__(self, folder: RunFolder, parts: dict[str, Stateful], about: dict, is_main: bool, collective: bool):
+        self.folder, self.parts, self.about = folder, parts, about
+        self.is_main, self.collective = is_main, collective
+        self.saved_at: int | None = None  # the step latest.pt was last written at
+        self.folder_existed = folder.path.is_dir()  # the command made it; library use may leave it to save()
+
+    def save(self, path: Path, step: int) -> None:
+        if self.is_main or self.collective:
+            state = assemble(self.parts, self.about)
+            if self.is_main:
+                if self.folder_existed and not self.folder.path.is_dir():  # deleted or unmounted during the run
+                    raise FileNotFoundError(errno.ENOENT, "vanished", str(self.folder.path))
+                save_atomic(state, path)
+        if path == self.folder.latest:
+            self.saved_at = step
+            distributed.note_saved(step)
+
+    def restore(self, state: dict) -> None:
+        restore(state, self.parts)
 
 
 # ---- FSDP: the sharded model and optimizer seen as whole ones -------------------------------------------------------

@@ -5,8 +5,6 @@ holding the facts; the command words them for the user."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import signal
 import sys
@@ -17,22 +15,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..data.batches import EpochSampler, gather_windows, share_of, to_device, validation_windows
 from ..data.tokens import TokenData
-from ..errors import is_out_of_memory, notice
+from ..errors import is_out_of_memory
 from ..model.gpt import build_model, generate_text
 from ..model.hf import gpt2_state
 from ..plan.run_plan import RunPlan
-from ..system import compiling, distributed
-from ..system.compiling import compile_or_eager
+from ..system import distributed
 from ..system.distributed import all_reduce
-from ..system.hardware import allow_tf32, autocast, empty_cache, gpu_memory_metrics, peak_tflops
+from ..system.hardware import allow_tf32, empty_cache, gpu_memory_metrics, keep_rng, peak_tflops
 from ..tracking import Tracker
-from . import checkpoint
+from .checkpoint import Checkpointer
+from .health import StepHealth
+from .parallelize import parallelize
 from .metrics import ThroughputWindow
 
 
@@ -94,10 +91,9 @@ class Trainer:
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
         allow_tf32(device)
-        self.sharded = world.active and cfg.parallel == "fsdp"  # FSDP: each process holds a slice of everything
+        # compiled, and wrapped or sharded for several processes: the loop talks to it, never to the mode
+        self.parallel = parallelize(self.model, plan)
         self.sampling_model: torch.nn.Module | None = None  # sharded: the main process's whole copy, to sample from
-        # the module to train with, and the seconds compiling took (when it did)
-        self.forward, self.compile_seconds = self.parallelize()
         self.optimizer = torch.optim.AdamW(  # after sharding, which replaces the parameters
             self.model.optimizer_groups(cfg.weight_decay), lr=plan.lr_at(0), betas=(0.9, 0.95),
             fused=device.type == "cuda",  # one kernel for the whole update instead of several per parameter
@@ -112,73 +108,25 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
         self.stop_agreed: int | None = None  # several processes: the stop every one of them saw at the same step
-        self.step_ok, self.bad_steps, self.bad_in_a_row = True, 0, 0  # non-finite steps: skipped and counted
+        self.step_ok, self.health = True, StepHealth()  # non-finite steps: skipped and counted
         self.updating = False  # True while the optimizer changes the weights
-        self.saved_at: int | None = None  # the step latest.pt was last written at
-        self.last_good: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last applied step
         self.peak, self.peak_source = peak_tflops(device, plan.precision, cfg.peak_tflops)
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
-        self.folder_existed = plan.folder.path.is_dir()  # the command made it; library use may leave it to save()
+        model_view, optimizer_view = self.parallel.checkpoint_views(self.optimizer)
+        about = {"config": plan.describe(), "vocab_size": plan.vocab_size, "tokenizer": data.tokenizer.to_dict(),
+                 "corpus": plan.corpus, "world_size": world.size}
+        self.checkpointer = Checkpointer(
+            plan.folder, {"model": model_view, "optimizer": optimizer_view, "scaler": self.scaler,
+                          "sampler": self.sampler, "trainer": self, "tracker": self.tracker},
+            about, world.is_main, collective=self.parallel.sharded)
 
-    def parallelize(self) -> tuple[torch.nn.Module, float | None]:
-        """(the module to train with, seconds compiling took or None). One process: the model, compiled or not.
-        Several: DistributedDataParallel around it (nanoGPT's order: compile, then DDP), or with --parallel fsdp the
-        model sharded in place (FSDP2, distributed.shard) with each block compiled before (torchtitan's order;
-        compiling the sharded model whole swapped the root's parameters under the optimizer in torch 2.13)."""
-        plan, world, device = self.plan, self.world, self.device
-        if plan.cfg.parallel == "fsdp" and not world.active:
-            notice("note: --parallel fsdp shards the model across several processes (torchrun); with one process it "
-                   "trains unsharded, as usual.")
-        if self.sharded:  # (fp16 was refused before anything was written: cli.plan_run)
-            if plan.compile:  # torchtitan's way: each block compiled in place, before sharding
-                for block in self.model.blocks:
-                    block.compile(backend=compiling.BACKEND)
-            distributed.shard(self.model, self.precision)
-            return self.model, self.warm_up_compiled_blocks() if plan.compile else None
-        module, seconds = self.model, None
-        if plan.compile:
-            module, seconds = compile_or_eager(self.model, self.warm_up, device, world.is_main)
-        if world.active and not self.sharded:  # DistributedDataParallel averages the gradients
-            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-        return module, seconds
+    @property
+    def forward(self) -> torch.nn.Module:
+        return self.parallel.forward
 
-    def warm_up_compiled_blocks(self) -> float | None:
-        """FSDP with --compile: run the compiled blocks as training will, so a compiler failure surfaces here and not
-        at step 1; returns the seconds it took, or None when it failed and the blocks run eagerly again (with
-        compile_or_eager's note). Like compile_or_eager, it leaves the random state and the gradients as they were."""
-        started, rng = time.perf_counter(), torch.random.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        try:
-            self.warm_up(self.model)
-            return time.perf_counter() - started
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
-            for block in self.model.blocks:
-                block._compiled_call_impl = None  # what Module.compile set: the block runs eagerly again
-            torch._dynamo.reset()
-            if self.world.is_main:
-                notice(f"note: torch.compile failed ({compiling.root_cause(e)}); training goes on uncompiled, which "
-                       f"is slower but gives the same results. Pass --compile=false to skip the attempt.")
-            return None
-        finally:
-            self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward
-            self.model.zero_grad(set_to_none=True)
-            self.model.train()
-            torch.random.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, self.device)
-
-    def autocast(self):
-        """Mixed precision for a forward pass: autocast, except under FSDP, whose policy already runs a bf16 run's
-        compute in bf16 (distributed.shard); autocast on top would only add casts."""
-        return contextlib.nullcontext() if self.sharded else autocast(self.device, self.precision)
-
-    def gradient_sync(self, last: bool):
-        """Processes exchange gradients once per optimizer step, on its `last` micro-batch: DDP skips its all-reduce
-        under no_sync, FSDP its reduce-scatter (the gradients accumulate unsharded until then)."""
-        if self.sharded:
-            self.model.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        return self.forward.no_sync() if self.world.active and not last else contextlib.nullcontext()
+    @property
+    def compile_seconds(self) -> float | None:
+        return self.parallel.compile_seconds
 
     # ---- one optimizer step ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +137,7 @@ class Trainer:
             group["lr"] = self.plan.lr_at(self.step)
         loss = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = self.clip_gradients()
+        grad_norm = self.parallel.clip_gradients(self.cfg.grad_clip or math.inf)
         # one scalar read per step (the fp16 scaler makes the same one): applying a non-finite step ruins the weights.
         # With several processes the same read also makes them agree: every one skips, or stops, at the same step.
         flags = torch.stack([loss.isfinite(), grad_norm.isfinite(),
@@ -201,27 +149,12 @@ class Trainer:
         if self.step_ok:
             self.updating = True  # from here until the step ends, the weights may be half updated
             self.scaler.step(self.optimizer)
-            self.bad_in_a_row, self.last_good = 0, (self.step + 1, loss.detach())
-        else:
-            self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
+        self.health.record(self.step_ok, self.step + 1, loss)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.updating = False
         return loss, grad_norm
-
-    def clip_gradients(self) -> torch.Tensor:
-        """Scale the gradients down to --grad_clip (0: never) by their norm over the whole model; returns that norm as
-        a plain tensor (the divergence guard reads it). Sharded, each process holds slices of the gradients: the
-        norm of their DTensors is the global one, made whole before clipping, as torchtitan does."""
-        limit = self.cfg.grad_clip or math.inf
-        if not self.sharded:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
-        return norm
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns their mean loss."""
@@ -231,24 +164,13 @@ class Trainer:
         batch = to_device(gather_windows(self.data.train, offsets, block_size), self.device)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(batch.view(accum, plan.micro_batch, block_size + 1)):
-            with self.gradient_sync(last=i == accum - 1):
-                with self.autocast():
+            with self.parallel.gradient_sync(last=i == accum - 1):
+                with self.parallel.autocast():
                     _, loss = self.forward(micro[:, :-1], micro[:, 1:])
                 loss_sum += loss.detach()
                 # the optimizer must see the mean gradient over micro-batches, not their sum
                 self.scaler.scale(loss / accum).backward()
         return loss_sum / accum
-
-    def warm_up(self, module: torch.nn.Module) -> None:
-        """Run `module` as training will: a forward and backward on a micro-batch, and an evaluation forward."""
-        batch = torch.zeros((self.plan.micro_batch, self.cfg.block_size + 1), dtype=torch.long, device=self.device)
-        with self.autocast():
-            _, loss = module(batch[:, :-1], batch[:, 1:])
-        loss.backward()
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            module(batch[:, :-1], batch[:, 1:])
-        self.model.train()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -261,11 +183,10 @@ class Trainer:
             if self.stop_signal is not None and not self.world.active:
                 self.model.train()
                 return None
-            with self.autocast():
+            with self.parallel.autocast():
                 _, loss = self.forward(chunk[:, :-1], chunk[:, 1:])
             total += loss
-        if self.sharded:
-            self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward: free them
+        self.parallel.after_forward_only()
         self.model.train()
         return (total / len(chunks)).item()
 
@@ -293,7 +214,7 @@ class Trainer:
                 window.add(loss)
                 self.epoch_loss += loss
                 self.epoch_steps += 1
-            elif self.bad_in_a_row >= self.cfg.max_bad_steps:
+            elif self.health.bad_in_a_row >= self.cfg.max_bad_steps:
                 raise self.diverged()
             bar.update(1)
             improved = False
@@ -316,7 +237,7 @@ class Trainer:
                 if improved:
                     self.save(self.plan.folder.best)
         bar.close()
-        if self.stop_requested() is not None and self.saved_at != self.step:  # a stop request always saves
+        if self.stop_requested() is not None and self.checkpointer.saved_at != self.step:  # a stop always saves
             self.save(self.plan.folder.latest)
         result.interrupted_by = self.stop_requested()
         result.steps, result.best_val_loss, result.best_step = self.step, self.best_val_loss, self.best_step
@@ -378,7 +299,7 @@ class Trainer:
             "train/mfu": numbers["mfu"],
             "train/epoch": self.sampler.epochs_done,
             "train/tokens_seen": self.step * self.plan.tokens_per_step,
-            "train/skipped_steps": self.bad_steps,
+            "train/skipped_steps": self.health.bad_steps,
             "system/step_time_ms": numbers["step_time_ms"],
             **gpu_memory_metrics(self.device),
         }
@@ -398,24 +319,20 @@ class Trainer:
         is intact (the error came before the weights changed); returns where it was saved."""
         self.optimizer.zero_grad(set_to_none=True)
         empty_cache(self.device)
-        if self.updating or self.step == 0 or not self.world.is_main or self.sharded:  # sharded: gathering needs all
+        # sharded: gathering the state needs every process, and the others may not be here
+        if self.updating or self.step == 0 or not self.world.is_main or self.parallel.sharded:
             return None
         self.sampler.load_state_dict(sampler_state)  # the failed step's windows are drawn again after a resume
         self.save(self.plan.folder.latest)
         return self.plan.folder.latest
 
     def diverged(self) -> Diverged:
-        last = (self.last_good[0], self.last_good[1].item()) if self.last_good else None
-        return Diverged(self.step, self.bad_in_a_row, last, self.plan.lr_at(self.step))
+        return Diverged(self.step, self.health.bad_in_a_row, self.health.last_good_loss(), self.plan.lr_at(self.step))
 
     def check_weights_finite(self) -> None:
         """Never sample from, or save over a good checkpoint, a model whose weights are not finite. Sharded, each
         process checks its slices and they agree (a collective)."""
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
-        finite = torch.stack([t.isfinite().all() for t in local]).all()
-        if self.sharded:
-            finite = all_reduce(finite.float(), self.world, dist.ReduceOp.MIN).bool()
-        if not finite:
+        if not self.parallel.weights_finite():
             raise WeightsNotFinite(self.step)
 
     def record_eval(self, val_loss: float, epoch_done: bool) -> bool:
@@ -434,47 +351,22 @@ class Trainer:
         if epoch_done:
             self.end_epoch(val_loss)
         if self.should_eval() and self.plan.sample_prompts:
-            if self.sharded:
-                self.copy_for_sampling()
+            self.refresh_sampling_model()
             if self.world.is_main and self.stop_signal is None:
                 self.tracker.log_samples({p: self.sample(p) for p in self.plan.sample_prompts}, self.step)
         return improved
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
-    def checkpoint_parts(self) -> dict:
-        """Every part whose state a checkpoint holds, by the name it is saved under."""
-        # sharded: views that gather the whole model and optimizer state, and scatter it back (one file format)
-        model, optimizer = ((checkpoint.FullModel(self.model), checkpoint.FullOptimizer(self.model, self.optimizer))
-                            if self.sharded else (self.model, self.optimizer))
-        return {"model": model, "optimizer": optimizer, "scaler": self.scaler, "sampler": self.sampler,
-                "trainer": self, "tracker": self.tracker}
-
     def save(self, path: Path) -> None:
-        """The main process writes; sharded, every process first takes part in gathering the whole state. Every
-        process notes the step of the last latest.pt: all of them decide alike whether a stop still saves, and each
-        can name it when another process is lost."""
-        if self.world.is_main or self.sharded:  # one writer; every process holds the same weights
-            self.write_checkpoint(path)
-        if path == self.plan.folder.latest:
-            self.saved_at = self.step
-            distributed.note_saved(self.step)
-
-    def write_checkpoint(self, path: Path) -> None:
+        """Never save over a good checkpoint a model whose weights are not finite."""
         self.check_weights_finite()
-        plan = self.plan
-        about = {"config": plan.describe(), "vocab_size": plan.vocab_size, "tokenizer": self.data.tokenizer.to_dict(),
-                 "corpus": plan.corpus, "world_size": plan.world.size}
-        state = checkpoint.assemble(self.checkpoint_parts(), about)
-        if self.world.is_main:
-            if self.folder_existed and not plan.folder.path.is_dir():  # deleted or unmounted during the run
-                raise FileNotFoundError(errno.ENOENT, "vanished", str(plan.folder.path))
-            checkpoint.save_atomic(state, path)
+        self.checkpointer.save(path, self.step)
 
     def restore(self, state: dict) -> None:
         """Continue from a loaded checkpoint: every part loads what it saved. This start's flags rule what comes
         next: the learning rate is the plan's at each step, and the weight decay is set again here because the
         restored optimizer carries the saved one."""
-        checkpoint.restore(state, self.checkpoint_parts())
+        self.checkpointer.restore(state)
         if self.world.rank:  # the saved RNG states are the main process's: the others draw their own masks again
             torch.manual_seed(self.cfg.seed + self.world.rank + self.step * self.world.size)
         self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay  # group 0 holds the decayed matrices
@@ -482,7 +374,7 @@ class Trainer:
     def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state
         return {"step": self.step, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "last_val_loss": self.last_val_loss,
-                "epoch_loss": (self.epoch_loss.item(), self.epoch_steps), "skipped_steps": self.bad_steps}
+                "epoch_loss": (self.epoch_loss.item(), self.epoch_steps), "skipped_steps": self.health.bad_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_val_loss = state["step"], state["best_val_loss"]
@@ -490,21 +382,19 @@ class Trainer:
         self.last_val_loss = state["last_val_loss"]
         self.epoch_loss.fill_(state["epoch_loss"][0])
         self.epoch_steps = state["epoch_loss"][1]
-        self.bad_steps = state.get("skipped_steps", 0)  # format 2 checkpoints written before it was counted
+        self.health.bad_steps = state.get("skipped_steps", 0)  # format 2 checkpoints written before it was counted
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
-    def copy_for_sampling(self) -> None:
-        """Sharded: the main process samples alone (also after training, when the others may be gone), so every
-        process helps gather the whole weights and the main one keeps an unsharded copy, replaced at each evaluation
-        with sample prompts (the last step always is one). Building it leaves the training RNG untouched."""
-        state = checkpoint.FullModel(self.model).state_dict()
-        if not self.world.is_main:
-            return
-        self.sampling_model = None  # the previous copy goes before the new one is built
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            copy = build_model(self.cfg.to_dict(), self.data.tokenizer.vocab_size, self.device)
-        copy.load_state_dict(state)
-        self.sampling_model = copy
+    def refresh_sampling_model(self) -> None:
+        """The model the main process samples from (also after training, when the others may be gone): the model
+        itself, or under FSDP an unsharded copy replaced at each evaluation with sample prompts (the last step always
+        is one). Building it leaves the training RNG untouched."""
+        self.sampling_model = None  # the previous copy goes before a new one is built
+
+        def build() -> torch.nn.Module:
+            with keep_rng(self.device):
+                return build_model(self.cfg.to_dict(), self.data.tokenizer.vocab_size, self.device)
+        self.sampling_model = self.parallel.model_to_sample(build)
 
     def sample(self, prompt: str) -> str:
         """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched;
@@ -512,8 +402,7 @@ class Trainer:
         cfg = self.cfg
         seed = (cfg.seed * 1_000_003 + self.step) ^ zlib.crc32(prompt.encode("utf-8"))
         generator = torch.Generator(self.device).manual_seed(seed)
-        model = self.sampling_model if self.sharded else self.model
-        if model is None:
-            raise RuntimeError("a sharded model samples from the copy an evaluation with sample prompts takes")
-        return generate_text(model, self.data.tokenizer, prompt, self.precision, cfg.sample_tokens,
+        if self.sampling_model is None:
+            self.refresh_sampling_model()
+        return generate_text(self.sampling_model, self.data.tokenizer, prompt, self.precision, cfg.sample_tokens,
                              cfg.temperature, cfg.top_k, cfg.top_p, generator)
