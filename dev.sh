@@ -8,8 +8,10 @@
 #   ./dev.sh faults SIGKILL a small run 20 times, resume it each time, check nothing was lost or doubled (~2 minutes)
 #   ./dev.sh container-test   build and run the Docker image for real (needs root; installs Docker; ~10 minutes)
 #   ./dev.sh slurm-test   the Slurm recipes on a real two-node Slurm cluster started here (needs root; installs Slurm)
+#   ./dev.sh gpu-check   on a GPU machine: the GPU-only tests, a two-process FSDP run (2+ GPUs), the benchmark; prints
+#                   a section for BENCHMARKS.md (under 8 min on one H100/H200). Without a GPU it says so and exits 0
 # TORCH_VERSION picks the PyTorch release; TORCH_INDEX_URL, if set, is passed to pip for torch alone (e.g. PyTorch's
-# CPU-only wheel index, which is far smaller than the default CUDA build).
+# CPU-only wheel index, which is far smaller than the default CUDA build; a ROCm index on AMD GPUs).
 set -euo pipefail
 cd "$(dirname "$0")"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
@@ -61,8 +63,12 @@ case "${1:-}" in
     setup
     "$VENV/bin/python" -m tests.slurm_stage
     ;;
+  gpu-check)
+    setup
+    "$VENV/bin/python" tools/gpu_check.py "${@:2}"
+    ;;
   *)
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
     ;;
 esac

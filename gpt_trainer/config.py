@@ -113,7 +113,8 @@ class TrainConfig:
     weight_decay: float = _flag(0.1, "AdamW weight decay (matrices only; not biases, norms or embeddings).")
     grad_clip: float = _flag(1.0, "Clip the global gradient norm to this (0 disables).")
     max_bad_steps: int = _flag(5, "Stop after this many optimizer steps in a row with a non-finite loss or gradient "
-                                  "(each one is skipped, never applied).")
+                                  "(each one is skipped, never applied). Checked where the run reads the GPU anyway: "
+                                  "at each log step, evaluation and save.")
     seed: int = _flag(1337, "Random seed.")
     # hardware
     device: str = _flag("auto", "Where to train.", choices=["auto", "cuda", "cpu"])
@@ -272,6 +273,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them.")
     if cfg.allow_new_data and cfg.resume is None:
         raise UsageError("--allow_new_data only means something with --resume: add --resume, or drop it.")
+    if cfg.global_batch_size is not None and cfg.gradient_accumulation_steps != 1:
+        raise UsageError("--global_batch_size sets --gradient_accumulation_steps: give one of them, not both.")
     name = cfg.wandb_run_name
     if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\")
                              or any(unicodedata.category(c) in LINE_BREAKS_AND_CONTROLS for c in name)):

@@ -128,3 +128,49 @@ def test_auto_under_fsdp_takes_the_memory_plan_not_a_full_replica(tiny_cfg, monk
     assert "FSDP training step by the memory plan's estimate fits in 18.0 GiB" in chosen.how
     replica = plan_for_flags(cfg, 50257, "bf16", chosen.micro_batch, 4).with_setup(parallel="ddp")
     assert replica.total > limit  # the DDP-style full replica would not have fitted at this micro-batch
+
+
+def failing_gpu_library(capacity: int, message: str, tried: list):
+    """Stand-in for a GPU library that cannot get its workspace past `capacity`: the RuntimeError PyTorch raises
+    with the library's status text (constructed here; no GPU runs), not PyTorch's own OutOfMemoryError."""
+    def peak_bytes_of(batch: int) -> int:
+        tried.append(batch)
+        if GIB + batch * GIB // 2 > capacity:
+            raise RuntimeError(message)
+        return GIB + batch * GIB // 2
+    return peak_bytes_of
+
+
+@pytest.mark.parametrize("message", [
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "HIPBLAS_STATUS_ALLOC_FAILED when calling `hipblasLtMatmul( handle, ...)`",
+    "HIP error: out of memory",
+])
+def test_a_gpu_library_out_of_memory_ends_the_search_like_the_allocators(message):
+    tried = []
+    assert largest_that_fits(failing_gpu_library(12 * GIB, message, tried), 40 * GIB) == 16
+    assert tried == [1, 2, 4, 8, 16, 32]
+
+
+def test_another_error_in_a_trial_step_is_not_taken_for_out_of_memory():
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        largest_that_fits(failing_gpu_library(12 * GIB, "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling "
+                                                        "`cublasGemmEx(...)`", []), 40 * GIB)
+
+
+def test_the_search_and_the_printed_plan_measure_against_the_same_memory(tiny_cfg, monkeypatch):
+    """Stand-ins for the GPU's numbers (no GPU here): 20 GiB free, 2 GiB held by this process's allocator. The memory
+    plan's capacity and the search's limit are one figure, 90 % of the 22 GiB this process can have."""
+    from gpt_trainer.plan.memory import plan_for_run
+
+    tried = on_simulated_gpu(monkeypatch, free=20 * GIB, capacity=40 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cfg = tiny_cfg("--batch_size=auto")
+    chosen = settle_batch(cfg, 100, GPU, "bf16", World())
+    plan = plan_for_run(cfg, 100, GPU, "bf16", chosen.micro_batch, 1)
+    assert plan.capacity == int(22 * GIB * 0.9) and "19.8 GiB" in chosen.how
+    assert chosen.micro_batch == 32 and tried[-1] == 64  # 1 + 32 x 0.5 = 17 GiB fits 19.8; 64 needs 33
+    assert plan.describe()[1].endswith(f"of 19.8 GiB on NVIDIA H100 80GB HBM3 (its free memory less 10%): "
+                                       f"{'fits' if plan.fits else 'does NOT fit'}")

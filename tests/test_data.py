@@ -4,9 +4,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from gpt_trainer.data import tokens as data_module
-from gpt_trainer.data.batches import EpochSampler, validation_windows
+from gpt_trainer.data.batches import EpochSampler, TrainBatches, validation_windows
 from gpt_trainer.data.corpora import Corpus
 from gpt_trainer.data.tokenizer import CharTokenizer
 from gpt_trainer.data.tokens import prepare_data
@@ -61,6 +62,37 @@ def test_an_epoch_visits_every_window_once_and_resumes_exactly():
     resumed.load_state_dict(saved)
     assert np.array_equal(resumed.next_offsets(150), expected)
     assert not np.array_equal(expected[63:163], first_epoch)  # a fresh order each epoch
+
+
+def batches_of(tokens, rank=0, world_size=1) -> TrainBatches:
+    return TrainBatches(tokens, block_size=10, seed=3, windows_per_step=8, rank=rank, world_size=world_size,
+                        device=torch.device("cpu"))
+
+
+def test_prefetched_batches_are_the_sampler_s_and_a_checkpoint_never_counts_the_one_ahead():
+    tokens = np.arange(1001)  # 100 windows: the 13th step crosses into the second epoch
+    plain, ahead = batches_of(tokens), batches_of(tokens)
+    taken = [plain.next() for _ in range(20)]
+    for expected in taken[:12]:
+        assert torch.equal(ahead.next(), expected)
+        ahead.prefetch()  # the next step's batch, drawn while this one trains
+    assert ahead.state_dict() == {"epoch": 0, "position": 96} and ahead.epoch == 0  # not the prefetched one
+    assert ahead.epochs_done == 0.96
+    resumed = batches_of(tokens)
+    resumed.load_state_dict(ahead.state_dict())  # a resume draws the prefetched-but-untrained batch again
+    ahead.load_state_dict(ahead.state_dict())  # and so does an out-of-memory retreat in the same process
+    for expected in taken[12:]:
+        assert torch.equal(resumed.next(), expected) and torch.equal(ahead.next(), expected)
+        ahead.prefetch()
+    assert resumed.epoch == ahead.epoch == 1
+
+
+def test_each_process_takes_its_share_of_each_step_s_windows():
+    tokens = np.arange(1001)
+    whole = batches_of(tokens).next()
+    shares = [batches_of(tokens, rank, 2).next() for rank in range(2)]
+    assert shares[0].shape == (4, 11) and torch.equal(torch.cat(shares), whole)
+    assert torch.equal(whole[:, 1:] - whole[:, :-1], torch.ones(8, 10, dtype=torch.int64))  # windows of the tokens
 
 
 def test_validation_windows_are_fixed_and_in_range():

@@ -24,12 +24,13 @@ import torch
 
 from gpt_trainer.commands import export, sample, sweep
 from gpt_trainer.commands import train as cli
-from gpt_trainer.commands.failures import run_cli
-from gpt_trainer.errors import RunStopped, UsageError
+from gpt_trainer.commands.failures import run_cli, run_stopped
+from gpt_trainer.config import parse_args
+from gpt_trainer.errors import CheckpointNotWritten, RunStopped, UsageError, is_out_of_memory
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.train import checkpoint
 from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, script_env
-from tests.test_checkpoint import nanogpt_checkpoint, other_program_checkpoint, plant_code
+from tests.test_checkpoint import nanogpt_checkpoint, other_program_checkpoint, plant_code, rewrite, sharded_run
 from tests.test_distributed import free_port
 from tests.test_hf import as_dtype, broken, config_text, cut_short, make_folder, with_values
 
@@ -68,6 +69,33 @@ def test_run_cli_passes_the_command_s_own_exit_code_and_output_through(capsys):
         return 3
     assert run_cli(command, ["a", "b"]) == 3
     assert capsys.readouterr() == ("checked 2 files, 1 problem\n", "")
+
+
+@pytest.mark.parametrize("error, out_of_memory", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (torch.OutOfMemoryError("HIP out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("HIPBLAS_STATUS_ALLOC_FAILED when calling `hipblasLtMatmul( handle, ...)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"), True),
+    (RuntimeError("miopenStatusAllocFailed"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("HIP error: out of memory\nCompile with `TORCH_USE_HIP_DSA` to enable device-side assertions."),
+     True),
+    (RuntimeError("hipErrorOutOfMemory"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory"), True),
+    (MemoryError(), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(...)`"), False),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_BAD_PARAM"), False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (ValueError("CUBLAS_STATUS_ALLOC_FAILED"), False),  # a RuntimeError only: the libraries raise nothing else
+])
+def test_out_of_memory_is_told_from_other_errors(error, out_of_memory):
+    """Errors constructed here with the texts PyTorch raises for them (stand-ins: no GPU runs here): a GPU library
+    that cannot get memory (cuBLAS, hipBLAS, cuDNN 8 and 9, MIOpen, the runtimes) is out of memory like PyTorch's
+    own allocator; other library failures are not."""
+    assert is_out_of_memory(error) is out_of_memory
 
 
 # ---- the table: every failure a user can cause, each with its sentence ----------------------------------------------
@@ -568,6 +596,31 @@ def within_seconds(limit: float) -> Callable[[], None]:
     return lambda: None if time.monotonic() - started < limit else pytest.fail(f"took more than {limit} s")
 
 
+def sharded(w: Where) -> Path:
+    """A tiny run whose checkpoints are sharded (test_checkpoint.sharded_run: an FSDP run's files, from one process)."""
+    return sharded_run(parse_args(w.argv("--max_steps=2", "--eval_interval=2"))).path
+
+
+def resume_a_damaged_shard_without_best(w: Where) -> Case:
+    out = sharded(w)
+    shutil.rmtree(out / "checkpoints" / "best")
+    zero_a_block(next((out / "checkpoints" / "latest").glob("shard-*.safetensors")))
+    return Case(cli.main, w.argv("--max_steps=4", "--resume"), protect=(out,))
+
+
+def sample_a_foreign_state_json(w: Where) -> Case:
+    latest = sharded(w) / "checkpoints" / "latest"
+    rewrite(latest, "state.json", b'{"format_version": 3, "config": ')
+    return Case(sample.main, [str(latest), "--device=cpu"], protect=(latest,))
+
+
+def flags_on_processes(count: int, *extra: str) -> Callable[[Where], Case]:
+    """Bad flags for rank 0 of `count` processes started without a rendezvous (MASTER_ADDR, MASTER_PORT unset): the
+    resolve step refuses them before the processes meet (joining would stop the run with another sentence)."""
+    given = {"WORLD_SIZE": str(count), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": None, "MASTER_PORT": None}
+    return lambda w: Case(with_environment(given, cli.main), w.argv("--max_steps=2", *extra), absent=("out",))
+
+
 def row(name: str, setup: Callable[[Where], Case], exit_code: int, message: str):
     return pytest.param(setup, exit_code, message, id=name)
 
@@ -762,6 +815,29 @@ FAILURES = [
     row("sample --tokens above the cap", sample_with("--tokens=10001"), 2,
         r"--tokens 10,001 is more than one sample draws \(10,000 per prompt\).* sampling again with the end of this "
         r"one as --prompts"),
+    row("a sharded latest with a damaged shard, no best", resume_a_damaged_shard_without_best, 2,
+        r"latest is damaged \(shard-00001-model-00001-of-00001\.safetensors does not match the SHA-256 recorded when "
+        r"it was written\): it changed after it was written\. There is no intact checkpoint to fall back to"),
+    row("sample a sharded checkpoint whose state.json is not ours", sample_a_foreign_state_json, 2,
+        r"latest is not a checkpoint written by train_single_gpu\.py: its state\.json cannot be read as one "
+        r"\(JSONDecodeError"),
+    row("export a folder that holds no checkpoint", lambda w: Case(
+        export.main, [str(w.tmp), str(w.tmp / "exported")], absent=("exported",)), 2,
+        r"no such checkpoint \(there is no such file, and it is not a readable checkpoint folder or run folder\)"),
+    # ---- the resolve step: conflicts between flags, before the processes meet or any text is read (issue 29) ----
+    row("--global_batch_size with --gradient_accumulation_steps",
+        flags("--global_batch_size=8", "--gradient_accumulation_steps=2"), 2,
+        r"^error: --global_batch_size sets --gradient_accumulation_steps: give one of them, not both\.$"),
+    row("--global_batch_size that 2 processes cannot share", flags_on_processes(2, "--global_batch_size=9"), 2,
+        r"^error: --global_batch_size 9 does not divide among 2 processes: use a multiple of 2\.$"),
+    row("--global_batch_size not a multiple of --batch_size x 2 processes",
+        flags_on_processes(2, "--global_batch_size=12", "--batch_size=4"), 2,
+        r"^error: --global_batch_size 12 is not a multiple of --batch_size 4 x 2 process\(es\): use a multiple of 8"),
+    row("a sweep whose trials give --global_batch_size with --gradient_accumulation_steps",
+        sweep_file("method: grid\nparameters:\n  global_batch_size: {value: 32}\n"
+                   "  gradient_accumulation_steps: {values: [1, 2]}\n"), 2,
+        r"refuses 1 of the 2 trials checked \(every point of the grid\).*--global_batch_size sets "
+        r"--gradient_accumulation_steps: give one of them, not both\."),
 ]
 
 
@@ -788,6 +864,22 @@ def test_every_failure_a_user_can_cause_ends_in_a_sentence(setup, exit_code, mes
         assert not list(tmp_path.glob(pattern)), f"{pattern} was created"
     if case.after:
         case.after()
+
+
+def test_a_real_full_disk_during_a_sharded_save_stops_in_a_sentence_and_keeps_the_checkpoint_before(tiny_argv,
+                                                                                                      tmp_path, tmpfs):
+    """A sharded checkpoint (an FSDP run's, written by one process: test_checkpoint.sharded_run) on a real 1 MiB tmpfs:
+    the first latest/ (~760 KiB) fits, best/ at the same step does not. The save stops the run in words, removes its
+    staging folder, and the latest checkpoint is intact."""
+    disk = tmpfs(tmp_path / "disk", "size=1m")
+    cfg = parse_args(tiny_argv(f"--output_dir={disk / 'out'}", "--max_steps=4", "--eval_interval=2"))
+    with pytest.raises(CheckpointNotWritten) as stopped:
+        sharded_run(cfg)
+    assert re.match(r"could not write the checkpoint \S+/checkpoints/best \(No space left on device.*\)\. There was no "
+                    r"earlier one\. Free some space", run_stopped(stopped.value))
+    checkpoints = disk / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest"]
+    assert checkpoint.load(checkpoints / "latest", lazy=True)["trainer"]["step"] == 2
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_an_intact_best_pt(tiny_argv, tmp_path, capsys):

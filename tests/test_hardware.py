@@ -147,3 +147,12 @@ def test_cuda_device_without_a_gpu_is_a_usage_error(monkeypatch):
     with pytest.raises(UsageError, match="sees no GPU"):
         hardware.pick_device("cuda")
     assert hardware.pick_device("auto") == CPU
+
+
+def test_usable_gpu_memory_is_the_free_memory_and_this_process_s_own_less_the_margin(monkeypatch):
+    """Stand-ins for the driver's numbers (no GPU here): of an 80 GiB GPU another process holds 50 GiB and this one's
+    allocator 4 GiB, 26 GiB are free; the run may plan for the 30 GiB it can have, less the margin."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (26 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * gib)
+    assert hardware.usable_gpu_memory(torch.device("cuda")) == int(30 * gib * (1 - hardware.MEMORY_MARGIN))

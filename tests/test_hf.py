@@ -96,8 +96,9 @@ def test_the_folder_tokenizer_encodes_without_special_tokens_and_travels_in_a_di
     assert tokenizer.encode_known("春Ω江") == ([VOCAB.index("春"), VOCAB.index("江")], "Ω")  # [UNK] left out
     assert tokenizer.decode(ids[:3]) == "床 前 明"  # WordPiece puts a space between tokens
     assert tokenizer.encode("A") == [VOCAB.index("a")]  # BertTokenizer's default: lower-cased
-    start_worker(tokenizer.to_dict(), "uint16")  # the preparation workers encode with the same tokenizer
-    assert np.frombuffer(encode_piece("春江花月夜"), dtype=np.uint16).tolist() == tokenizer.encode("春江花月夜")
+    worker = {}
+    start_worker(worker, tokenizer.to_dict(), "uint16")  # the preparation workers encode with the same tokenizer
+    assert np.frombuffer(encode_piece(worker, "春江花月夜"), dtype=np.uint16).tolist() == tokenizer.encode("春江花月夜")
     # a model vocabulary padded past the tokenizer's: its extra ids decode to nothing
     padded = hf.folder_tokenizer(folder[0], len(VOCAB) + 11)
     assert padded.vocab_size == len(VOCAB) + 11 and padded.decode([VOCAB.index("春"), len(VOCAB) + 3]) == "春"
@@ -313,22 +314,23 @@ def test_weights_of_every_floating_width_are_accepted_and_read_once(folder, tmp_
     shutil.copytree(folder[0], path)
     edit_weights(path, lambda state: state.update({key: value.to(dtype) for key, value in state.items()}))
     cfg = parse_args([f"--init_from={path}", f"--data_path={CLASSIC_POEMS}", *RUN])
-    settled, weights = hf.settle_init_from(cfg, load=True)
+    settled = hf.settle_init_from(cfg)
+    weights = hf.init_weights(settled)
     model = GPT(hf.read_gpt2_config(path))
     model.load_state_dict(weights, strict=True)  # as the trainer takes them: no second read of the folder
     expected = folder[1].transformer.h[1].mlp.c_fc.weight.t().to(dtype).float()
     assert torch.equal(model.blocks[1].mlp.fc.weight.detach(), expected)
-    assert hf.settle_init_from(cfg, load=False)[1] is None  # a resumed run: nothing loaded
+    assert hf.init_weights(settled, load=False) is None  # a resumed run: names and shapes checked, nothing loaded
 
 
 def test_a_model_size_with_the_folder_s_shape_given_beside_it_agrees(folder):
     argv = [f"--init_from={folder[0]}", f"--data_path={CLASSIC_POEMS}", *RUN]
-    settled, _ = hf.settle_init_from(parse_args([*argv, "--model_size=small", "--n_layer=2", "--n_head=2",
-                                                 "--n_embd=32"]),
-                                     frozenset({"model_size", "n_layer", "n_head", "n_embd"}))
+    settled = hf.settle_init_from(parse_args([*argv, "--model_size=small", "--n_layer=2", "--n_head=2",
+                                              "--n_embd=32"]),
+                                  frozenset({"model_size", "n_layer", "n_head", "n_embd"}))
     assert (settled.n_layer, settled.n_head, settled.n_embd) == (2, 2, 32)
     # the width alone, the folder's: the default preset's 6 heads do not make it indivisible
-    settled, _ = hf.settle_init_from(parse_args([*argv, "--n_embd=32"]), frozenset({"n_embd"}))
+    settled = hf.settle_init_from(parse_args([*argv, "--n_embd=32"]), frozenset({"n_embd"}))
     assert (settled.n_head, settled.n_embd) == (2, 32)
 
 

@@ -1,8 +1,9 @@
 """No file we read can run code. Every place in the package that calls something able to turn bytes into running
 code (pickle and its kin, torch.load, TorchScript and torch.package archives, numpy's pickled arrays, YAML's Python
-tags, marshal) is found by walking the source with `ast` and must be listed in ALLOWED with the reason it is safe; a
-few of them are safe only with a literal argument (torch.load's weights_only=True), which is checked whatever the
-list says. A new call fails the test until someone writes down why it is safe."""
+tags, marshal, torch.distributed.checkpoint's default reader, which unpickles a checkpoint's .metadata) is found by
+walking the source with `ast` and must be listed in ALLOWED with the reason it is safe; a few of them are safe only
+with a literal argument (torch.load's weights_only=True, a sharded checkpoint read through HuggingFaceStorageReader),
+which is checked whatever the list says. A new call fails the test until someone writes down why it is safe."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpt_trainer"
 
+# torch.distributed.checkpoint's loaders: they read with the storage reader they are given
+DCP_LOADS = {f"torch.distributed.checkpoint.{name}" for name in (
+    "load", "load_state_dict", "state_dict_loader.load", "state_dict_loader.load_state_dict")}
 # by full name: each of these can run code that the bytes it reads ask for
 DESERIALIZERS = {
     *(f"{module}.{name}" for module in ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
@@ -19,14 +23,24 @@ DESERIALIZERS = {
     "joblib.load", "shelve.open", "marshal.load", "marshal.loads", "pandas.read_pickle",
     "torch.load", "torch.jit.load", "torch.package.PackageImporter", "numpy.load",
     *(f"yaml.{name}" for name in ("load", "load_all", "unsafe_load", "unsafe_load_all", "full_load", "full_load_all")),
+    *DCP_LOADS, *(f"torch.distributed.checkpoint.{name}" for name in (
+        "FileSystemReader", "filesystem.FileSystemReader", "format_utils.dcp_to_torch_save",
+        "format_utils.DynamicMetaLoadPlanner")),
 }
 SAFE_YAML_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader"}
+# the one reader of torch.distributed.checkpoint that pickles nothing: it rebuilds the index from the safetensors
+# files' JSON headers (the default FileSystemReader unpickles the folder's .metadata file)
+SAFE_DCP_READERS = {"torch.distributed.checkpoint.HuggingFaceStorageReader",
+                    "torch.distributed.checkpoint.hf_storage.HuggingFaceStorageReader"}
 
 # (file, the function it is in, the call) -> why it cannot run code from a file
 ALLOWED = {
     ("train/checkpoint.py", "load", "torch.load"):
         "weights_only=True: tensors and plain data only; the one allowance (NUMPY_ARRAY) rebuilds the numpy array that "
         "older checkpoints' RNG state holds, and calls nothing else",
+    ("train/checkpoint.py", "Shards.read_into", "torch.distributed.checkpoint.load"):
+        "storage_reader=HuggingFaceStorageReader: a sharded checkpoint's safetensors files, tensors only, indexed from "
+        "their JSON headers; the files were checked against manifest.json (JSON) first",
     ("model/hf.py", "read_weights", "torch.load"):
         "weights_only=True: a GPT-2 folder's pytorch_model.bin, tensors only",
     ("data/tokens.py", "Workers._receive", "pickle.load"):
@@ -79,12 +93,19 @@ def keyword(call: ast.Call, name: str, position: int | None = None) -> ast.AST |
 
 def unsafe_argument(name: str, call: ast.Call | None, names: dict[str, str]) -> str | None:
     """Why a call of `name` is unsafe whatever the list says: torch.load without a literal weights_only=True, numpy.load
-    with allow_pickle not a literal False, yaml.load without a safe Loader; a reference that is not called (passed
-    around, its arguments unseen) for those three."""
-    if name not in ("torch.load", "numpy.load", "yaml.load", "yaml.load_all"):
+    with allow_pickle not a literal False, yaml.load without a safe Loader, torch.distributed.checkpoint's load without
+    a HuggingFaceStorageReader made in the call, its FileSystemReader at all; a reference that is not called (passed
+    around, its arguments unseen) for those."""
+    if "FileSystemReader" in name:
+        return "FileSystemReader unpickles the checkpoint's .metadata file"
+    if name not in ("torch.load", "numpy.load", "yaml.load", "yaml.load_all", *DCP_LOADS):
         return None
     if call is None:
         return "used without being called here: its arguments cannot be checked"
+    if name in DCP_LOADS:
+        reader = keyword(call, "storage_reader")
+        ok = isinstance(reader, ast.Call) and full_name(reader.func, names) in SAFE_DCP_READERS
+        return None if ok else f"{name} without storage_reader=HuggingFaceStorageReader(...)"
     if name == "torch.load":
         value = keyword(call, "weights_only")
         ok = isinstance(value, ast.Constant) and value.value is True
@@ -156,8 +177,10 @@ PLANTED = '''
 import pickle as p
 import numpy
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from dill import loads
+from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageReader
 from yaml import SafeLoader
 
 
@@ -169,6 +192,9 @@ def read_everything(path, text):
     config = yaml.load(text, Loader=yaml.Loader)
     also_safe = yaml.load(text, Loader=SafeLoader)
     script = torch.jit.load(path)
+    dcp.load(state, checkpoint_id=path)
+    dcp.state_dict_loader.load(state, storage_reader=FileSystemReader(path))
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(path))
     return p.loads(text), loads(text), state, weights, safe, array, config, also_safe, script
 
 
@@ -180,15 +206,23 @@ class Reader:
 
 def test_the_walker_finds_planted_calls_however_they_are_imported():
     """The positive control: a snippet with bad calls behind aliases and from-imports, each one found, and the unsafe
-    arguments named; the call made safe by its Loader (`SafeLoader` imported by name) is found but not faulted."""
+    arguments named; the calls made safe by their argument (yaml's `SafeLoader` imported by name, a sharded
+    checkpoint read through HuggingFaceStorageReader) are found but not faulted."""
     uses = uses_in(PLANTED, "planted.py")
     assert [(u.where[1:], u.problem is not None) for u in uses] == [
         (("read_everything", "torch.load"), True), (("read_everything", "torch.load"), True),
         (("read_everything", "torch.load"), False), (("read_everything", "numpy.load"), True),
         (("read_everything", "yaml.load"), True), (("read_everything", "yaml.load"), False),
-        (("read_everything", "torch.jit.load"), False), (("read_everything", "pickle.loads"), False),
+        (("read_everything", "torch.jit.load"), False),
+        (("read_everything", "torch.distributed.checkpoint.load"), True),
+        (("read_everything", "torch.distributed.checkpoint.state_dict_loader.load"), True),
+        (("read_everything", "torch.distributed.checkpoint.FileSystemReader"), True),
+        (("read_everything", "torch.distributed.checkpoint.load"), False),
+        (("read_everything", "pickle.loads"), False),
         (("read_everything", "dill.loads"), False), (("Reader.read", "pickle.load"), False)]
-    assert {u.problem for u in uses if u.problem} == {"torch.load without weights_only=True written as a literal",
-                                                       "numpy.load with allow_pickle not a literal False",
-                                                       "yaml.load without Loader=yaml.SafeLoader"}
+    assert {u.problem for u in uses if u.problem} == {
+        "torch.load without weights_only=True written as a literal", "numpy.load with allow_pickle not a literal False",
+        "yaml.load without Loader=yaml.SafeLoader", "FileSystemReader unpickles the checkpoint's .metadata file",
+        *(f"{name} without storage_reader=HuggingFaceStorageReader(...)" for name in (
+            "torch.distributed.checkpoint.load", "torch.distributed.checkpoint.state_dict_loader.load"))}
     assert not any(u.where in ALLOWED for u in uses)  # none of them would pass

@@ -9,9 +9,12 @@ import json
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from gpt_trainer.commands.train import main
-from gpt_trainer.config import MODEL_PRESETS, parse_args
+from gpt_trainer.config import MODEL_PRESETS, ModelShape, parse_args
 from gpt_trainer.model import gpt as model
 from gpt_trainer.plan import memory
 from gpt_trainer.plan.memory import GIB, estimate, kept_activation_bytes, parameter_count, plan_for_flags
@@ -103,10 +106,68 @@ def test_weights_gradients_and_adamw_state_are_exact_for_ddp_and_divided_for_fsd
         fsdp = estimate(shape, "bf16", BATCH, BLOCK, "fsdp", n, vocab_size=VOCAB)
         shard = -(-count // n)
         assert fsdp.parameters == shard * 4 and fsdp.optimizer == 2 * shard * 4
-        largest_unit = max(memory.block_parameters(shape.n_embd), (VOCAB + BLOCK + 2) * shape.n_embd)
-        assert fsdp.gradients == shard * 4 + largest_unit * 4  # the shard, and one unit's before reduce-scatter
-        assert fsdp.compute_copies == 2 * largest_unit * 2  # bf16: the gathered unit and the prefetched next one
+        # gathered: the root (kept from forward to the end of backward), the running block and the next one
+        gathered = (VOCAB + BLOCK + 2) * shape.n_embd + 2 * memory.block_parameters(shape.n_embd)
+        assert fsdp.gradients == shard * 4 + gathered * 4  # the shard, and the gathered units' before reduce-scatter
+        assert fsdp.compute_copies == gathered * 2  # bf16
         assert fsdp.activations < ddp.activations  # FSDP's bf16 policy keeps the residual stream in bf16 too
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """The peak, over the operations run under it, of the bytes of the storages they made that are still alive (the
+    storages of `exclude`, the weights, left out): the memory the code under it allocates at its peak."""
+
+    def __init__(self, exclude: list[torch.Tensor]):
+        super().__init__()
+        self.exclude = {t.untyped_storage()._cdata for t in exclude}
+        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for storage in (t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+            if storage._cdata not in self.exclude:
+                self.alive[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        self.alive = {key: entry for key, entry in self.alive.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.alive.values()))
+        return out
+
+
+@pytest.mark.parametrize("layers, width, heads, window, vocab", [(2, 64, 2, 64, 500), (4, 64, 4, 128, 300),
+                                                                 (3, 96, 2, 32, 1000)])
+def test_the_sampling_estimate_covers_what_generating_a_full_window_allocates(layers, width, heads, window, vocab):
+    """Generating past a full window (the cache at its longest, then the window encoded again), measured as the peak
+    of live tensors: the plan's sampling part (fp32, one process: no weight copies) is at least that, and not far
+    above."""
+    torch.manual_seed(0)
+    net = model.GPT.create(model.GPTConfig(vocab, window, layers, heads, width)).eval()
+    measured = PeakLiveBytes(exclude=list(net.parameters()))
+    with torch.no_grad(), measured:
+        net.generate(torch.randint(0, vocab, (1, 5)), window + 10, generator=torch.Generator().manual_seed(1))
+    plan = estimate(ModelShape(layers, heads, width), "fp32", 1, window, vocab_size=vocab)
+    print(f"generation: measured {measured.peak:,} B, estimated {plan.sampling:,} B")
+    assert measured.peak <= plan.sampling <= 1.3 * measured.peak
+
+
+def test_the_total_is_the_weights_and_adamw_state_with_a_step_or_sampling_whichever_is_larger():
+    """Sampling runs between steps, when a step's gradients, activations and logits are gone: it counts only where it
+    needs more (a long window, tiny batches, a small vocabulary), and DDP's gradient buckets stay beside it."""
+    shape = ModelShape(48, 16, 256)
+    for processes, parallel in ((1, "ddp"), (2, "ddp"), (4, "fsdp")):
+        small_step = estimate(shape, "fp32", 1, 4096, parallel, processes, True, vocab_size=64)
+        assert small_step.sampling > small_step.training_step  # the setup this test is about
+        buckets = small_step.gradients // 2 if (processes, parallel) == (2, "ddp") else 0
+        assert small_step.total == (small_step.parameters + small_step.optimizer + small_step.overhead + buckets
+                                    + small_step.sampling)
+        usual = estimate(shape, "fp32", 8, 256, parallel, processes, vocab_size=50257)
+        assert usual.total == usual.parameters + usual.optimizer + usual.overhead + usual.training_step
+    assert "sampling" in small_step.describe()[0]
+
+
+def test_the_model_has_no_buffers_the_plan_would_miss():
+    """The plan counts parameters, not buffers: a buffer added to the model must be added to the plan too."""
+    net = preset_model("tiny")
+    assert list(net.buffers()) == []
 
 
 def flags_plan(flags: str, base: list[str], capacity: int, processes: int):

@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn as nn
 
 from gpt_trainer.config import MODEL_PRESETS
 from gpt_trainer.model.gpt import GPT, GPTConfig, build_model, sample_next, saved_activation_bytes
@@ -27,14 +30,62 @@ def test_small_preset_is_gpt2_124m():
 
 def test_embeddings_are_tied_and_residual_projections_scaled():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=500, block_size=32, n_layer=8, n_head=4, n_embd=128))
+    model = GPT.create(GPTConfig(vocab_size=500, block_size=32, n_layer=8, n_head=4, n_embd=128))
     assert model.lm_head.weight is model.wte.weight
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)  # 0.02 / sqrt(2 * 8)
     assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def built_the_old_way(cfg: GPTConfig) -> GPT:
+    """The reference: a GPT as it was built before models were built on the meta device - constructed on the CPU
+    (each module's constructor drawing torch's default weights), then GPT-2's initialisation applied post-order, then
+    the residual projections scaled (the code GPT.__init__ ran, kept here)."""
+    model = GPT(cfg)  # on the CPU: the constructors draw, in construction order
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    model.apply(init)
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+    return model
+
+
+@pytest.mark.parametrize("seed, shape", [
+    (0, {"vocab_size": 65, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}),
+    (1234, {"vocab_size": 500, "block_size": 64, "n_layer": 3, "n_head": 4, "n_embd": 48, "dropout": 0.1}),
+])
+def test_a_model_built_on_the_meta_device_has_the_weights_and_random_state_of_one_built_on_the_cpu(seed, shape):
+    """build_model replays on the CPU, tensor by tensor, the draws of building the model there: the same weights bit
+    for bit, and the generator left where it was left (so dropout masks and everything after are unchanged)."""
+    cfg = GPTConfig(**shape)
+    torch.manual_seed(seed)
+    reference = built_the_old_way(cfg).state_dict()
+    reference_rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    flags = {key: value for key, value in shape.items() if key != "vocab_size"}
+    model = build_model(flags, cfg.vocab_size, "cpu")
+    assert torch.equal(torch.get_rng_state(), reference_rng)
+    assert list(model.state_dict()) == list(reference)
+    assert [key for key, value in model.state_dict().items() if not torch.equal(value, reference[key])] == []
+    assert model.lm_head.weight is model.wte.weight  # tied again after materialising
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_whole_weights_load_by_name_and_shape():
+    model = GPT.create(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    other = GPT.create(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    model.load_whole(other.state_dict())
+    assert all(torch.equal(value, other.state_dict()[key]) for key, value in model.state_dict().items())
+    with pytest.raises(ValueError):
+        model.load_whole({**other.state_dict(), "wpe.weight": torch.zeros(1, 16)})  # copy_ would broadcast it
+
+
 def test_weight_decay_only_on_matrices():
-    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    model = GPT.create(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
     decay, no_decay = model.optimizer_groups(0.1)
     assert all(p.dim() == 2 for p in decay["params"])
     assert any(p is model.wte.weight for p in no_decay["params"])
@@ -51,7 +102,7 @@ def naive_greedy(model: GPT, idx: torch.Tensor, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("new_tokens", [5, 30])  # 30 runs past block_size, exercising the sliding window
 def test_kv_cache_generation_matches_full_recomputation(new_tokens):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT.create(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
     prompt = torch.randint(0, 40, (2, 6))
     cached = model.generate(prompt, new_tokens, temperature=0)
     assert torch.equal(cached, naive_greedy(model, prompt, new_tokens))
@@ -70,8 +121,8 @@ def twin_models(dropout: float, **shape) -> tuple[GPT, GPT]:
     """The same weights twice: without and with activation checkpointing."""
     shape = {"vocab_size": 50, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 32, **shape}
     torch.manual_seed(0)
-    plain = GPT(GPTConfig(**shape, dropout=dropout)).train()
-    checkpointed = GPT(GPTConfig(**shape, dropout=dropout, activation_checkpointing=True)).train()
+    plain = GPT.create(GPTConfig(**shape, dropout=dropout)).train()
+    checkpointed = GPT.create(GPTConfig(**shape, dropout=dropout, activation_checkpointing=True)).train()
     checkpointed.load_state_dict(plain.state_dict())
     return plain, checkpointed
 

@@ -18,7 +18,7 @@ LAYERS = [
     "system.hardware", "system.distributed", "system.compiling", "system.rundir", "system",
     "data.tokenizer", "data.corpora", "data.tokens", "data.batches", "data",
     "model.gpt", "model.hf", "model",
-    "plan.memory", "plan.autobatch", "plan.run_plan", "plan",
+    "plan.memory", "plan.autobatch", "plan.resolve", "plan.run_plan", "plan",
     "tracking.base", "tracking.wandb_records", "tracking.tensorboard", "tracking.wandb", "tracking.swanlab", "tracking",
     "train.metrics", "train.checkpoint", "train.health", "train.parallelize", "train.trainer", "train",
     "commands.failures", "commands.train", "commands.demo", "commands.sample", "commands.export", "commands.sweep",
@@ -92,3 +92,32 @@ def test_an_install_ships_every_subpackage():
     listed = ast.literal_eval(re.search(r"^packages = (\[.*\])$", pyproject, re.M).group(1))
     present = [".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")]
     assert sorted(listed) == sorted(present)
+
+
+def read_at_import(source: str) -> list[str]:
+    """What a module does at import that only a run should do: read the environment (os.environ, os.getenv) outside
+    a function, or rebind a module's global from inside one (`global`)."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, ast.Global):
+            found.append(f"global {', '.join(node.names)}")
+        elif not in_function and ast.unparse(node) in ("os.environ", "os.getenv"):
+            found.append(f"{ast.unparse(node)} at line {node.lineno}")
+            return
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+    visit(ast.parse(source), False)
+    return found
+
+
+def test_no_module_reads_the_environment_at_import_or_keeps_a_run_s_state_in_a_global():
+    """The environment is read when a run starts (tests/test_distributed.py sets GPT_TRAINER_HEARTBEAT_S after the
+    import and sees it used), and what a run holds is passed to whoever uses it (the job's roll call is its World's)."""
+    found = {path.name: read_at_import(path.read_text()) for path in PACKAGE.rglob("*.py")}
+    assert {name: what for name, what in found.items() if what} == {}
+    # the control: a read at import, in a class body too, and a global are caught; a read inside a function is not
+    planted = ("import os\nPACE = float(os.environ.get('X', '5'))\nclass A:\n    b = os.getenv('Y')\n"
+               "def f():\n    global PACE\n    return os.environ['Z']\n")
+    assert read_at_import(planted) == ["os.environ at line 2", "os.getenv at line 4", "global PACE"]

@@ -9,7 +9,10 @@ import torch
 from gpt_trainer.commands.train import main
 from gpt_trainer.config import given_flags, parse_args
 from gpt_trainer.errors import UsageError
-from gpt_trainer.plan.run_plan import keep_run_values, lr_multiplier
+from gpt_trainer.plan import resolve
+from gpt_trainer.plan.resolve import keep_run_values
+from gpt_trainer.plan.run_plan import lr_multiplier
+from gpt_trainer.system.distributed import World
 from tests.conftest import CLASSIC_POEMS, plan_for
 
 
@@ -115,3 +118,75 @@ def test_a_recorded_value_no_flag_takes_is_refused_by_name(tiny_cfg):
     with pytest.raises(UsageError, match=r"the run records (n_layer '2', tokenizer 'bpe'|tokenizer 'bpe', n_layer "
                                          r"'2'), which no flag of that name takes"):
         keep_run_values(parse_args(["--resume"]), recorded, frozenset({"resume"}))
+
+
+# ---- the resolve step: every conflict between flags is refused before the processes meet or any text is read -------
+# Each case runs the training command on a corpus that does not exist (reading it would stop the run with "does not
+# exist"), and with WORLD_SIZE=2 where the number of processes matters, MASTER_ADDR unset (joining the others would
+# stop the run with "MASTER_ADDR is not set"): the refusal the user reads is the flags' only if it came first.
+REFUSED_BEFORE_READING = {
+    "--global_batch_size with --gradient_accumulation_steps": (
+        1, ["--global_batch_size=8", "--gradient_accumulation_steps=2"],
+        "--global_batch_size sets --gradient_accumulation_steps: give one of them, not both."),
+    "the same with --dry_run": (
+        1, ["--global_batch_size=8", "--gradient_accumulation_steps=2", "--dry_run"],
+        "--global_batch_size sets --gradient_accumulation_steps: give one of them, not both."),
+    "--global_batch_size not a multiple of --batch_size": (
+        1, ["--global_batch_size=10", "--batch_size=4"],
+        "--global_batch_size 10 is not a multiple of --batch_size 4 x 1 process(es): use a multiple of 4, or "
+        "--batch_size auto to pick a micro-batch that divides it."),
+    "--global_batch_size that 2 processes cannot share": (
+        2, ["--global_batch_size=9", "--batch_size=auto"],
+        "--global_batch_size 9 does not divide among 2 processes: use a multiple of 2."),
+    "--global_batch_size not a multiple of --batch_size x 2 processes": (
+        2, ["--global_batch_size=12", "--batch_size=4"],
+        "--global_batch_size 12 is not a multiple of --batch_size 4 x 2 process(es): use a multiple of 8, or "
+        "--batch_size auto to pick a micro-batch that divides it."),
+}
+
+
+def processes(monkeypatch, count: int) -> None:
+    """This process as rank 0 of `count` started without a launcher's rendezvous (MASTER_ADDR, MASTER_PORT unset)."""
+    monkeypatch.setenv("WORLD_SIZE", str(count))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("case", REFUSED_BEFORE_READING)
+def test_a_conflict_between_flags_is_refused_before_any_text_is_read_or_the_processes_meet(case, tiny_argv, tmp_path,
+                                                                                          monkeypatch, capsys):
+    count, flags, message = REFUSED_BEFORE_READING[case]
+    processes(monkeypatch, count)
+    assert main(tiny_argv(f"--data_path={tmp_path / 'not-written-yet.txt'}", *flags)) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_with_fp16_is_refused_before_any_text_is_read_or_the_processes_meet(tiny_argv, tmp_path, monkeypatch,
+                                                                                capsys):
+    """fp16 exists only on GPUs: a device whose precision resolves to fp16 is stood in for (no GPU here)."""
+    processes(monkeypatch, 2)
+    monkeypatch.setattr(resolve, "resolve_precision", lambda cfg, device: "fp16")
+    assert main(tiny_argv(f"--data_path={tmp_path / 'not-written-yet.txt'}", "--parallel=fsdp")) == 2
+    assert "--parallel fsdp trains in bf16 or fp32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_resolve_step_keeps_the_run_s_values_takes_the_launcher_s_processes_and_checks_them_together(tiny_cfg):
+    """On --resume the flags not given keep the recorded values, and the batch flags are checked against the number
+    of processes with them: a micro-batch of 4 fits a global batch of 16 on two processes, not one of 12."""
+    recorded = plan_for(tiny_cfg("--learning_rate=1e-3")).describe()
+    two = World(0, 0, 2)
+
+    def resolved(global_batch: int) -> resolve.Resolved:
+        argv = ["--resume", "--batch_size=4", f"--global_batch_size={global_batch}"]
+        return resolve.resolve(parse_args(argv), given_flags(argv), two, recorded)
+
+    run = resolved(16)
+    assert (run.cfg.learning_rate, run.cfg.data_path, run.cfg.n_layer) == (1e-3, str(CLASSIC_POEMS), 2)
+    assert {"learning_rate", "data_path"} <= run.kept and "gradient_accumulation_steps" not in run.kept
+    assert (run.world, run.device.type, run.precision) == (two, "cpu", "fp32")
+    with pytest.raises(UsageError, match=r"--global_batch_size 12 is not a multiple of --batch_size 4 x 2 process"):
+        resolved(12)

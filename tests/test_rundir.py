@@ -87,6 +87,23 @@ def test_clear_removes_the_folders_it_empties(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER]
 
 
+def test_clear_removes_sharded_checkpoints_complete_set_aside_or_half_written_and_keeps_the_users(tmp_path):
+    """An --parallel fsdp run's checkpoints are folders: their files (manifest, state, shards) go, and the folders with
+    them; a file of the user's inside one stays, and its folder with it. A sharded latest is a run to resume too."""
+    folder = RunFolder(tmp_path)
+    folder.mark()
+    run = [write(tmp_path / "checkpoints" / name / file) for name in ("latest", "best", ".latest.previous")
+           for file in ("manifest.json", "state.json", "shard-00001-model-00001-of-00001.safetensors")]
+    run.append(write(tmp_path / "checkpoints" / ".best.tmp-12" / "shard-00002-model-00001-of-00001.safetensors"))
+    mine = write(tmp_path / "checkpoints" / "best" / "my-notes.txt", "keep")
+    with pytest.raises(UsageError, match=r"already holds a training run \(\S+checkpoints/latest\)"):
+        folder.check_writable(resuming=False, overwrite=False)
+    removed, kept = folder.clear()
+    assert "checkpoints/latest/shard-00001-model-00001-of-00001.safetensors" in removed and len(removed) == len(run)
+    assert kept == ["checkpoints/best/my-notes.txt"] and mine.read_text() == "keep"
+    assert sorted(p.name for p in folder.checkpoints.iterdir()) == ["best"]
+
+
 def test_every_run_name_the_folder_used_is_cleared_not_only_config_jsons(tmp_path):
     """A run name config.json no longer names (a --resume from another folder's run took that run's name): the marker
     recorded it, so its TensorBoard events go too."""

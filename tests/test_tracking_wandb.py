@@ -234,3 +234,25 @@ def test_online_a_resumed_run_logs_again_the_steps_after_the_servers_last(tmp_pa
     run = RunInfo(parse_args([]), folder, "run", {}, start_step=5, resumed={"wandb_id": "abc123"})
     log_lost_rows_again(backend, run)  # step 6 is after the checkpoint (step 5): never part of the run
     assert [row["global_step"] for row in backend.run.logged] == replayed
+
+
+def test_the_model_artifact_takes_a_sharded_checkpoint_s_folder_and_a_pt_file(tmp_path):
+    """--wandb_log_model: a sharded checkpoint (an FSDP run's folder) goes into the artifact with its files under its
+    name, a .pt file as itself. The artifact is wandb's own; the run is a stand-in that keeps what is logged (no
+    server is reachable here)."""
+    import wandb
+
+    from gpt_trainer.tracking.base import RunSummary
+
+    latest = tmp_path / "latest"
+    latest.mkdir()
+    for name in ("manifest.json", "state.json", "shard-00001-model-00001-of-00001.safetensors"):
+        (latest / name).write_text(name)
+    (tmp_path / "best.pt").write_bytes(b"a checkpoint")
+    run, logged = StandInRun({}), []
+    run.log_artifact = lambda artifact, aliases: logged.append(artifact)
+    run.finish = lambda exit_code: None
+    WandbBackend(run, wandb, log_model=True).close(RunSummary(checkpoints=[tmp_path / "best.pt", latest]))
+    assert sorted(logged[0].manifest.entries) == ["best.pt", "latest/manifest.json",
+                                                  "latest/shard-00001-model-00001-of-00001.safetensors",
+                                                  "latest/state.json"]

@@ -1,15 +1,20 @@
-"""The training loop: accumulation, the schedule, exact resume, skipped non-finite steps, out-of-memory stops."""
+"""The training loop: accumulation, the schedule, exact resume, skipped non-finite steps (on the device), stops, no
+wait for the device between log steps, out-of-memory stops."""
 
 import json
+import math
 import re
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
+from gpt_trainer.system import hardware
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
-from gpt_trainer.train import checkpoint
+from gpt_trainer.train import checkpoint, metrics
+from gpt_trainer.train.trainer import Diverged
 from tests.conftest import make_trainer
 
 
@@ -72,19 +77,164 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     assert second.step == 12 and second.best_val_loss == straight.best_val_loss
 
 
-def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(tiny_cfg):
+def optimizer_state(trainer) -> list[torch.Tensor]:
+    return [t.detach().clone() for state in trainer.optimizer.state.values() for t in state.values()]
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_counted_and_training_goes_on(tiny_cfg):
     trainer = make_trainer(tiny_cfg("--max_steps=10"))
-    trainer.train_step()
-    before = [p.detach().clone() for p in trainer.model.parameters()]
+    first_loss, _ = trainer.train_step()
+    weights, moments = [p.detach().clone() for p in trainer.model.parameters()], optimizer_state(trainer)
     forward = trainer.forward  # below: a poisoned batch
     trainer.parallel.forward = lambda x, y: (lambda out: (out[0], out[1] * float("nan")))(forward(x, y))
     loss, _ = trainer.train_step()
-    assert not trainer.step_ok and trainer.health.bad_steps == 1 and trainer.health.bad_in_a_row == 1 and loss.isnan()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # nothing was applied
+    health = trainer.health.read()
+    assert loss.isnan() and not trainer.health.last_ok and health.bad_steps == 1 and health.bad_in_a_row == 1
+    assert health.last_good == (1, first_loss.item())
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))  # nothing was applied
+    assert all(torch.equal(a, b) for a, b in zip(moments, optimizer_state(trainer)))  # nor counted (AdamW's step)
     trainer.parallel.forward = forward
+    loss, _ = trainer.train_step()
+    health = trainer.health.read()
+    assert trainer.health.last_ok and health.bad_in_a_row == 0 and health.bad_steps == 1 and trainer.step == 3
+    assert health.last_good == (3, loss.item())
+    assert not all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+
+
+def test_an_fp16_overflow_is_the_scaler_s_skip_not_a_bad_step(tiny_cfg):
+    """fp16 needs a GPU; here a CPU GradScaler whose scale overflows the fp32 gradients stands in for an fp16 overflow
+    (the loss stays finite): the step is skipped on the device, the scale lowered, and no bad step counted."""
+    trainer = make_trainer(tiny_cfg("--max_steps=10", "--grad_clip=0"))
     trainer.train_step()
-    assert trainer.step_ok and trainer.health.bad_in_a_row == 0 and trainer.step == 3
-    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    trainer.precision, trainer.scaler = "fp16", torch.amp.GradScaler("cpu", init_scale=2.0**126)
+    weights, moments = [p.detach().clone() for p in trainer.model.parameters()], optimizer_state(trainer)
+    loss, grad_norm = trainer.train_step()
+    assert loss.isfinite() and not grad_norm.isfinite() and trainer.scaler.get_scale() == 2.0**125
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(moments, optimizer_state(trainer)))
+    assert trainer.health.last_ok and trainer.health.read().bad_steps == 0
+
+
+def stop_after_step(trainer, step: int, signum: int = 15) -> None:
+    """Do what the SIGTERM handler does, during training step `step`."""
+    original = trainer.train_step
+
+    def train_step():
+        if trainer.step + 1 == step:
+            trainer.stop_signal = signum
+        return original()
+    trainer.train_step = train_step
+
+
+def test_one_process_stops_after_the_current_step_between_log_steps(tiny_cfg):
+    trainer = make_trainer(tiny_cfg("--max_steps=20", "--log_interval=10", "--eval_interval=10"))
+    stop_after_step(trainer, 3)
+    result = trainer.train()
+    assert result.interrupted_by == 15 and result.steps == 3 and trainer.checkpointer.saved_at == 3
+
+
+@pytest.mark.parametrize("save_interval, stopped_at", [(100, 4), (3, 3)])
+def test_max_bad_steps_is_checked_where_the_counts_are_read_and_no_diverged_state_is_saved(tiny_cfg, save_interval,
+                                                                                         stopped_at):
+    """The counts stay on the device between log steps: --max_bad_steps 2 is seen at the log step (4) after the second
+    bad step in a row (3), or at a save before it, which never writes the diverged state."""
+    trainer = make_trainer(tiny_cfg("--max_steps=20", "--log_interval=4", "--eval_interval=100",
+                                    f"--save_interval={save_interval}", "--max_bad_steps=2"))
+    forward = trainer.forward
+    trainer.parallel.forward = lambda x, y: (lambda out: (out[0], out[1] * (float("nan") if trainer.step else 1)))(
+        forward(x, y))  # every step after the first is bad
+    with pytest.raises(Diverged) as failure:
+        trainer.train()
+    assert (failure.value.step, failure.value.bad_in_a_row) == (stopped_at, stopped_at - 1)
+    assert failure.value.last_good[0] == 1
+    assert not RunFolder(Path(trainer.cfg.output_dir)).latest.exists()
+
+
+def test_a_stop_between_log_steps_after_the_limit_was_reached_saves_nothing_and_ends_as_diverged(tiny_cfg):
+    """The save a stop makes reads the counts first: the run ends as diverged, as it would have at the next log step."""
+    trainer = make_trainer(tiny_cfg("--max_steps=20", "--log_interval=10", "--eval_interval=100", "--max_bad_steps=2"))
+    forward = trainer.forward
+    trainer.parallel.forward = lambda x, y: (lambda out: (out[0], out[1] * (float("nan") if trainer.step else 1)))(
+        forward(x, y))
+    stop_after_step(trainer, 3)
+    with pytest.raises(Diverged) as failure:
+        trainer.train()
+    assert (failure.value.step, failure.value.bad_in_a_row) == (3, 2)
+    assert not RunFolder(Path(trainer.cfg.output_dir)).latest.exists()
+
+
+# ---- no step waits for the device unless it logs, evaluates or saves -----------------------------------------------
+# What can make the host wait for a GPU: reading a tensor's value into Python, copying it to the host, and waiting
+# outright. On a GPU `torch.cuda.set_sync_debug_mode("error")` catches each of them (tests/test_gpu.py); here every
+# tensor is on the CPU, where nothing waits, so the calls themselves are counted instead.
+WAITING_CALLS = [(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
+                                                  "cpu", "numpy", "nonzero")] + [
+    (torch.cuda, "synchronize"), (hardware, "synchronize"), (metrics, "synchronize")]
+
+
+def train_watching_quiet_steps(trainer, watch, from_step: int = 1) -> None:
+    """Train to --max_steps, with watch(True) from the start of each step that neither logs, evaluates nor saves (from
+    step `from_step` on) until the start of the next step, and watch(False) around the others. Give the run
+    --log_interval, --eval_interval and --save_interval equal to --max_steps, and no epoch end: then only the last
+    step reads the device."""
+    original = trainer.train_step
+
+    def train_step():
+        watch(from_step <= trainer.step + 1 < trainer.plan.total_steps)
+        return original()
+    trainer.train_step = train_step
+    try:
+        trainer.train()
+    finally:
+        watch(False)
+    assert trainer.batches.epoch == 0  # an epoch's end would evaluate
+
+
+def waits_in_quiet_steps(trainer, monkeypatch) -> list[str]:
+    """The waiting calls made in quiet steps, each as the call and where it was made. A counting stand-in for CUDA's
+    sync debug mode (no GPU here): every call in WAITING_CALLS is counted while `watch` is on."""
+    watching, calls = [False], []
+
+    def counted(name, original):
+        def call(*args, **kwargs):
+            if watching[0]:
+                caller = traceback.extract_stack(limit=2)[0]
+                calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
+            return original(*args, **kwargs)
+        return call
+    for owner, name in WAITING_CALLS:
+        monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
+    train_watching_quiet_steps(trainer, lambda on: watching.__setitem__(0, on))
+    monkeypatch.undo()
+    return calls
+
+
+QUIET = ("--max_steps=6", "--log_interval=6", "--eval_interval=6", "--save_interval=6")
+
+
+def test_steps_that_neither_log_evaluate_nor_save_never_wait_for_the_device(tiny_cfg, monkeypatch):
+    """Gradient accumulation, dropout, clipping, and a bad step among them (skipped on the device): no value is read
+    into Python, nothing is copied back, nothing waits (the last step logs, evaluates and saves: it may)."""
+    trainer = make_trainer(tiny_cfg(*QUIET, "--gradient_accumulation_steps=2", "--dropout=0.1", "--grad_clip=1.0"))
+    forward = trainer.forward
+    trainer.parallel.forward = lambda x, y: (lambda out: (out[0], out[1] * (math.nan if trainer.step == 2 else 1)))(
+        forward(x, y))
+    assert waits_in_quiet_steps(trainer, monkeypatch) == []
+    assert trainer.health.read().bad_steps == 1 and trainer.step == 6
+
+
+def test_the_counting_stand_in_finds_a_planted_item(tiny_cfg, monkeypatch):
+    """The positive control of the test above: one `.item()` planted in the step is found, with where it was made."""
+    trainer = make_trainer(tiny_cfg(*QUIET))
+    accumulate = trainer.accumulate_gradients
+
+    def planted():
+        loss = accumulate()
+        loss.item()  # planted
+        return loss
+    trainer.accumulate_gradients = planted
+    calls = waits_in_quiet_steps(trainer, monkeypatch)
+    assert len(calls) == 5 and all(re.fullmatch(r"item at test_trainer\.py:\d+", call) for call in calls), calls
 
 
 # ---- out of memory: PyTorch's own OutOfMemoryError, raised where a GPU would raise it (no GPU runs here) ------------

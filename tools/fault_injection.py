@@ -3,7 +3,8 @@ that nothing was lost or written twice.
 
     python tools/fault_injection.py [--kills 20] [--seed 0] [--workdir DIR]
 
-The moments rotate through: while a checkpoint is being written (a temporary checkpoint file has appeared), right
+The moments rotate through: while a checkpoint is being written (a temporary checkpoint file, or a sharded save's
+staging folder, has appeared), right
 after the report of an evaluation step (inside evaluation, sampling and saving), and at a random time. Afterwards:
 every checkpoint loads, no temporary file is left, metrics.jsonl and TensorBoard hold each training step exactly once
 and in order, and the loss of every step equals that of the same run never interrupted. Exit code 0 only if all hold.
@@ -73,18 +74,23 @@ def train_rows(out: Path) -> list[dict]:
     return rows
 
 
+def latest_step(out: Path) -> int:
+    """The step of the run's latest checkpoint, whatever its kind (0 when there is none yet)."""
+    latest = checkpoint.newest(RunFolder(out), "latest")
+    return checkpoint.load(latest, lazy=True)["trainer"]["step"] if latest else 0
+
+
 def kill_once(out: Path, cache: Path, moment: str, rng: random.Random) -> str:
     """Start (or resume) the run, let it make some progress, and SIGKILL it at `moment`; returns what happened.
     saving: during the 1st to 3rd checkpoint write of this start; evaluating: right after the 1st or 2nd report of a
     step that evaluates (so inside evaluation, sampling or the save after it); random: 0 to 1.5 s into training."""
-    latest = RunFolder(out).latest
-    start_step = checkpoint.load(latest)["trainer"]["step"] if latest.exists() else 0
+    start_step = latest_step(out)
     target = rng.randint(1, 3) if moment == "saving" else rng.randint(1, 2)
     proc = subprocess.Popen(command(out, cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, random_at, saves, was_saving = time.time() + 120, None, 0, False
     while proc.poll() is None and time.time() < deadline:
         new_rows = [r for r in train_rows(out) if r["step"] > start_step]
-        saving = any((out / "checkpoints").glob(".*.pt.tmp-*"))
+        saving = any((out / "checkpoints").glob(".*.tmp-*"))
         saves += saving and not was_saving
         was_saving = saving
         if random_at is None and new_rows:
@@ -124,20 +130,19 @@ def main() -> int:
     for i in range(args.kills):
         outcome = kill_once(faulted, cache, moments[i % 3], rng)
         outcomes.append(outcome)
-        step = checkpoint.load(RunFolder(faulted).latest)["trainer"]["step"] \
-            if RunFolder(faulted).latest.exists() else 0
-        print(f"kill {i + 1:2d}: {outcome:32s} latest checkpoint at step {step}", flush=True)
+        print(f"kill {i + 1:2d}: {outcome:32s} latest checkpoint at step {latest_step(faulted)}", flush=True)
     finish = subprocess.run(command(faulted, cache), cwd=ROOT, capture_output=True, text=True)
 
     problems = []
     if finish.returncode != 0:
         problems.append(f"the final resume failed: {finish.stderr[-500:]}")
-    for path in (RunFolder(faulted).latest, RunFolder(faulted).best):
+    for name in ("latest", "best"):
+        path = checkpoint.newest(RunFolder(faulted), name)
         try:
             checkpoint.load(path)
-        except Exception as e:  # noqa: BLE001  (any failure to load is the finding)
-            problems.append(f"{path.name} does not load: {e}")
-    strays = [str(p.relative_to(faulted)) for p in faulted.rglob("*tmp*")]
+        except Exception as e:  # noqa: BLE001  (any failure to load, or none there, is the finding)
+            problems.append(f"the {name} checkpoint ({path}) does not load: {e}")
+    strays = [str(p.relative_to(faulted)) for pattern in ("*tmp*", "*.previous") for p in faulted.rglob(pattern)]
     expected, got = train_losses(reference), train_losses(faulted)
     steps = [step for step, _ in got]
     duplicates = len(steps) - len(set(steps))

@@ -4,6 +4,9 @@ defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load 
     python -m gpt_trainer.export output_single/checkpoints/best.pt my-poet
     python -m gpt_trainer export output_single/checkpoints/best.pt my-poet --overwrite
 
+A sharded checkpoint (an --parallel fsdp run's folder, checkpoints/best or latest) is consolidated on the CPU in this
+one process; a run's output_dir stands for its latest checkpoint.
+
 Only safetensors and the `tokenizers` library are needed here, not transformers. The folder is written next to
 OUT_DIR under a temporary name and moved into place at the end, so a failure leaves nothing half-written. An export
 folder is marked, as a run folder is, by a file the export writes (`.gpt-trainer-export`, listing its files): an
@@ -37,7 +40,7 @@ from ..system.rundir import MARKER as RUN_MARKER
 from ..system.rundir import RunFolder, check_writable_folder
 from ..train import checkpoint
 from .failures import AGAIN, run_cli
-from .sample import model_from_checkpoint
+from .sample import CHECKPOINT_HELP, checkpoint_path, model_from_checkpoint
 
 # every file an export may write: --overwrite replaces these (and removes those of an earlier export this one does
 # not write)
@@ -353,10 +356,9 @@ def earlier_export(out: Path) -> list[str] | None:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The checkpoint, with weights that fit the shape it records (what a damaged or foreign file breaks)."""
-    if not path.is_file():
-        raise UsageError(f"{path}: no such checkpoint. Give a .pt file written by training (a run's "
-                         f"checkpoints/best.pt or latest.pt).")
+    """The checkpoint (a sharded one consolidated on the CPU), with weights that fit the shape it records (what a
+    damaged or foreign file breaks)."""
+    path = checkpoint_path(path)
     state = checkpoint.load(path)
     model_from_checkpoint({**state, "model": hf.clean_state(state["model"])}, torch.device("cpu"), path)
     return state
@@ -423,7 +425,7 @@ def export(checkpoint_path: Path, out: Path, overwrite: bool = False) -> Path:
 
 def export_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt_trainer.export", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a .pt file written by training")
+    parser.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     parser.add_argument("out_dir", type=Path, help="the folder to write (created; must be new or empty, or hold an "
                                                    "earlier export with --overwrite)")
     parser.add_argument("--overwrite", action="store_true",

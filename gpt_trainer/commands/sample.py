@@ -1,6 +1,9 @@
 """Generate text from a checkpoint alone (the tokenizer and config travel inside it).
 
     python -m gpt_trainer.sample output_single/checkpoints/best.pt --prompts 春江,往事 --tokens 200
+
+A sharded checkpoint (an --parallel fsdp run's folder, checkpoints/latest or best) is consolidated on the CPU in this
+one process; a run's output_dir stands for its latest checkpoint, whatever its kind.
 """
 
 from __future__ import annotations
@@ -20,6 +23,21 @@ from ..train import checkpoint
 from .failures import AGAIN, run_cli
 
 
+CHECKPOINT_HELP = ("a checkpoint written by training: a .pt file, the folder of a sharded one (--parallel fsdp), or "
+                   "a run's output_dir (its latest checkpoint)")
+
+
+def checkpoint_path(given: Path) -> Path:
+    """The checkpoint a command was pointed at (checkpoint.checkpoint_at), or a sentence saying there is none."""
+    path = checkpoint.checkpoint_at(given)
+    if path is None:
+        raise UsageError(f"{given}: no such checkpoint (there is no such file, and it is not a readable checkpoint "
+                         f"folder or run folder). Give a checkpoint written by training: a .pt file (a run's "
+                         f"checkpoints/best.pt or latest.pt), the folder of a sharded one (checkpoints/best or latest "
+                         f"of an --parallel fsdp run), or a run's output_dir (its latest checkpoint).")
+    return path
+
+
 def model_from_checkpoint(state: dict, device: torch.device, path: Path) -> GPT:
     """The checkpoint's model; a file whose weights do not fit the shape it records (edited or foreign) is refused."""
     try:
@@ -33,7 +51,7 @@ def model_from_checkpoint(state: dict, device: torch.device, path: Path) -> GPT:
 
 def sample_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sample", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a .pt file written by training")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("--prompts", default="春江,往事", help="comma-separated prompts")
     parser.add_argument("--tokens", type=int, default=200, help="tokens generated per prompt")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -52,8 +70,9 @@ def sample_command(argv: list[str] | None) -> int:
         if value is not None and not allowed.holds(value):
             raise UsageError(f"--{flag} must be {allowed.describe()} (got {value}).")
     device = pick_device(args.device)
-    state = checkpoint.load(args.checkpoint, device)
-    model = model_from_checkpoint(state, device, Path(args.checkpoint))
+    path = checkpoint_path(Path(args.checkpoint).expanduser())
+    state = checkpoint.load(path, device)
+    model = model_from_checkpoint(state, device, path)
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     precision = resolve_precision(TrainConfig(), device)  # the device's default: fp32 on CPU, bf16/fp16 on GPU
     if args.seed is not None:

@@ -13,40 +13,51 @@ import shlex
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .. import tracking
 from ..config import TrainConfig, given_flags, parse_args
 from ..data.tokens import TokenData, prepare_data
-from ..errors import RunStopped, UsageError, notice
+from ..errors import RunStopped, TrainingFailure, notice
 from ..model import hf
-from ..plan.run_plan import RunPlan, keep_run_values, make_plan
+from ..plan.resolve import Resolved, resolve
+from ..plan.run_plan import RunPlan, make_plan
 from ..system import distributed
-from ..system.hardware import device_name, memory_in_use, pick_device, resolve_precision
+from ..system.hardware import device_name
 from ..system.rundir import RunFolder, check_writable_folder
 from ..tracking import RunSummary, Tracker, start_tracking
 from ..train import checkpoint
-from ..train.trainer import Diverged, OutOfMemory, Trainer, TrainingFailure, TrainResult, WeightsNotFinite, perplexity
-from .failures import RESUME, run_cli
+from ..train.trainer import Trainer, TrainResult, perplexity
+from .failures import lost_process, run_cli, training_failure
 
 
 def run(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
-    """`given`: the flags written on the command line (on --resume, the others keep the run's values)."""
-    world, finished = distributed.launched_world(), False
+    """Train as one process of the job (one process unless torchrun or accelerate launched several): every process
+    checks the inputs and resolves the run before it joins the others, then trains its share; only the main one
+    writes files, logs and prints. `given`: the flags written on the command line (on --resume, the others keep the
+    run's values)."""
+    inputs = check_inputs(cfg, given, distributed.launched_world())
+    world, finished = inputs.resolved.world, False
     try:
-        exit_code = run_in(world, cfg, given)
+        world, device = distributed.start(world, inputs.resolved.device, inputs.cfg.dist_timeout)
+        exit_code = run_in(world, device, inputs)
         finished = True
         return exit_code
+    except BaseException as error:  # the other processes end at once, naming this one, instead of waiting for it
+        distributed.report_failure(world, error)
+        raise
     finally:
         distributed.stop(world, finished)
 
 
-def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = frozenset()) -> int:
-    """Train as one process of `world` (one process unless torchrun or accelerate launched several): every process
-    checks the inputs and trains its share; only the main one writes files, logs and prints."""
-    cfg, folder, saved, resume_from, start_weights = check_inputs(cfg, given)
-    plan, data = plan_run(cfg, world, folder, saved, resume_from)
-    if cfg.dry_run:
+def run_in(world: distributed.World, device: torch.device, inputs: Inputs) -> int:
+    """The run, once this process joined the others (`world`, holding the job's roll call) on `device`."""
+    plan, data = plan_run(world, device, inputs)
+    saved = inputs.saved
+    if plan.cfg.dry_run:
         if world.is_main:
             print(json.dumps(plan.describe(), indent=2, ensure_ascii=False))
             # the memory plan in words, on stderr: stdout stays one JSON document (`--dry_run | jq` works)
@@ -55,13 +66,13 @@ def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = f
         return 0
     if saved and plan.start_step >= plan.total_steps:  # resuming a finished run changes nothing
         if world.is_main:
-            print(f"the run in {folder.path} is complete: step {plan.start_step} of {plan.total_steps}. Nothing was "
-                  f"changed; to train further, resume with a larger --max_steps or --epochs.")
+            print(f"the run in {plan.folder.path} is complete: step {plan.start_step} of {plan.total_steps}. Nothing "
+                  f"was changed; to train further, resume with a larger --max_steps or --epochs.")
         return 0
     lock = take_folder(plan, saved) if world.is_main else None  # noqa: F841  (held until the process ends)
     tracker = start_tracking(plan, saved["tracker"] if saved else None)
-    trainer = Trainer(plan, data, tracker, start_weights)
-    del start_weights  # the model holds them now: no second copy for the whole run
+    trainer = Trainer(plan, data, tracker, inputs.start_weights)
+    inputs.start_weights = None  # the model holds them now: no second copy for the whole run
     if saved:
         trainer.restore(saved)
     if world.is_main:
@@ -70,25 +81,38 @@ def run_in(world: distributed.World, cfg: TrainConfig, given: frozenset[str] = f
 
 
 # ---- the phases of a run, in order ---------------------------------------------------------------------------------
-def check_inputs(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> tuple[
-        TrainConfig, RunFolder, dict | None, Path | None, dict | None]:
-    """Everything that can be refused before the hardware or the data is touched: the folders, the checkpoint to
-    resume (on --resume the flags not `given` keep the run's values, so a bare --resume prepares the run's text), the
-    trackers, and the --init_from folder (its shape for the shape flags not given; for a run that does not resume
-    from a checkpoint, its weights, read and checked once). Returns the run's configuration, its folder, the
-    checkpoint and its path (None, None when there is none to resume), and the weights to start from (or None)."""
+@dataclass
+class Inputs:
+    """Every input of a run, checked before the hardware, the other processes or the data are touched."""
+    resolved: Resolved  # the run's configuration, its processes, device and precision (plan/resolve.py)
+    folder: RunFolder
+    saved: dict | None  # the checkpoint to resume (None: there is none)
+    resume_from: Path | None  # its path
+    start_weights: dict | None  # a fresh run from --init_from: the folder's weights, read and checked once
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.resolved.cfg
+
+
+def check_inputs(cfg: TrainConfig, given: frozenset[str], world: distributed.World) -> Inputs:
+    """Everything that can be refused before the process group starts or any text is read: the folders, the
+    checkpoint to resume, the run's configuration resolved from the flags, the checkpoint's values (on --resume the
+    flags not `given` keep the run's, so a bare --resume prepares the run's text) and --init_from's shape, with every
+    conflict between flags (plan/resolve.py); the trackers; and --init_from's weights (for a run that does not resume
+    from a checkpoint read, checked and kept to start from; else only their names and shapes)."""
     folder = RunFolder(Path(sweep_output_dir(cfg)))
     folder.check_writable(resuming=cfg.resume is not None, overwrite=cfg.overwrite,
                           ignore=(Path(cfg.resolved_cache_dir()),))
     resume_from = checkpoint.find_resume_checkpoint(cfg.resume, folder)
     saved, resume_from = checkpoint.load_for_resume(resume_from) if resume_from else (None, None)
-    kept = frozenset()
-    if cfg.resume is not None:  # before the first checkpoint, config.json records the run
-        cfg, kept = keep_run_values(cfg, saved["config"] if saved else folder.previous_config(), given)
-    check_writable_folder(Path(cfg.resolved_cache_dir()), "--cache_dir")
-    tracking.check(cfg)
-    cfg, start_weights = hf.settle_init_from(cfg, given | kept, load=saved is None)
-    return cfg, folder, saved, resume_from, start_weights
+    # before the first checkpoint, config.json records the run
+    recorded = (saved["config"] if saved else folder.previous_config()) if cfg.resume is not None else None
+    resolved = resolve(cfg, given, world, recorded)
+    check_writable_folder(Path(resolved.cfg.resolved_cache_dir()), "--cache_dir")
+    tracking.check(resolved.cfg)
+    start_weights = hf.init_weights(resolved.cfg, load=saved is None) if resolved.cfg.init_from else None
+    return Inputs(resolved, folder, saved, resume_from, start_weights)
 
 
 def sweep_output_dir(cfg: TrainConfig) -> str:
@@ -99,16 +123,10 @@ def sweep_output_dir(cfg: TrainConfig) -> str:
     return cfg.output_dir
 
 
-def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder, saved: dict | None,
-             resume_from: Path | None) -> tuple[RunPlan, TokenData]:
-    """The device, the token data, and the plan resolved from them and the checkpoint to resume (nothing written
+def plan_run(world: distributed.World, device: torch.device, inputs: Inputs) -> tuple[RunPlan, TokenData]:
+    """The token data, and the plan resolved from it, the configuration and the checkpoint to resume (nothing written
     yet)."""
-    device = pick_device(cfg.device)
-    precision = resolve_precision(cfg, device)
-    if cfg.parallel == "fsdp" and world.active and precision == "fp16":
-        raise UsageError("--parallel fsdp trains in bf16 or fp32; fp16 needs a gradient scaler that does not handle "
-                         "sharded gradients. Pass --bf16 or --fp32, or use --parallel ddp.")
-    device = distributed.start(world, device, cfg.dist_timeout)
+    cfg, saved, resume_from = inputs.cfg, inputs.saved, inputs.resume_from
     distributed.check_same_checkpoint(world, (str(resume_from) if saved else None,
                                               saved["trainer"]["step"] if saved else None))
     # on each node the first process to take the cache's lock prepares, the others then read its work; nodes that
@@ -118,7 +136,7 @@ def plan_run(cfg: TrainConfig, world: distributed.World, folder: RunFolder, save
     if saved:
         checkpoint.check_same_shape(saved, cfg, data.tokenizer, resume_from)
         checkpoint.check_same_text(saved, data.digest, cfg.allow_new_data, resume_from)
-    plan = make_plan(cfg, world, device, precision, data, folder, saved, resume_from)
+    plan = make_plan(cfg, world, device, inputs.resolved.precision, data, inputs.folder, saved, resume_from)
     if plan.warmup_note and world.is_main:
         notice(plan.warmup_note)
     return plan, data
@@ -170,33 +188,35 @@ def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
     try:
         with stop_on_signals(trainer):
             result = trainer.train()
-            if result.interrupted_by is None and main:
+            if result.interrupted_by is None and trainer.parallel.samples_here:
                 write_samples(trainer, plan.folder.samples)  # a stop request skips the prompts left
         stopped = result.interrupted_by or trainer.stop_signal
         if stopped is not None:
             exit_code = 128 + stopped
             if main:
-                print(f"stopped at step {result.steps}; checkpoint saved to {plan.folder.latest}. Continue with the "
-                      f"same command plus --resume.", file=sys.stderr)
+                saved_to = trainer.checkpointer.where(plan.folder.latest)
+                print(f"stopped at step {result.steps}; checkpoint saved to {saved_to}. Continue with the same "
+                      f"command plus --resume.", file=sys.stderr)
             return exit_code
         if main:
             print("\n".join(what_happened(result, plan)))
         exit_code = 0
         return exit_code
     except TrainingFailure as failure:
-        raise RunStopped(explain(failure, trainer)) from None
+        raise RunStopped(training_failure(failure, trainer)) from None
     except RuntimeError as error:
         if trainer.world.active:  # torchrun stops the survivors of a lost process with SIGTERM: say why first
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lost = distributed.missing_peers(trainer.world, error)
         if lost is None:
             raise
-        raise RunStopped(f"{lost} {where_to_continue(trainer)}") from None
+        raise RunStopped(lost_process(lost, *last_checkpoint(trainer))) from None
     finally:
-        summary = RunSummary(checkpoints=[plan.folder.best, plan.folder.latest], exit_code=exit_code)
+        kept = [checkpoint.newest(plan.folder, name) for name in ("best", "latest")]
+        summary = RunSummary(checkpoints=[path for path in kept if path], exit_code=exit_code)
         if exit_code == 0:
             summary.final = {"final/best_perplexity": perplexity(trainer.best_val_loss),
-                             "final/total_steps": trainer.step, "final/total_epochs": trainer.sampler.epochs_done}
+                             "final/total_steps": trainer.step, "final/total_epochs": trainer.batches.epochs_done}
             summary.step = trainer.step
         tracker.close(summary)
 
@@ -218,47 +238,15 @@ def stop_on_signals(trainer: Trainer):
 
 
 # ---- what the user reads at the end --------------------------------------------------------------------------------
-def explain(failure: TrainingFailure, trainer: Trainer) -> str:
-    """The sentences a run that could not go on ends with: what happened, what was kept, what to change."""
-    plan, cfg = trainer.plan, trainer.cfg
-    resume = "continue from the latest with the same command plus --resume and the changed flags"
-    if isinstance(failure, Diverged):
-        where = (f"{failure.last_good[1]:.4f} at step {failure.last_good[0]}" if failure.last_good
-                 else "never seen (it was not finite from the start)")
-        fp16 = " or use --bf16 / --fp32 instead of fp16 (its range is small)" if plan.precision == "fp16" else ""
-        clip = f"tighten --grad_clip (now {cfg.grad_clip:g})" if cfg.grad_clip else "enable --grad_clip (e.g. 1.0)"
-        what = (f"{failure.bad_in_a_row} optimizer steps in a row up to step {failure.step} had a non-finite loss or "
-                f"gradient norm (each was skipped, none applied)" if failure.bad_in_a_row >= cfg.max_bad_steps else
-                f"the validation loss at step {failure.step} is not finite ({failure.bad_in_a_row} step(s) before it "
-                f"had a non-finite loss or gradient and were skipped)")
-        return (f"training diverged: {what}. The last finite training loss "
-                f"was {where}. Try a lower --learning_rate (now {cfg.learning_rate:g}, {failure.lr:.2g} at this "
-                f"step), {clip}{fp16}. The checkpoints saved so far are untouched: {resume}.")
-    if isinstance(failure, OutOfMemory):
-        kept = (f"The state after step {failure.failed_step - 1} was saved to {failure.saved_to}" if failure.saved_to
-                else f"Nothing was saved; the checkpoints in {plan.folder.checkpoints} are untouched")
-        return (f"out of memory in training step {failure.failed_step}: model {cfg.model_label()}, "
-                f"{trainer.model.num_params() / 1e6:.1f}M parameters in {plan.precision}; micro-batch "
-                f"{plan.micro_batch} x block {cfg.block_size} tokens, {plan.accumulation} accumulation step(s); "
-                f"{memory_in_use(plan.device)}. Fixes: --batch_size auto (the largest micro-batch that fits), or the "
-                f"same batch per step in smaller pieces (--batch_size {max(1, plan.micro_batch // 2)} "
-                f"--gradient_accumulation_steps {plan.accumulation * 2}), a shorter --block_size, or a smaller "
-                f"--model_size. {kept}: continue with the same command plus --resume and the changed flags.")
-    if isinstance(failure, WeightsNotFinite):
-        return (f"the model's weights are no longer finite at step {failure.step}, so nothing was saved over the "
-                f"checkpoints in {plan.folder.checkpoints}. Continue from the latest with --resume and a lower "
-                f"--learning_rate or a tighter --grad_clip.")
-    raise failure
-
-
-def where_to_continue(trainer: Trainer) -> str:
-    """The checkpoint a run that lost one of its processes continues from, and how."""
+def last_checkpoint(trainer: Trainer) -> tuple[tuple[Path, int] | None, bool]:
+    """The checkpoint a run that lost one of its processes continues from (its path and step; None: none yet), and
+    whether this attempt saved it (else it is the one the run resumed from)."""
     plan, saved_at = trainer.plan, distributed.last_saved(trainer.world, trainer.checkpointer.saved_at)
     if saved_at is not None:
-        return f"The last checkpoint is {plan.folder.latest} (step {saved_at}): {RESUME}."
+        return (trainer.checkpointer.where(plan.folder.latest), saved_at), True
     if plan.resume_from:
-        return f"The last checkpoint is {plan.resume_from} (step {plan.start_step}), as at the start: {RESUME}."
-    return f"No checkpoint was saved yet: {RESUME} to start again."
+        return (plan.resume_from, plan.start_step), False
+    return None, False
 
 
 def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
@@ -303,12 +291,16 @@ def tensorboard_command() -> str:
 
 
 def write_samples(trainer: Trainer, path: Path) -> None:
+    """The end-of-run samples, printed and appended to samples.txt by the main process. Under FSDP every process
+    generates them with it (each holds only a slice of the weights)."""
+    samples = trainer.samples()
+    if not trainer.world.is_main:
+        for _ in samples:
+            pass
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== step {trainer.step} ===\n")
-        for prompt in trainer.plan.sample_prompts:
-            if trainer.stop_signal is not None:
-                return
-            text = trainer.sample(prompt)
+        for prompt, text in samples:
             print(f"--- sample ({prompt!r}) ---\n{text}\n")
             f.write(f"--- {prompt!r} ---\n{text}\n\n")
 

@@ -1,6 +1,7 @@
 """Batches from token ids: an epoch is one pass over the training tokens in shuffled, non-overlapping windows whose
-whole state is (epoch, position), so a resume is exact; a step's windows are split between the processes; the fixed
-validation windows every evaluation measures."""
+whole state is (epoch, position), so a resume is exact; a step's windows are split between the processes, and the
+next step's batch is on its way to the device while the current step runs (TrainBatches); the fixed validation
+windows every evaluation measures."""
 
 from __future__ import annotations
 
@@ -49,6 +50,56 @@ class EpochSampler:
             offsets.append(self._order[self.position])
             self.position += 1
         return np.asarray(offsets)
+
+
+class TrainBatches:
+    """This process's training batches, one step ahead: `prefetch` gathers the next step's windows from the token
+    memmap, pins them and starts their copy to the device without blocking, so the host does it while the device runs
+    the current step, and the step that takes the batch (`next`) waits for nothing. The state is the sampler's as of
+    the batches handed out: a checkpoint never counts the prefetched batch, and a resume draws it again."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, windows_per_step: int, rank: int,
+                 world_size: int, device: torch.device):
+        self.sampler = EpochSampler(tokens, block_size, seed)
+        self.tokens, self.block_size, self.windows_per_step = tokens, block_size, windows_per_step
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.ahead: tuple[dict, torch.Tensor] | None = None  # (the sampler's state before it, the prefetched batch)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.sampler.windows_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.state_dict()["epoch"]
+
+    @property
+    def epochs_done(self) -> float:
+        state = self.state_dict()
+        return state["epoch"] + state["position"] / self.windows_per_epoch
+
+    def next(self) -> torch.Tensor:
+        """The next step's batch, this process's windows of it: (windows, block_size + 1) on the device."""
+        batch = self.ahead[1] if self.ahead else self.draw()
+        self.ahead = None
+        return batch
+
+    def prefetch(self) -> None:
+        """Start on the batch after the one handed out last; call it once the current step's work is enqueued."""
+        if self.ahead is None:
+            before = self.sampler.state_dict()
+            self.ahead = (before, self.draw())
+
+    def draw(self) -> torch.Tensor:
+        offsets = share_of(self.sampler.next_offsets(self.windows_per_step), self.rank, self.world_size)
+        return to_device(gather_windows(self.tokens, offsets, self.block_size), self.device)
+
+    def state_dict(self) -> dict:
+        return dict(self.ahead[0]) if self.ahead else self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self.ahead = None  # drawn from the old position: drawn again from the new one
 
 
 def gather_windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> torch.Tensor:

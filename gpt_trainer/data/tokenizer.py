@@ -212,7 +212,6 @@ def vocab_size_problem(error: str, vocab_size: int) -> str:
 
 # ---- encoding in worker processes (this module is light: a worker imports it, not torch) ---------------------------
 UNICODE_SIZE = 0x110000
-_worker: dict = {}  # what each worker process encodes with, set once by `start_worker`
 
 
 def code_points(text: str) -> np.ndarray:
@@ -225,23 +224,25 @@ def characters_in(text: str) -> np.ndarray:
     return np.flatnonzero(np.bincount(code_points(text)))
 
 
-def start_worker(tokenizer_state: dict, dtype: str) -> None:
-    _worker.update(dtype=dtype, kind=tokenizer_state["kind"])
+def start_worker(worker: dict, tokenizer_state: dict, dtype: str) -> None:
+    """Fill `worker`, what one process encodes with (held by the loop that serves its requests: serve, or
+    tokens.Workers when it encodes too), from the tokenizer's state and the cache's dtype."""
+    worker.update(dtype=dtype, kind=tokenizer_state["kind"])
     if tokenizer_state["kind"] == "char":
         table = np.full(UNICODE_SIZE, -1, dtype=np.int64)
         table[[ord(c) for c in tokenizer_state["chars"]]] = np.arange(len(tokenizer_state["chars"]))
-        _worker["table"] = table
+        worker["table"] = table
     else:
-        _worker["tokenizer"] = tokenizer_from_dict(tokenizer_state)
+        worker["tokenizer"] = tokenizer_from_dict(tokenizer_state)
 
 
-def encode_piece(text: str) -> bytes:
-    """The ids of a piece of text as bytes of the cache's dtype (in a worker started by `start_worker`)."""
-    if _worker["kind"] == "char":
-        ids = _worker["table"][code_points(text)]
+def encode_piece(worker: dict, text: str) -> bytes:
+    """The ids of a piece of text as bytes of the cache's dtype, with what `start_worker` put in `worker`."""
+    if worker["kind"] == "char":
+        ids = worker["table"][code_points(text)]
     else:
-        ids = np.asarray(_worker["tokenizer"].encode(text), dtype=np.int64)
-    return ids.astype(_worker["dtype"]).tobytes()
+        ids = np.asarray(worker["tokenizer"].encode(text), dtype=np.int64)
+    return ids.astype(worker["dtype"]).tobytes()
 
 
 WORKER_FUNCTIONS = {"start_worker": start_worker, "encode_piece": encode_piece}
@@ -253,14 +254,14 @@ def serve() -> None:
     import pickle
     import sys
 
-    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    requests, answers, worker = sys.stdin.buffer, sys.stdout.buffer, {}
     while True:
         try:
             name, argument = pickle.load(requests)
         except EOFError:
             return
         try:
-            answer = ("ok", WORKER_FUNCTIONS[name](*argument))
+            answer = ("ok", WORKER_FUNCTIONS[name](worker, *argument))
         except Exception as e:  # noqa: BLE001 - sent back to the parent, which raises it
             answer = ("error", f"{type(e).__name__}: {e}")
         pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)

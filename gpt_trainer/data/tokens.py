@@ -84,10 +84,11 @@ class Workers:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self.procs = [subprocess.Popen([sys.executable, "-m", "gpt_trainer.data.tokenizer"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, env=env) for _ in range(count if count > 1 else 0)]
+        self.here: dict = {}  # what this process encodes with (start_worker), when it encodes itself
 
     def call_each(self, name: str, *argument) -> None:
         """Run a function once in every worker (here too): a worker's set-up."""
-        WORKER_FUNCTIONS[name](*argument)
+        WORKER_FUNCTIONS[name](self.here, *argument)
         for proc in self.procs:
             self._send(proc, name, argument)
         for proc in self.procs:
@@ -95,7 +96,7 @@ class Workers:
 
     def map(self, name: str, items):
         if not self.procs:
-            yield from map(WORKER_FUNCTIONS[name], items)
+            yield from (WORKER_FUNCTIONS[name](self.here, item) for item in items)
             return
         busy = collections.deque()
         for item in items:

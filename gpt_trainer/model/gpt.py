@@ -1,8 +1,13 @@
 """A GPT in one file: pre-LayerNorm blocks, fused scaled-dot-product attention, GELU MLP, tied embeddings,
-GPT-2 initialisation, generation with a key/value cache, and the one factory every caller builds it with."""
+GPT-2 initialisation, generation with a key/value cache, and the one factory every caller builds it with.
+
+Every model is built on the meta device (no memory) and then materialised: its tensors allocated where it runs and
+initialised one whole tensor at a time on the CPU (`GPT.init_weights`), so a process sharding it with FSDP never holds
+more than one tensor of the whole model, and a seed gives the same weights however the model is spread."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -10,6 +15,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import notice
@@ -34,8 +40,25 @@ class GPTConfig:
 
 
 def build_model(flags: Mapping, vocab_size: int, device: torch.device | str) -> GPT:
-    """The GPT of a run (training, the --batch_size auto search and sampling all build it here), on `device`."""
-    return GPT(GPTConfig.from_flags(flags, vocab_size)).to(device)
+    """The GPT of a run (the --batch_size auto search and sampling build it here), initialised, on `device`."""
+    return GPT.create(GPTConfig.from_flags(flags, vocab_size), device)
+
+
+def empty_model(flags: Mapping, vocab_size: int) -> GPT:
+    """The GPT of a run on the meta device: its shape without memory, to be sharded and then materialised (the
+    trainer's way, through train/parallelize.py)."""
+    with torch.device("meta"):
+        return GPT(GPTConfig.from_flags(flags, vocab_size))
+
+
+class KVCache:
+    """One block's keys and values of the positions generated so far. An object of its own rather than a list: FSDP
+    rebuilds the lists and tuples among a forward's inputs (moving them to the GPU, casting them to bf16), and what a
+    block appended to a rebuilt list would be lost."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,15 +70,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:  # generation: append this step's keys/values to those of earlier positions
-            if cache:
-                k = torch.cat([cache[0], k], dim=2)
-                v = torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
+            if cache.keys is not None:
+                k = torch.cat([cache.keys, k], dim=2)
+                v = torch.cat([cache.values, v], dim=2)
+            cache.keys, cache.values = k, v
         # A single new query attends to every cached position, so causal masking is only needed for T > 1.
         is_causal = T > 1
         if is_causal and k.size(2) != T:
@@ -86,13 +109,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
+        """The modules, on the default device, with torch's default weights: `GPT.create` (and `build_model`) make a
+        model to use, built on the meta device and materialised with GPT-2's initialisation."""
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -102,23 +127,62 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: the output projection is the embedding matrix
-        self.apply(self._init_weights)
-        # GPT-2: residual projections are scaled down by sqrt(2 * n_layer) so the residual stream does not grow.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @classmethod
+    def create(cls, cfg: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+        """A GPT with GPT-2's initial weights on `device`, drawn from the CPU generator (seed it first)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.materialise(device)
+        return model
+
+    def materialise(self, device: torch.device | str) -> None:
+        """Give a model built on the meta device its memory on `device` (under FSDP: this process's slices only; shard
+        it first) and its initial weights (init_weights)."""
+        self.to_empty(device=device)
+        self.lm_head.weight = self.wte.weight  # to_empty gave the unsharded output layer a tensor of its own
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation, drawn on the CPU one whole tensor at a time, in the order that constructing the
+        model on the CPU and initialising it drew them, so that a seed gives the weights, and leaves the random state,
+        it always gave: first each module's own reset_parameters, in construction order (the LayerNorms' ones and
+        zeros come from here; the tied output layer draws a matrix that is never kept), then N(0, 0.02) for every
+        Linear and Embedding weight and zeros for the Linear biases (the output layer draws the shared embedding a
+        second time, and keeps it), then the residual projections again, with std 0.02 / sqrt(2 * n_layer) (GPT-2:
+        so the residual stream does not grow with depth). A sharded parameter keeps its own slice of each tensor."""
+        with torch.device("meta"):
+            shapes = GPT(self.cfg)  # the unsharded shapes, and modules whose constructors' draws are replayed
+        for name, module in shapes.named_modules():
+            if hasattr(module, "reset_parameters"):
+                drawn = copy.deepcopy(module).to_empty(device="cpu")
+                drawn.reset_parameters()
+                for key, value in drawn.named_parameters(recurse=False):
+                    keep_whole(self.get_parameter(f"{name}.{key}"), value.detach())
+        for name, module in shapes.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                keep_whole(self.get_parameter(f"{name}.weight"), drawn_normal(module.weight, 0.02))
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                keep_whole(self.get_parameter(f"{name}.bias"), torch.zeros(module.bias.shape, device="cpu"))
+        for name, p in shapes.named_parameters():
+            if name.endswith("proj.weight"):
+                keep_whole(self.get_parameter(name), drawn_normal(p, 0.02 / math.sqrt(2 * self.cfg.n_layer)))
+
+    @torch.no_grad()
+    def load_whole(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Whole tensors by name (every key of an unsharded model's state_dict, with its shape) into this model; a
+        sharded parameter keeps its own slice of each, so --init_from's weights start a sharded run too."""
+        own = self.state_dict(keep_vars=True)
+        if set(own) != set(state) or any(tuple(state[k].shape) != tuple(p.shape) for k, p in own.items()):
+            raise ValueError("the weights do not have this model's names and shapes")  # the caller checked them
+        for key, param in own.items():
+            keep_whole(param, state[key])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list[KVCache] | None = None,
                 start: int = 0):
         T = idx.size(1)
         pos = torch.arange(start, start + T, device=idx.device)
@@ -168,7 +232,7 @@ class GPT(nn.Module):
         block = self.cfg.block_size
         idx = idx[:, -block:]
         out = idx
-        caches, start = [[] for _ in self.blocks], 0
+        caches, start = [KVCache() for _ in self.blocks], 0
         logits, _ = self(idx, caches=caches)
         for _ in range(max_new_tokens):
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -176,11 +240,25 @@ class GPT(nn.Module):
             out = torch.cat([out, next_token], dim=1)
             start = out.size(1) - 1
             if start >= block:  # the window is full: re-encode the last block_size-1 tokens from scratch
-                caches = [[] for _ in self.blocks]
+                caches = [KVCache() for _ in self.blocks]
                 window = out[:, -block:]
                 logits, _ = self(window, caches=caches)
             else:
                 logits, _ = self(next_token, caches=caches, start=start)
+
+
+def keep_whole(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a whole tensor into `param`; a sharded parameter (an FSDP DTensor) keeps only its own slice, cut out here
+    without any communication (src_data_rank=None: every process holds the same whole tensor)."""
+    if isinstance(param, DTensor):
+        whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param = param.to_local()
+    param.copy_(whole)
+
+
+def drawn_normal(like: torch.Tensor, std: float) -> torch.Tensor:
+    """A whole CPU tensor shaped as `like`, drawn from N(0, std) as nn.init.normal_ draws it."""
+    return torch.empty(like.shape, dtype=like.dtype, device="cpu").normal_(0.0, std)
 
 
 def saved_activation_bytes(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor | None) -> int:

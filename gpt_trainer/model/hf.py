@@ -307,17 +307,14 @@ def load_gpt2_folder(folder: Path, block_size: int | None = None) -> tuple[GPTCo
     return cfg, gpt2_state(folder, cfg), folder_tokenizer(folder, cfg.vocab_size)
 
 
-def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset(),
-                     load: bool = False) -> tuple[TrainConfig, dict[str, torch.Tensor] | None]:
+def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> TrainConfig:
     """The run's configuration with --init_from's shape: --n_layer, --n_head, --n_embd and --block_size (n_positions)
     from the folder, unless `given` on the command line, where they must agree (--block_size may be smaller); a given
     --model_size must describe the same shape (with the shape flags given beside it), and a preset with it names the
-    run. The whole folder is checked (config, the weights' names and shapes, the tokenizer), so a bad folder stops the
-    run before anything is written. With `load`, also the weights' values (floating point, finite): they are read once,
-    here, and returned as our model's state for the trainer to start from; without it (a run resumed from its
-    checkpoint) no weight is loaded, and the state returned is None."""
+    run. Its config.json and tokenizer are checked here, its weights by init_weights: a bad folder stops the run
+    before anything is written."""
     if not cfg.init_from:
-        return cfg, None
+        return cfg
     folder = Path(cfg.init_from)
     if not folder.is_dir():
         raise UsageError(f"--init_from {folder}: no such folder. Give the folder of a transformers GPT-2 model "
@@ -341,12 +338,23 @@ def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset(),
     if "block_size" in given:
         shape.block_size = cfg.block_size
     folder_tokenizer(folder, shape.vocab_size)
-    weights = gpt2_state(folder, shape, meta=not load)
     named = next((name for name, preset in MODEL_PRESETS.items() if preset == folder_shape), cfg.model_size)
     settled = dataclasses.replace(cfg, model_size=named, n_layer=shape.n_layer, n_head=shape.n_head,
                                   n_embd=shape.n_embd, block_size=shape.block_size)
     validate(settled)
-    return settled, weights if load else None
+    return settled
+
+
+def init_weights(cfg: TrainConfig, load: bool = True) -> dict[str, torch.Tensor] | None:
+    """The --init_from folder's weights checked against the run's shape `cfg` (settled by settle_init_from), before
+    anything is written. With `load`, a fresh run's: read once, their values checked (floating point, finite), and
+    returned as our model's state for the trainer to start from; without it (a run resumed from its checkpoint, whose
+    weights win) only their names and shapes are read, and None is returned."""
+    folder = Path(cfg.init_from)
+    shape = read_gpt2_config(folder)
+    shape.block_size = cfg.block_size
+    weights = gpt2_state(folder, shape, meta=not load)
+    return weights if load else None
 
 
 def shape_in_words(shape: ModelShape | GPTConfig) -> str:

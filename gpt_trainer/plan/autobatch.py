@@ -11,25 +11,27 @@ import torch
 import torch.distributed as dist
 
 from ..config import CPU_AUTO_BATCH_SIZE, TrainConfig
-from ..errors import UsageError
+from ..errors import UsageError, is_out_of_memory
 from ..model.gpt import build_model
 from ..system.distributed import World, all_reduce
-from ..system.hardware import autocast
+from ..system.hardware import MEMORY_MARGIN, autocast, usable_gpu_memory
 from .memory import plan_for_flags
 
 LARGEST_TRIED = 1024
-MEMORY_MARGIN = 0.10  # of the free memory, kept for evaluation, sampling and the allocator's fragmentation
 
 
 def largest_that_fits(peak_bytes_of: Callable[[int], int], memory_limit: int, largest: int = LARGEST_TRIED) -> int:
     """The largest power of two b <= largest whose training step, `peak_bytes_of(b)`, stays under memory_limit and
-    does not run out of memory; 0 when not even 1 does."""
+    does not run out of memory (PyTorch's allocator, or a GPU library such as cuBLAS or cuDNN that could not get its
+    workspace: errors.is_out_of_memory); 0 when not even 1 does."""
     fits, batch = 0, 1
     while batch <= largest:
         try:
             if peak_bytes_of(batch) > memory_limit:
                 break
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
             break
         fits, batch = batch, batch * 2
     return fits
@@ -60,8 +62,7 @@ def step_peak_bytes(cfg: TrainConfig, vocab_size: int, device: torch.device,
 
 def search(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, world: World) -> tuple[int, str]:
     """(the largest micro-batch that fits on every process's GPU, how it was found)."""
-    free, _ = torch.cuda.mem_get_info(device)
-    limit = int(free * (1 - MEMORY_MARGIN))
+    limit = usable_gpu_memory(device)  # the memory plan's figure too (plan/memory.py device_memory)
     if world.active and cfg.parallel == "fsdp":
         # A trial step here would run an unsharded replica, whose weights, gradients and AdamW state are N times
         # what each process holds under FSDP (and may not fit at all): take the memory plan's estimate instead.
@@ -93,13 +94,28 @@ class BatchChoice:
     how: str | None  # what was chosen and why, for the log and config.json; None when the flags were plain numbers
 
 
+def check_batch_flags(cfg: TrainConfig, processes: int) -> None:
+    """The batch flags against each other and the number of processes, which is all they need: a --global_batch_size
+    that the processes, or a given --batch_size times them, cannot share evenly is refused before the process group
+    starts or any text is read (plan/resolve.py; config.validate refuses it beside --gradient_accumulation_steps)."""
+    if cfg.global_batch_size is None:
+        return
+    if cfg.global_batch_size % processes:
+        raise UsageError(f"--global_batch_size {cfg.global_batch_size} does not divide among {processes} processes: "
+                         f"use a multiple of {processes}.")
+    if cfg.batch_size is not None and cfg.global_batch_size % (cfg.batch_size * processes):
+        raise UsageError(f"--global_batch_size {cfg.global_batch_size} is not a multiple of --batch_size "
+                         f"{cfg.batch_size} x {processes} process(es): use a multiple of "
+                         f"{cfg.batch_size * processes}, or --batch_size auto to pick a micro-batch that divides it.")
+
+
 def settle_batch(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str,
                  world: World) -> BatchChoice:
-    """The micro-batch and accumulation that --batch_size (a number or auto) and --global_batch_size ask for."""
+    """The micro-batch and accumulation that --batch_size (a number or auto) and --global_batch_size ask for (their
+    conflicts are refused first, here too for a caller that did not resolve the run: the benchmark)."""
+    check_batch_flags(cfg, world.size)
     if cfg.batch_size is not None and cfg.global_batch_size is None:
         return BatchChoice(cfg.batch_size, cfg.gradient_accumulation_steps, None)
-    if cfg.global_batch_size is not None and cfg.gradient_accumulation_steps != 1:
-        raise UsageError("--global_batch_size sets --gradient_accumulation_steps: give one of them, not both.")
     how = "given"
     largest = cfg.batch_size
     if cfg.batch_size is None:
@@ -109,15 +125,8 @@ def settle_batch(cfg: TrainConfig, vocab_size: int, device: torch.device, precis
             largest, how = search(cfg, vocab_size, device, precision, world)
     if cfg.global_batch_size is None:
         return BatchChoice(largest, cfg.gradient_accumulation_steps, f"micro-batch {largest} ({how})")
-    per_process, left_over = divmod(cfg.global_batch_size, world.size)
-    if left_over:
-        raise UsageError(f"--global_batch_size {cfg.global_batch_size} does not divide among {world.size} processes: "
-                         f"use a multiple of {world.size}.")
-    micro = max(b for b in range(1, min(largest, per_process) + 1) if per_process % b == 0)
-    if cfg.batch_size is not None and micro != cfg.batch_size:
-        raise UsageError(f"--global_batch_size {cfg.global_batch_size} is not a multiple of --batch_size "
-                         f"{cfg.batch_size} x {world.size} process(es): use a multiple of "
-                         f"{cfg.batch_size * world.size}, or --batch_size auto to pick a micro-batch that divides it.")
+    per_process = cfg.global_batch_size // world.size
+    micro = max(b for b in range(1, min(largest, per_process) + 1) if per_process % b == 0)  # a given one divides it
     accumulation = per_process // micro
     lowered = "" if micro == largest else f"; {largest} lowered to divide the global batch"
     return BatchChoice(micro, accumulation, f"micro-batch {micro} ({how}{lowered}) x {accumulation} accumulation "

@@ -1,6 +1,7 @@
-"""The memory plan: an estimate, before anything is allocated, of the bytes one GPU needs for a training step - the
-weights, their gradients, AdamW's state, what the forward pass keeps for the backward pass, the logits of the loss,
-and a fixed allowance for the CUDA context - and, when that is more than the GPU holds, the change of flags that fits.
+"""The memory plan: an estimate, before anything is allocated, of the bytes one GPU needs at its peak - the weights,
+their gradients, AdamW's state, what the forward pass keeps for the backward pass, the logits of the loss, sampling text
+between steps, and a fixed allowance for the CUDA context - and, when that is more than the GPU holds, the change of
+flags that fits.
 
 The activation formula follows gpt_trainer/model.py operation by operation (tests/test_memory.py compares it with the
 bytes a real forward pass saves). Per token and block, with C the width, H the heads, a the bytes of an activation
@@ -19,6 +20,15 @@ logits: the "logits" line of the plan adds those.
 With activation checkpointing each block keeps only its input (r x C per token); during the backward pass one block is
 recomputed at a time, so one block's full set is added back once.
 
+Under FSDP the root unit (the token and position embeddings, the tied output layer, the final norm) stays gathered from
+the forward pass to the end of the backward pass, beside the block that runs and the next one being gathered; their
+gradients exist whole until they are reduce-scattered. Sampling (at evaluations and at the end) runs between optimizer
+steps, when the step's gradients, activations and logits are freed: one sequence with a key/value cache of up to
+block_size positions in every block, plus the weights its forward gathers (FSDP) or casts (autocast). The plan counts
+the larger of a step and sampling. The model has no buffers (tests/test_memory.py checks), and saving a checkpoint
+adds nothing on the GPU: each FSDP process writes its own shards (torch.distributed.checkpoint), and torch.save copies
+each tensor to the host as it writes.
+
 An estimate, not a measurement: the CUDA context and the caching allocator's fragmentation are an assumed fixed
 OVERHEAD_BYTES, compiled steps usually need less than this, and temporary buffers of single kernels are left out."""
 
@@ -32,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MODEL_PRESETS, ModelShape, TrainConfig
-from ..system.hardware import device_name
+from ..system.hardware import MEMORY_MARGIN, device_name, usable_gpu_memory
 
 GIB = 2**30
 OVERHEAD_BYTES = GIB  # ASSUMED: the CUDA context (~0.3-0.6 GiB) plus the caching allocator's fragmentation
@@ -113,14 +123,26 @@ class MemoryPlan:
     optimizer: int  # AdamW: two fp32 moments per parameter
     activations: int  # kept by the forward for the backward (+ one recomputed block with checkpointing)
     logits: int  # the logits held by the caller and the two fp32 gradients of the loss's backward
+    sampling: int  # generating text between steps: the key/value cache and the weights gathered or cast for it
     overhead: int = OVERHEAD_BYTES
     capacity: int | None = None
     device: str = "the CPU"
 
     @property
+    def training_step(self) -> int:
+        """What a training step adds to the weights and AdamW's state."""
+        return self.compute_copies + self.gradients + self.activations + self.logits
+
+    @property
+    def between_steps(self) -> int:
+        """What sampling adds, with DDP's gradient buckets (allocated once, half of `gradients`) still there."""
+        s = self.setup
+        buckets = self.gradients // 2 if s.processes > 1 and not s.sharded else 0
+        return buckets + self.sampling
+
+    @property
     def total(self) -> int:
-        return (self.parameters + self.compute_copies + self.gradients + self.optimizer + self.activations
-                + self.logits + self.overhead)
+        return self.parameters + self.optimizer + self.overhead + max(self.training_step, self.between_steps)
 
     @property
     def fits(self) -> bool:
@@ -169,7 +191,8 @@ class MemoryPlan:
         lines = [f"memory per GPU (estimated: {s.precision}, micro-batch {s.micro_batch} x block {s.block_size}, "
                  f"{where}): weights {gib(self.parameters)} GiB fp32{copies}, gradients {gib(self.gradients)}, "
                  f"AdamW state {gib(self.optimizer)}, activations {gib(self.activations)}, logits "
-                 f"{gib(self.logits)}, CUDA context and fragmentation {gib(self.overhead)} (assumed)"]
+                 f"{gib(self.logits)}, sampling {gib(self.sampling)} (between steps: the larger of it and a step "
+                 f"counts), CUDA context and fragmentation {gib(self.overhead)} (assumed)"]
         if self.capacity is None:
             lines.append(f"memory total {gib(self.total)} GiB (what one GPU would need); on {self.device}: not checked")
             return lines
@@ -199,21 +222,20 @@ def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: in
 
     DDP (and one process): every process holds all weights, gradients and optimizer state, and with several processes
     DDP's gradient buckets are a second copy of the gradients. FSDP with N processes: weights, gradients and optimizer
-    state divided by N, plus the largest FSDP unit (a block, or the embeddings) unsharded: its weights twice in the
-    compute precision (the next unit is prefetched) and its fp32 gradients before they are reduce-scattered.
-    bf16/fp16 under DDP: autocast caches a half-precision copy of every weight matrix during the step."""
+    state divided by N, plus the gathered units (gathered_parameters) whole: their weights in the compute precision
+    and their fp32 gradients before they are reduce-scattered. bf16/fp16 under DDP: autocast caches a half-precision
+    copy of every weight matrix during the step (and again during each token's forward when sampling)."""
     s = Setup(shape, precision, micro_batch, block_size, parallel, processes, activation_checkpointing, vocab_size,
               dropout, accumulation)
     count = parameter_count(shape, vocab_size, block_size)
     half = precision != "fp32"
     C = shape.n_embd
     if s.sharded:
-        n = processes
-        largest_unit = max(block_parameters(C), vocab_size * C + block_size * C + 2 * C)  # a block, or the root
-        parameters = math.ceil(count / n) * FP32
-        compute_copies = 2 * largest_unit * s.activation_bytes
-        gradients = math.ceil(count / n) * FP32 + largest_unit * FP32
-        optimizer = 2 * math.ceil(count / n) * FP32
+        shard = math.ceil(count / processes)
+        parameters = shard * FP32
+        compute_copies = gathered_parameters(s) * s.activation_bytes
+        gradients = shard * FP32 + gathered_parameters(s) * FP32
+        optimizer = 2 * shard * FP32
     else:
         parameters = count * FP32
         compute_copies = 2 * (count - block_size * C) if half else 0  # every matrix but the position embedding
@@ -224,14 +246,38 @@ def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: in
         activations += block_activation_bytes(s)  # the block being recomputed in the backward pass
     tokens = micro_batch * block_size
     logits = tokens * vocab_size * (s.activation_bytes + 2 * FP32)
-    return MemoryPlan(s, parameters, compute_copies, gradients, optimizer, activations, logits, OVERHEAD_BYTES,
-                      capacity, device)
+    sampling = generation_bytes(s) + compute_copies  # the same weights gathered (FSDP) or cast (autocast) again
+    return MemoryPlan(s, parameters, compute_copies, gradients, optimizer, activations, logits, sampling,
+                      OVERHEAD_BYTES, capacity, device)
+
+
+def gathered_parameters(s: Setup) -> int:
+    """The parameters FSDP holds whole at its peak, in the backward pass: the root unit (token and position
+    embeddings, the tied output layer, the final norm: FSDP keeps it gathered from the forward to the end of the
+    backward), the block running and the next one being gathered."""
+    C = s.shape.n_embd
+    root = s.vocab_size * C + s.block_size * C + 2 * C
+    return root + 2 * block_parameters(C)
+
+
+def generation_bytes(s: Setup) -> int:
+    """Tensors of generating one sequence (micro-batch 1) with a full window of block_size positions, the weights
+    aside: every block's key/value cache, which after a forward over the window views the block's whole qkv output (3C
+    wide), and one block's keys and values twice while torch.cat makes their longer copies; the widest tensors of one
+    block's forward over the window (the MLP's two 4C-wide ones, its input, the residual stream twice); and the last
+    position's logits with the few fp32 copies sampling makes of them."""
+    C, window, a = s.shape.n_embd, s.block_size, s.activation_bytes
+    cache = (3 * s.shape.n_layer + 2) * window * C * a
+    widest = window * C * (9 * a + 2 * s.residual_bytes)
+    return cache + widest + s.vocab_size * (a + 4 * FP32)
 
 
 def device_memory(device: torch.device) -> tuple[int | None, str]:
-    """(the GPU's total memory, its name) when the run is on a GPU; (None, "the CPU") otherwise."""
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    return capacity, device_name(device)
+    """(the memory the run may use, what that is) when the run is on a GPU: hardware.usable_gpu_memory, the figure
+    --batch_size auto searches in too, so the plan and the search agree; (None, "the CPU") otherwise."""
+    if device.type != "cuda":
+        return None, device_name(device)
+    return usable_gpu_memory(device), f"{device_name(device)} (its free memory less {MEMORY_MARGIN:.0%})"
 
 
 def plan_for_flags(cfg: TrainConfig, vocab_size: int, precision: str, micro_batch: int, processes: int,

@@ -1,37 +1,26 @@
-"""The run plan: every value a run derives from its flags, the hardware, the data, the checkpoint it resumes and the
-processes it runs on, resolved once and frozen. The trainer, config.json, every tracker's hyper-parameters, the
-checkpoint's description and --dry_run all read this one plan, so each value is computed in exactly one place."""
+"""The run plan: every value a run derives from its configuration (resolved and checked first: plan/resolve.py), the
+hardware, the data, the checkpoint it resumes and the processes it runs on, resolved once and frozen. The trainer,
+config.json, every tracker's hyper-parameters, the checkpoint's description and --dry_run all read this one plan, so
+each value is computed in exactly one place."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from ..config import CORPORA, DATA_FLAGS, TrainConfig, build_parser, validate
+from ..config import TrainConfig
 from ..data.batches import windows_in
 from ..data.tokens import TokenData
-from ..errors import UsageError
 from ..system.compiling import wants_compile
 from ..system.distributed import World
 from ..system.rundir import RunFolder
 from .autobatch import settle_batch
 from .memory import MemoryPlan, plan_for_run
-
-# flags that change the optimisation: on --resume, a changed value takes effect from the resumed step
-OPTIMISATION_FLAGS = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "batch_size",
-                      "gradient_accumulation_steps", "max_steps", "epochs", "dropout", "max_bad_steps")
-# flags that say what the run is, its text and tokens and its model's shape: on --resume, a bare one keeps the run's
-RUN_FLAGS = (*DATA_FLAGS, "model_size", "n_layer", "n_head", "n_embd", "block_size")
-# ways of saying one thing: a flag of a group given on --resume replaces what the run recorded for the whole group
-SAID_TOGETHER = (("use_chinese", "data_path", "corpus"), ("tokenizer", "init_from"), ("max_steps", "epochs"))
-FLAG_TYPES = typing.get_type_hints(TrainConfig)
-FLAG_CHOICES = {action.dest: action.choices for action in build_parser()._actions if action.choices}
+from .resolve import OPTIMISATION_FLAGS
 
 
 @dataclass(frozen=True)
@@ -104,8 +93,9 @@ class RunPlan:
 
 def make_plan(cfg: TrainConfig, world: World, device: torch.device, precision: str, data: TokenData,
               folder: RunFolder, saved: dict | None = None, resume_from: Path | None = None) -> RunPlan:
-    """Resolve the run: the batch (which may measure the GPU), the step budget and warm-up, the run's name (a resumed
-    run's `cfg` holds the values it keeps: keep_run_values)."""
+    """Resolve what needs the data and the device: the batch (which may measure the GPU), the step budget and warm-up,
+    the run's name. `cfg` is the resolved configuration (plan/resolve.py: a resumed run's holds the values it keeps,
+    and its flags were checked against each other there)."""
     batch = settle_batch(cfg, data.tokenizer.vocab_size, device, precision, world)
     windows_per_step = batch.micro_batch * batch.accumulation * world.size
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * windows_in(data.train, cfg.block_size) / windows_per_step))
@@ -123,55 +113,6 @@ def make_plan(cfg: TrainConfig, world: World, device: torch.device, precision: s
         memory=plan_for_run(cfg, data.tokenizer.vocab_size, device, precision, batch.micro_batch, world.size,
                             batch.accumulation),
     )
-
-
-def keep_run_values(cfg: TrainConfig, recorded: dict, given: frozenset[str]) -> tuple[TrainConfig, frozenset[str]]:
-    """On --resume, every flag not given now that says what the run is (its text, tokenizer and shape: RUN_FLAGS) or
-    how it optimises (OPTIMISATION_FLAGS) keeps the value the run used, as `recorded` (its checkpoint's config, or
-    config.json before the first checkpoint) says: a bare --resume must not fall back to defaults the run never had,
-    nor prepare other text. A choice given one way is not mixed with the run's made another way (SAID_TOGETHER), and
-    the layers, heads and width come from a given --model_size's preset, or from the --init_from folder. Returns the
-    configuration and the names of the flags that kept the run's value."""
-    recorded = recorded_flags(recorded)
-    left_open = {*OPTIMISATION_FLAGS, *RUN_FLAGS} - given
-    for group in SAID_TOGETHER:
-        if given & set(group):
-            left_open -= set(group)
-    if "global_batch_size" in given:  # it sets the accumulation (and --batch_size auto's micro-batch) anew
-        left_open -= {"batch_size", "gradient_accumulation_steps"}
-    init_from = recorded.get("init_from") if "init_from" in left_open else cfg.init_from
-    if "model_size" in given or init_from:
-        left_open -= {"model_size", "n_layer", "n_head", "n_embd"}
-    kept = {name: recorded[name] for name in left_open if name in recorded}
-    unfit = [f"{name} {value!r}" for name, value in kept.items() if not takes(name, value)]
-    if unfit:
-        raise UsageError(f"--resume: the run records {', '.join(unfit)}, which no flag of that name takes (was "
-                         f"config.json edited?). Give {' '.join(f'--{item.split()[0]}' for item in unfit)} on the "
-                         f"command line.")
-    resumed = dataclasses.replace(cfg, **kept)
-    validate(resumed)  # the kept values must agree with the given ones (a new peak below the kept --min_lr, say)
-    return resumed, frozenset(kept)
-
-
-def recorded_flags(recorded: dict) -> dict:
-    """The flags a run recorded. Its description holds two of them resolved: `corpus` is the text's name (for a named
-    corpus the --corpus that gives the same text; with --data_path none was given) and `vocab_size` the vocabulary's
-    (--vocab_size's only for sentencepiece, the one tokenizer that reads it)."""
-    flags = dict(recorded)
-    if flags.get("data_path") or flags.get("corpus") not in CORPORA:
-        flags["corpus"] = None
-    if flags.get("tokenizer") != "sentencepiece":
-        flags.pop("vocab_size", None)
-    return flags
-
-
-def takes(name: str, value) -> bool:
-    """Whether the flag `name` can hold `value` (of its type, one of its choices)."""
-    kinds = typing.get_args(FLAG_TYPES[name]) or (FLAG_TYPES[name],)
-    if float in kinds:
-        kinds = (*kinds, int)
-    of_its_kind = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-    return of_its_kind and (value is None or value in FLAG_CHOICES.get(name, (value,)))
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:

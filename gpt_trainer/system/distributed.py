@@ -13,7 +13,8 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -21,15 +22,27 @@ import torch.distributed as dist
 
 from ..errors import RunStopped, UsageError, notice
 
-# how often every process says it is alive (the tests shorten it; a silent one is named after --dist_timeout)
-HEARTBEAT_S = float(os.environ.get("GPT_TRAINER_HEARTBEAT_S", "5"))
+# How often every process says it is alive (a silent one is named after --dist_timeout). The tests shorten it through
+# GPT_TRAINER_HEARTBEAT_S, read when a run starts (start), not when this module is imported.
+HEARTBEAT_S = 5.0
+# The least time a collective may wait until the first step is done (torchtitan's long start-up time-out): joining,
+# loading a checkpoint and compiling the first step take minutes on some processes and seconds on others; from the
+# second step on --dist_timeout applies (settle_timeout).
+STARTUP_TIMEOUT_S = 600.0
+# How long a process whose peer reported a failure gives its own main thread to end with the sentence before it ends
+# itself: a main thread waiting on a GPU that an aborted NCCL communicator did not release never gets an error. The
+# tests shorten it through GPT_TRAINER_FAILED_PEER_GRACE_S, read when a run starts.
+FAILED_PEER_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
 class World:
+    """Who this process is among the job's processes; once `start` joined them, also the job's roll call (`roll`:
+    what each process does, read when one waits for the others; None for one process)."""
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    roll: Roll | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -46,23 +59,47 @@ def launched_world() -> World:
     return World(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), size)
 
 
-def start(world: World, device: torch.device, timeout_s: float) -> torch.device:
-    """Join the process group; returns this process's device (cuda:LOCAL_RANK on GPUs). A rank that stops answering
-    makes the others fail after `timeout_s` instead of waiting forever."""
+def start(world: World, device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
+    """Join the process group; returns this process's world, which holds the job's roll call from now on, and its
+    device (cuda:LOCAL_RANK on GPUs). A rank that stops answering makes the others fail after `timeout_s` instead of
+    waiting forever (until the first step is done, after STARTUP_TIMEOUT_S if that is longer)."""
     if not world.active:
-        return device
+        return world, device
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         join("nccl" if device.type == "cuda" else "gloo", world, timeout_s,
              **({"device_id": device} if device.type == "cuda" else {}))
-    global _roll
+        set_timeout(max(timeout_s, STARTUP_TIMEOUT_S))
     if "MASTER_PORT" in os.environ:  # every launcher sets it (the process group's own rendezvous needs it)
-        _roll = Roll(world, timeout_s)
-        _roll.report("joined")
-        _roll.start_beating()
-    return device
+        roll = Roll(world, timeout_s, seconds_from_environment("GPT_TRAINER_HEARTBEAT_S", HEARTBEAT_S),
+                    seconds_from_environment("GPT_TRAINER_FAILED_PEER_GRACE_S", FAILED_PEER_GRACE_S))
+        roll.report("joined")
+        roll.start_beating()
+        world = dataclasses.replace(world, roll=roll)
+    return world, device
+
+
+def seconds_from_environment(name: str, default: float) -> float:
+    """A pace the tests change through the environment, read when a run starts."""
+    return float(os.environ.get(name, default))
+
+
+def set_timeout(timeout_s: float) -> None:
+    """How long every collective of the process group may wait for the others from now on."""
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+
+
+def settle_timeout(world: World, timeout_s: float) -> None:
+    """After the first step: the start-up's long allowance ends, and a collective that waits `timeout_s`
+    (--dist_timeout) for a process that hangs or vanished fails. Every process changes it at the same point, after a
+    barrier (torchtitan's way): one still finishing its first step under the long time-out is not met by one already
+    on the short one."""
+    if not world.active or not dist.is_initialized():
+        return
+    dist.barrier()
+    set_timeout(timeout_s)
 
 
 # ---- meeting the others: the rendezvous at MASTER_ADDR:MASTER_PORT ------------------------------------------------
@@ -160,12 +197,18 @@ def could_not_join(world: World, host: str, port: int, timeout_s: float, problem
 def stop(world: World, finished: bool) -> None:
     """Leave the process group. Processes that finished wait for each other first: gloo can abort a process that
     tears its group down while another still uses it (the main process samples after training). One that failed
-    leaves at once; the launcher stops the others."""
-    if _roll is not None:
-        _roll.stopped.set()
+    leaves at once (report_failure has told the others); under NCCL it aborts its communicators, since an orderly
+    shutdown would wait for collectives that the others may never join."""
+    if world.roll is not None:
+        world.roll.stopped.set()
+        world.roll.ending.set()
     if world.active and dist.is_initialized():
         if finished:
             dist.barrier()
+        elif dist.get_backend() == "nccl":
+            with contextlib.suppress(Exception):  # already aborted, or broken: the process ends either way
+                dist.group.WORLD.abort()
+            return
         dist.destroy_process_group()
 
 
@@ -195,8 +238,10 @@ def all_reduce(tensor: torch.Tensor, world: World, op=dist.ReduceOp.SUM) -> torc
 class Roll:
     """This process's line in the job's store: where it runs and what it does; read by the others when they wait."""
 
-    def __init__(self, world: World, timeout_s: float):
+    def __init__(self, world: World, timeout_s: float, heartbeat_s: float = HEARTBEAT_S,
+                 failed_peer_grace_s: float = FAILED_PEER_GRACE_S):
         self.world, self.timeout_s, self.host = world, timeout_s, socket.gethostname()
+        self.heartbeat_s, self.failed_peer_grace_s = heartbeat_s, failed_peer_grace_s
         # keys of this attempt only: torchrun's store lives on across the restarts of one job
         self.prefix = (f"gpt_trainer/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
                        f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
@@ -204,16 +249,51 @@ class Roll:
                                    is_master=False, timeout=timedelta(seconds=max(timeout_s, 30)),
                                    wait_for_workers=False)
         self.lock = threading.Lock()
-        self.stopped = threading.Event()
+        self.stopped = threading.Event()  # no more heartbeats
+        self.ending = threading.Event()  # the main thread is on its way out (it failed, explained a lost peer, or left)
 
     def start_beating(self) -> None:
         """A heartbeat from a thread of its own for the whole run: a process that is busy alone (preparing a
-        corpus) still answers; one that died, froze or lost its node falls silent."""
+        corpus) still answers; one that died, froze or lost its node falls silent. With each beat it also looks
+        whether another process reported that it could not go on (end_with_the_failed)."""
         def keep_beating():
-            while not self.stopped.wait(HEARTBEAT_S):
+            while not self.stopped.wait(self.heartbeat_s):
                 with contextlib.suppress(Exception):  # the store's host may be gone at the end: nothing to tell
                     self.beat()
+                    failed = self.first_failure()
+                    if failed is not None and failed[0] != self.world.rank and not self.ending.is_set():
+                        self.end_with_the_failed()
+                        return
         threading.Thread(target=keep_beating, daemon=True, name="heartbeat").start()
+
+    def end_with_the_failed(self) -> None:
+        """Another process cannot go on. gloo fails this one's collectives by itself once the other has left; NCCL
+        would leave them waiting for --dist_timeout, so its communicators are aborted, which ends the collectives
+        and the GPU work waiting on them with an error the main thread explains (missing_peers). If the main thread
+        has not ended within failed_peer_grace_s, the process ends here, with the sentence."""
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            with contextlib.suppress(Exception):
+                dist.group.WORLD.abort()
+        if not self.ending.wait(self.failed_peer_grace_s):
+            notice(f"error: {failed_peer(self)} This process did not end by itself within "
+                   f"{self.failed_peer_grace_s:g} s, so it was ended: continue from the last checkpoint with the same "
+                   f"command plus --resume.")
+            os._exit(1)
+
+    def fail(self, what: str) -> None:
+        """Tell the others this process cannot go on, and why; the first to tell is the one they name."""
+        with self.lock:
+            order = self.store.add(f"{self.prefix}failed", 1)
+            self.store.set(f"{self.prefix}failed/{order}", f"{self.world.rank} {what}")
+
+    def first_failure(self) -> tuple[int, str] | None:
+        """(rank, why) of the first process that reported it could not go on; None while none has."""
+        key = f"{self.prefix}failed/1"
+        with self.lock:
+            if not self.store.check([key]):
+                return None
+            rank, what = self.store.get(key).decode().split(" ", 1)
+        return int(rank), what
 
     def report(self, doing: str) -> None:
         self.note("doing", f"{self.host}: {doing}")
@@ -246,29 +326,26 @@ class Roll:
                 if rank != self.world.rank}
 
 
-_roll: Roll | None = None
-
-
-def report(doing: str) -> None:
+def report(world: World, doing: str) -> None:
     """Tell the others what this process is doing now (no-op for one process)."""
-    if _roll is not None:
-        _roll.report(doing)
+    if world.roll is not None:
+        world.roll.report(doing)
 
 
-def note_saved(step: int) -> None:
+def note_saved(world: World, step: int) -> None:
     """The main process has written latest.pt at `step`: the others name it if the main process is lost."""
-    if _roll is not None and _roll.world.is_main:
-        _roll.note("saved", str(step))
+    if world.roll is not None and world.is_main:
+        world.roll.note("saved", str(step))
 
 
 def last_saved(world: World, decided: int | None) -> int | None:
     """The step of the last latest.pt (None: none this attempt). The main process knows (`decided`); the others take
     its word from the store, since a save they saw decided may not have been finished, or, with the store gone, the
     last save they saw decided."""
-    if world.is_main or _roll is None:
+    if world.is_main or world.roll is None:
         return decided
     try:
-        written = _roll.read("saved", 0)
+        written = world.roll.read("saved", 0)
     except dist.DistError:
         return decided
     return int(written) if written is not None else None
@@ -277,54 +354,102 @@ def last_saved(world: World, decided: int | None) -> int | None:
 def everyone_does(world: World, doing: str, work, timeout_s: float):
     """`work()` on every process, then wait for all: however long some take (a node preparing its token cache while
     another found it ready), as long as they are alive; one silent for `timeout_s` stops the wait, named."""
-    if _roll is None or not world.active:
+    roll = world.roll
+    if roll is None or not world.active:
         return work()
-    _roll.report(doing)
+    roll.report(doing)
     result = work()
-    _roll.finished(doing)
-    _wait_for_the_others(world, doing, timeout_s)
+    roll.finished(doing)
+    _wait_for_the_others(roll, doing, timeout_s)
     return result
 
 
-def _wait_for_the_others(world: World, doing: str, timeout_s: float) -> None:
+def _wait_for_the_others(roll: Roll, doing: str, timeout_s: float) -> None:
     """Polls one counter while all goes well; looks at who is missing, and whether they live, every few seconds."""
-    last_beat, last_change, started, said, looked = {}, {}, time.monotonic(), 0.0, 0.0
-    while _roll.count_finished(doing) < world.size:
-        time.sleep(min(1.0, HEARTBEAT_S))
+    world, last_beat, last_change, started, said, looked = roll.world, {}, {}, time.monotonic(), 0.0, 0.0
+    while roll.count_finished(doing) < world.size:
+        time.sleep(min(1.0, roll.heartbeat_s))
         now = time.monotonic()
-        if now - looked < min(HEARTBEAT_S, timeout_s / 4):
+        if now - looked < min(roll.heartbeat_s, timeout_s / 4):
             continue
         looked = now
-        missing = [rank for rank in range(world.size) if _roll.read(f"done {doing}", rank) is None]
+        missing = [rank for rank in range(world.size) if roll.read(f"done {doing}", rank) is None]
         for rank in missing:
-            beat = _roll.read("beat", rank)
+            beat = roll.read("beat", rank)
             if beat != last_beat.get(rank, "unseen"):
                 last_beat[rank], last_change[rank] = beat, now
         silent = [rank for rank in missing if now - last_change[rank] > timeout_s]
         if silent:
             raise RunStopped(f"rank(s) {', '.join(map(str, silent))} stopped answering while {doing}: no sign of "
-                             f"life for {timeout_s:g} s (--dist_timeout). {whereabouts(silent)}. Its own log says "
-                             f"why (it may have died, or its node lost the network).")
+                             f"life for {timeout_s:g} s (--dist_timeout). {whereabouts(roll, silent)}. Its own log "
+                             f"says why (it may have died, or its node lost the network).")
         if world.is_main and missing and now - said >= 60 and now - started >= 30:
             said = now
-            notice(f"waiting for rank(s) {', '.join(map(str, missing))} ({whereabouts(missing)}), "
+            notice(f"waiting for rank(s) {', '.join(map(str, missing))} ({whereabouts(roll, missing)}), "
                    f"{now - started:.0f} s so far")
 
 
-def whereabouts(ranks: list[int]) -> str:
+def whereabouts(roll: Roll, ranks: list[int]) -> str:
     """`rank 1 on n2: step 40; ...`: what the named processes last said they were doing."""
-    said = _roll.others() if _roll else {}
+    said = roll.others()
     return "; ".join(f"rank {rank} on {said.get(rank, '?')}" for rank in ranks)
 
 
-def missing_peers(world: World, error: BaseException) -> str | None:
-    """The explanation of a collective that failed because another process did not arrive in time or was lost (gloo
-    raises a RuntimeError naming a time-out or a lost connection); None for any other error."""
-    text = str(error)
-    if not world.active or _roll is None or not any(sign in text for sign in ("Timed out", "Connection", "closed")):
+# What a collective raises when another process did not arrive in time or left. gloo: a time-out or a closed
+# connection. NCCL (and RCCL on ROCm, through the same ProcessGroupNCCL): its watchdog's time-out, a communicator
+# aborted (by the watchdog, or by end_with_the_failed after a peer reported its failure), a peer that exited
+# (ncclRemoteError), and the wrapper torch puts around a failed or timed-out NCCL operation.
+TIMED_OUT_SIGNS = ("Timed out", "Watchdog caught collective operation timeout", "milliseconds before timing out")
+LOST_SIGNS = ("Connection", "closed", "NCCL communicator was aborted", "remote process exited or there was a network "
+              "error", "Some NCCL operations have failed or timed out")
+
+
+def report_failure(world: World, error: BaseException) -> None:
+    """This process cannot go on (out of memory, a bug, a lost peer): tell the others, in the first sentence of its
+    error, so they end within seconds naming it (failed_peer) instead of waiting in their next collective for
+    --dist_timeout (NCCL does not notice a process that left). No-op for one process."""
+    roll = world.roll
+    if roll is None or not world.active:
+        return
+    roll.ending.set()
+    text = str(error).strip()
+    what = re.split(r"(?<=\.)\s", text.splitlines()[0], maxsplit=1)[0].rstrip(".") if text else ""
+    if not isinstance(error, (RunStopped, UsageError)):  # a bug: its kind says more than its words
+        what = f"{type(error).__name__}: {what}" if what else type(error).__name__
+    with contextlib.suppress(Exception):  # the store may be gone with the process that served it
+        roll.fail(what[:300])
+
+
+def failed_peer(roll: Roll) -> str | None:
+    """The sentence of a process whose peer reported that it could not go on (the first that did); None when none
+    did, or this process was the first."""
+    failed, here = roll.first_failure(), roll.world.rank
+    if failed is None or failed[0] == here:
         return None
+    rank, what = failed
+    return (f"rank {here} ({roll.read('doing', here) or '?'}) stopped because rank {rank} "
+            f"({roll.read('doing', rank) or '?'}) could not go on: {what}. Its own log has the whole message.")
+
+
+def collective_failure(error: BaseException) -> str | None:
+    """"timed out" when `error` says a collective waited too long for another process, "lost" when it says one left
+    or a communicator was aborted, None for anything else."""
+    text = str(error)
+    if any(sign in text for sign in TIMED_OUT_SIGNS):  # before LOST_SIGNS: an aborted communicator names its reason
+        return "timed out"
+    return "lost" if any(sign in text for sign in LOST_SIGNS) else None
+
+
+def missing_peers(world: World, error: BaseException) -> str | None:
+    """The explanation of a collective that failed because another process did not arrive in time, was lost, or
+    reported that it could not go on (TIMED_OUT_SIGNS, LOST_SIGNS: gloo's words and NCCL's); None for any other
+    error."""
+    kind, roll = collective_failure(error), world.roll
+    if not world.active or roll is None or kind is None:
+        return None
+    roll.ending.set()  # this thread explains it: the heartbeat thread need not end the process
     try:
-        return waited_in_vain(world) if "Timed out" in text else lost(world)
+        return failed_peer(roll) or (waited_in_vain(roll) if kind == "timed out" else lost(roll))
     except dist.DistError:  # the store ended with the process that served it
         return (f"rank {world.rank} lost its connection to the other processes and to the job's store at "
                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: the process that served it (rank "
@@ -332,32 +457,35 @@ def missing_peers(world: World, error: BaseException) -> str | None:
                 f"memory, a lost node).")
 
 
-def waited_in_vain(world: World) -> str:
-    here, said = _roll.read("doing", world.rank) or "?", _roll.others()
-    behind = [rank for rank, doing in said.items() if step_in(doing) < step_in(here)] or silent(list(said))
+def waited_in_vain(roll: Roll) -> str:
+    world = roll.world
+    here, said = roll.read("doing", world.rank) or "?", roll.others()
+    behind = [rank for rank, doing in said.items() if step_in(doing) < step_in(here)] or silent(roll, list(said))
     culprit = (f"Rank(s) {', '.join(map(str, behind))} did not arrive: " if behind
                else "All are alive and reached the same step, so one of them hangs inside it: ")
-    return (f"rank {world.rank} ({here}) waited --dist_timeout {_roll.timeout_s:g} s for the other processes. "
-            f"{culprit}{whereabouts(behind or sorted(said))}. Its own log says why (an error, a hang, a lost node).")
+    return (f"rank {world.rank} ({here}) waited --dist_timeout {roll.timeout_s:g} s for the other processes. "
+            f"{culprit}{whereabouts(roll, behind or sorted(said))}. Its own log says why (an error, a hang, a lost "
+            f"node).")
 
 
-def lost(world: World) -> str:
+def lost(roll: Roll) -> str:
     """A peer closed its connection: the ones whose heartbeat stopped are gone (killed, crashed, their node lost)."""
-    here = _roll.read("doing", world.rank) or "?"
-    gone = silent([rank for rank in range(world.size) if rank != world.rank])
+    world = roll.world
+    here = roll.read("doing", world.rank) or "?"
+    gone = silent(roll, [rank for rank in range(world.size) if rank != world.rank])
     if not gone:
         return (f"rank {world.rank} ({here}) lost its connection to the other processes, though all of them still "
                 f"send heartbeats: the network between the nodes broke. Check it (NCCL_DEBUG=INFO, {DOCTOR}).")
     return (f"rank {world.rank} ({here}) lost its connection to the other processes: rank(s) "
-            f"{', '.join(map(str, gone))} stopped (no heartbeat since), last seen {whereabouts(gone)}. Its own log, "
-            f"or the launcher's report, says why (killed, out of memory, a lost node).")
+            f"{', '.join(map(str, gone))} stopped (no heartbeat since), last seen {whereabouts(roll, gone)}. Its own "
+            f"log, or the launcher's report, says why (killed, out of memory, a lost node).")
 
 
-def silent(ranks: list[int]) -> list[int]:
+def silent(roll: Roll, ranks: list[int]) -> list[int]:
     """The ranks whose heartbeat does not move over a few beats: dead, frozen, or cut off."""
-    before = {rank: _roll.read("beat", rank) for rank in ranks}
-    time.sleep(2.5 * HEARTBEAT_S)
-    return [rank for rank in ranks if _roll.read("beat", rank) == before[rank]]
+    before = {rank: roll.read("beat", rank) for rank in ranks}
+    time.sleep(2.5 * roll.heartbeat_s)
+    return [rank for rank in ranks if roll.read("beat", rank) == before[rank]]
 
 
 def step_in(doing: str) -> int:

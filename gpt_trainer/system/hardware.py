@@ -152,8 +152,8 @@ def autocast(device: torch.device, precision: str):
 
 
 def keep_rng(device: torch.device):
-    """A block whose random draws leave training's random state as it was (the one way a run isolates them: compiling's
-    warm-up, the sampling copy's construction): the CPU generator, and the device's own on a GPU."""
+    """A block whose random draws leave training's random state as it was (the one way a run isolates them, as
+    compiling's warm-up does): the CPU generator, and the device's own on a GPU."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
@@ -213,6 +213,18 @@ def synchronize(device: torch.device) -> None:
 def empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+MEMORY_MARGIN = 0.10  # of the memory a run may use, kept back for what no estimate or trial step sees
+
+
+def usable_gpu_memory(device: torch.device) -> int:
+    """The bytes a run may plan to use on this GPU, the one figure the memory plan and --batch_size auto both measure
+    against: what is free now plus what this process's allocator already holds (free memory, not the total: the CUDA
+    context and any other process on the GPU hold the rest), less MEMORY_MARGIN for the allocator's fragmentation,
+    compiled kernels' workspaces and the temporary buffers of single kernels."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int((free + torch.cuda.memory_reserved(device)) * (1 - MEMORY_MARGIN))
 
 
 def memory_in_use(device: torch.device) -> str:

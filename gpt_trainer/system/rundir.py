@@ -26,6 +26,8 @@ from ..errors import UsageError
 MARKER = ".gpt-trainer-run"
 TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the only files TensorBoard's writer makes in a run's logs folder
 PROBE_PREFIX = ".write-probe-"  # check_writable_folder's probe: another process starting beside us may show one
+# a sharded checkpoint (--parallel fsdp) is a folder: its manifest, the run's state, and each process's tensors
+SHARDED_FILES = ("manifest.json", "state.json", "shard-*.safetensors")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,27 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.checkpoints / "best.pt"
+
+    def checkpoint_kinds(self, name: str) -> list[Path]:
+        """Where the `name` checkpoint ("latest" or "best") may be: the .pt file of a run in one process or under DDP,
+        the folder of an FSDP run's shards, and such a folder set aside by a save that was replacing it."""
+        return [self.checkpoints / f"{name}.pt", self.checkpoints / name, self.checkpoints / f".{name}.previous"]
+
+    def staging(self, name: str, step: int) -> Path:
+        """The folder a sharded save of the `name` checkpoint at `step` writes into before it is renamed into place."""
+        return self.checkpoints / f".{name}.tmp-{step}"
+
+    def staging_folders(self, name: str) -> list[Path]:
+        """The staging folders of sharded saves of the `name` checkpoint that a kill interrupted."""
+        return [path for path in sorted(self.checkpoints.glob(f".{name}.tmp-*"))  # staging(name, any step)
+                if path.is_dir() and not path.is_symlink()]
+
+    def sharded_folders(self) -> list[Path]:
+        """The folders of sharded checkpoints here: complete, set aside, or the staging folders of saves a kill
+        interrupted."""
+        named = [path for name in ("latest", "best") for path in self.checkpoint_kinds(name)[1:]
+                 if path.is_dir() and not path.is_symlink()]
+        return [*named, *(path for name in ("latest", "best") for path in self.staging_folders(name))]
 
     @property
     def logs(self) -> Path:
@@ -89,15 +112,17 @@ class RunFolder:
 
     def run_files(self) -> list[Path]:
         """Every file runs write here, by name: config.json, metrics.jsonl, samples.txt and their temporaries, the
-        two checkpoints and the temporaries of saves a kill interrupted, and the TensorBoard event files of each run
-        name the folder recorded."""
+        two checkpoints (the files of sharded ones too) and the temporaries of saves a kill interrupted, and the
+        TensorBoard event files of each run name the folder recorded."""
         temporaries = [self.path / ".config.json.tmp", self.path / ".metrics.jsonl.tmp", self.path / f"{MARKER}.tmp"]
         saves = [tmp for path in (self.latest, self.best)
                  for tmp in sorted(self.checkpoints.glob(f".{path.name}.tmp-*"))]
+        shards = [file for folder in self.sharded_folders() for pattern in SHARDED_FILES
+                  for file in sorted(folder.glob(pattern))]
         events = [event for name in self.run_names()
                   for event in sorted(self.tensorboard_run(name).glob(TENSORBOARD_EVENTS))]
         return [self.config_json, self.metrics_jsonl, self.samples, *temporaries, self.latest, self.best, *saves,
-                *events]
+                *shards, *events]
 
     def run_names(self) -> list[str]:
         """The TensorBoard run names runs in this folder used: those the marker recorded, and config.json's (a
@@ -134,8 +159,9 @@ class RunFolder:
                              f"writes config.json, metrics.jsonl, samples.txt, checkpoints/ and logs/ there and would "
                              f"replace yours, so it is left alone (--overwrite too replaces only a run's own files). "
                              f"Choose a new or empty --output_dir.")
-        if self.latest.exists() and not resuming and not overwrite:
-            raise UsageError(f"--output_dir {out} already holds a training run ({self.latest}). Pass --resume to "
+        held = [path for path in self.checkpoint_kinds("latest") if path.exists()]
+        if held and not resuming and not overwrite:
+            raise UsageError(f"--output_dir {out} already holds a training run ({held[0]}). Pass --resume to "
                              f"continue it, --overwrite to replace it, or choose another --output_dir.")
 
     def mark(self) -> None:
@@ -168,6 +194,7 @@ class RunFolder:
         then the folders this leaves empty; nothing else. Returns what was removed and what was kept (the marker and
         the lock aside), as paths relative to the folder."""
         tensorboard_runs = [self.tensorboard_run(name) for name in self.run_names()]  # before config.json goes
+        sharded = self.sharded_folders()
         files = [path for path in self.run_files() if path.is_file() or path.is_symlink()]
         for path in files:
             path.unlink()
@@ -180,7 +207,7 @@ class RunFolder:
             else:
                 continue
             removed.append(f"{folder.name}/")
-        for folder in (*tensorboard_runs, self.logs, self.checkpoints):
+        for folder in (*tensorboard_runs, *sharded, self.logs, self.checkpoints):
             with contextlib.suppress(OSError):  # a folder that is not empty holds something of the user's: it stays
                 folder.rmdir()
         if self.marker.exists():

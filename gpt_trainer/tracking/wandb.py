@@ -108,8 +108,11 @@ class WandbBackend:
         existing = [p for p in summary.checkpoints if p.exists()]
         if self.log_model and existing:
             artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=summary.final)
-            for path in existing:
-                artifact.add_file(str(path), name=path.name)
+            for path in existing:  # a sharded checkpoint (FSDP) is a folder
+                if path.is_dir():
+                    artifact.add_dir(str(path), name=path.name)
+                else:
+                    artifact.add_file(str(path), name=path.name)
             self.run.log_artifact(artifact, aliases=["best", "final", "latest"])
         offline, run_dirs = self.offline, self.run_dirs()
         self.run.finish(exit_code=summary.exit_code)

@@ -24,12 +24,18 @@ class ThroughputWindow:
         self.device, self.tokens_per_step, self.world = device, tokens_per_step, world
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.loss_sum = torch.zeros((), device=device)
-        self.steps = 0
+        self.steps = torch.zeros((), device=device)  # the steps that count, on the device: adding never waits
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss
-        self.steps += 1
+    def add(self, loss: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """One step's loss; `counts` (a device bool, decided on the device) False leaves a skipped step's loss and
+        tokens out without waiting for the device."""
+        if counts is None:
+            self.loss_sum += loss
+            self.steps += 1
+        else:
+            self.loss_sum += torch.where(counts, loss, 0)
+            self.steps += counts
 
     @contextlib.contextmanager
     def paused(self):
@@ -45,13 +51,14 @@ class ThroughputWindow:
         self.loss_sum /= self.world.size
         synchronize(self.device)
         seconds = max(time.perf_counter() - self.started, 1e-9)
-        steps = max(self.steps, 1)
-        tokens_per_sec = self.steps * self.tokens_per_step / seconds
-        loss = self.loss_sum.item() / self.steps if self.steps else math.nan  # every step of the window was skipped
+        loss_sum, counted = torch.stack([self.loss_sum, self.steps]).tolist()
+        steps = max(counted, 1)
+        tokens_per_sec = counted * self.tokens_per_step / seconds
+        loss = loss_sum / counted if counted else math.nan  # every step of the window was skipped
         reading = {"loss": loss, "tokens_per_sec": tokens_per_sec,
                    "mfu": model_flops_utilisation(self.flops_per_token, tokens_per_sec, self.peak_tflops),
                    "step_time_ms": 1000 * seconds / steps}
         self.loss_sum.zero_()
-        self.steps = 0
+        self.steps.zero_()
         self.started = time.perf_counter()
         return reading

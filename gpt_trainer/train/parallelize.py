@@ -1,14 +1,19 @@
 """How the model is spread over the processes of a job, applied apart from the training loop as torchtitan's
 `parallelize` is: compiling (the whole model, or each block before sharding), then DistributedDataParallel or FSDP2.
 
+The model arrives built on the meta device and gets its memory and initial weights here, once it is placed: under FSDP
+after sharding, so that each process allocates and initialises only its own slices (torchtitan's order: meta build,
+compile, shard, materialise, then the optimizer).
+
 The loop holds the result, a `Parallel`, and asks it for the few things that differ between the modes: mixed precision
 for a forward pass, when gradients are exchanged, clipping by the global norm, whether the weights are finite, the
-checkpoint's view of the model and optimizer, and the model to sample from. It never branches on the mode itself."""
+checkpoint's view of the model and optimizer, and who samples text with which model. It never branches on the mode
+itself."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Iterator
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -51,12 +56,24 @@ class Parallel:
         """After forward passes without a backward (an evaluation)."""
 
     def checkpoint_views(self, optimizer: torch.optim.Optimizer) -> tuple:
-        """(model, optimizer) as a checkpoint saves and restores them."""
-        return self.model, optimizer
+        """(model, optimizer) as a checkpoint saves and restores them: whole in a .pt, each process's slices in a
+        sharded checkpoint (FSDP); restored from either kind."""
+        return (checkpoint.ModelState(self.model, self.sharded),
+                checkpoint.OptimizerState(self.model, optimizer, self.sharded))
 
-    def model_to_sample(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
-        """The model text is sampled from, on the main process (None on the others). `build` makes an empty copy."""
-        return self.model
+    @property
+    def samples_here(self) -> bool:
+        """Whether this process generates the samples: the main one, with the whole model."""
+        return self.plan.world.is_main
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[torch.nn.Module]:
+        """The model to generate text with, on a process that `samples_here`."""
+        yield self.model
+
+    def any_stop(self, stopped: bool) -> bool:
+        """Whether a stop was asked on a process that samples; they are asked together between two samples."""
+        return stopped
 
 
 class DataParallel(Parallel):
@@ -97,25 +114,40 @@ class Sharded(Parallel):
     def after_forward_only(self) -> None:
         self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward: free them
 
-    def checkpoint_views(self, optimizer: torch.optim.Optimizer) -> tuple:
-        return checkpoint.FullModel(self.model), checkpoint.FullOptimizer(self.model, optimizer)
+    @property
+    def samples_here(self) -> bool:
+        """Every process generates, in lockstep with the same seeded draws, so that no process holds the whole model:
+        FSDP gathers each block's weights for its forward and frees them after. Only the main process shows the text."""
+        return True
 
-    def model_to_sample(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
-        """Every process helps gather the whole weights; the main process samples from an unsharded copy."""
-        state = checkpoint.FullModel(self.model).state_dict()
-        if not self.plan.world.is_main:
-            return None
-        copy = build()
-        copy.load_state_dict(state)
-        return copy
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[torch.nn.Module]:
+        """The sharded model itself, its blocks run eagerly (a compiled block would compile again for every length of
+        the key/value cache); the root's gathered weights are freed after, as after an evaluation."""
+        compiled = [block._compiled_call_impl for block in self.model.blocks]
+        uncompile_blocks(self.model)
+        try:
+            yield self.model
+        finally:
+            for block, call in zip(self.model.blocks, compiled):
+                block._compiled_call_impl = call
+            self.after_forward_only()
+
+    def any_stop(self, stopped: bool) -> bool:
+        """A stop asked on any process stops them all at the same sample: one that left the lockstep would leave the
+        others waiting for its slices."""
+        flag = torch.tensor(float(stopped), device=self.plan.device)
+        return bool(distributed.all_reduce(flag, self.plan.world, torch.distributed.ReduceOp.MAX).item())
 
 
 def parallelize(model: torch.nn.Module, plan: RunPlan) -> Parallel:
-    """The model made ready for training on `plan`'s processes. One process: compiled or not. Several: compiled, then
-    wrapped in DistributedDataParallel (nanoGPT's order); or with --parallel fsdp each block compiled in place and then
-    every block and the root sharded (torchtitan's order: compiling the sharded model whole swapped the root's
-    parameters under the optimizer in torch 2.13). Call it before building the optimizer: sharding replaces the
-    parameters."""
+    """The model, built on the meta device (gpt.empty_model), made ready for training on `plan`'s processes and given
+    its initial weights (GPT.materialise: drawn from the CPU generator, so seed it first). One process: materialised,
+    then compiled or not. Several: materialised, compiled, then wrapped in DistributedDataParallel (nanoGPT's order);
+    or with --parallel fsdp each block compiled in place, every block and the root sharded, and only then materialised,
+    each process allocating and drawing into its own slices (torchtitan's order: compiling the sharded model whole
+    swapped the root's parameters under the optimizer in torch 2.13). Call it before building the optimizer: sharding
+    replaces the parameters."""
     world = plan.world
     if plan.cfg.parallel == "fsdp" and not world.active:
         notice("note: --parallel fsdp shards the model across several processes (torchrun); with one process it "
@@ -126,10 +158,12 @@ def parallelize(model: torch.nn.Module, plan: RunPlan) -> Parallel:
             for block in model.blocks:
                 block.compile(backend=compiling.BACKEND)
         distributed.shard(model, plan.precision)
+        model.materialise(plan.device)
         if plan.compile:
             parallel.compile_seconds = compiling.compiled_or_eager(
                 lambda: warm_up(parallel, model), lambda: uncompile_blocks(model), plan.device, world.is_main)
         return parallel
+    model.materialise(plan.device)
     parallel = DataParallel(model, plan) if world.active else Parallel(model, plan)
     if plan.compile:
         compiled = torch.compile(model, backend=compiling.BACKEND)

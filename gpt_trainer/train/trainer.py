@@ -1,12 +1,13 @@
 """The training loop: sample a batch, accumulate gradients over micro-batches, clip, step at the plan's learning
 rate; evaluate, save and report at intervals (decided in one place: should_log / should_eval / should_save). Nothing in
-the per-step path waits for the GPU except the periodic report. A run that cannot go on raises a `TrainingFailure`
+the per-step path waits for the device: a bad step is skipped on the device (train/health.py), the next batch is on its
+way while a step runs (data/batches.TrainBatches), and the host reads the device only at steps that log, evaluate or
+save, where several processes also agree on a stop request. A run that cannot go on raises a `TrainingFailure`
 holding the facts; the command words them for the user."""
 
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 import zlib
@@ -17,49 +18,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.batches import EpochSampler, gather_windows, share_of, to_device, validation_windows
+from ..data.batches import TrainBatches, to_device, validation_windows
 from ..data.tokens import TokenData
-from ..errors import is_out_of_memory
-from ..model.gpt import build_model, generate_text
+from ..errors import Diverged, OutOfMemory, WeightsNotFinite, is_out_of_memory
+from ..model.gpt import empty_model, generate_text
 from ..model.hf import gpt2_state
 from ..plan.run_plan import RunPlan
 from ..system import distributed
 from ..system.distributed import all_reduce
-from ..system.hardware import allow_tf32, empty_cache, gpu_memory_metrics, keep_rng, peak_tflops
+from ..system.hardware import allow_tf32, empty_cache, gpu_memory_metrics, memory_in_use, peak_tflops
 from ..tracking import Tracker
 from .checkpoint import Checkpointer
-from .health import StepHealth
+from .health import StepHealth, step_unless
 from .parallelize import parallelize
 from .metrics import ThroughputWindow
 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))  # capped: an early, diverging loss must not overflow to inf
-
-
-class TrainingFailure(Exception):
-    """A run that cannot go on. It carries the facts; the command turns them into a message for the user."""
-
-
-class Diverged(TrainingFailure):
-    """`bad_in_a_row` optimizer steps had a non-finite loss or gradient; 0 when the validation loss was the first
-    number to go non-finite."""
-
-    def __init__(self, step: int, bad_in_a_row: int, last_good: tuple[int, float] | None, lr: float):
-        super().__init__(f"diverged at step {step}")
-        self.step, self.bad_in_a_row, self.last_good, self.lr = step, bad_in_a_row, last_good, lr
-
-
-class OutOfMemory(TrainingFailure):
-    def __init__(self, failed_step: int, saved_to: Path | None):
-        super().__init__(f"out of memory in step {failed_step}")
-        self.failed_step, self.saved_to = failed_step, saved_to
-
-
-class WeightsNotFinite(TrainingFailure):
-    def __init__(self, step: int):
-        super().__init__(f"weights not finite at step {step}")
-        self.step = step
 
 
 @dataclass
@@ -76,29 +52,32 @@ class TrainResult:
 class Trainer:
     def __init__(self, plan: RunPlan, data: TokenData, tracker: Tracker | None = None,
                  start_weights: dict[str, torch.Tensor] | None = None):
-        """`start_weights`: a run from --init_from, the folder's weights as hf.settle_init_from read and checked them
+        """`start_weights`: a run from --init_from, the folder's weights as hf.init_weights read and checked them
         (else they are read here)."""
         cfg, device, world = plan.cfg, plan.device, plan.world
         self.plan, self.cfg, self.data = plan, cfg, data
         self.device, self.precision, self.world = device, plan.precision, world
         self.tracker = tracker or Tracker()
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.to_dict(), data.tokenizer.vocab_size, device)
+        allow_tf32(device)
+        # Built on the meta device; compiled, and wrapped or sharded for several processes, and given its initial
+        # weights there (under FSDP each process only its slices): the loop talks to it, never to the mode
+        self.model = empty_model(cfg.to_dict(), data.tokenizer.vocab_size)
+        self.parallel = parallelize(self.model, plan)
         # --init_from: a fresh run starts from the folder's weights; a resumed one from its checkpoint's (restore)
         if cfg.init_from and plan.resume_from is None:
             start = start_weights if start_weights is not None else gpt2_state(Path(cfg.init_from), self.model.cfg)
-            self.model.load_state_dict(start, strict=True)
+            self.model.load_whole(start)
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
-        allow_tf32(device)
-        # compiled, and wrapped or sharded for several processes: the loop talks to it, never to the mode
-        self.parallel = parallelize(self.model, plan)
-        self.sampling_model: torch.nn.Module | None = None  # sharded: the main process's whole copy, to sample from
         self.optimizer = torch.optim.AdamW(  # after sharding, which replaces the parameters
             self.model.optimizer_groups(cfg.weight_decay), lr=plan.lr_at(0), betas=(0.9, 0.95),
-            fused=device.type == "cuda",  # one kernel for the whole update instead of several per parameter
+            # one kernel for the whole update instead of several per parameter, and one that skips a bad step on the
+            # device (found_inf): so on the CPU too, where the tests prove that no step waits
+            fused=True,
         )
-        self.sampler = EpochSampler(data.train, cfg.block_size, cfg.seed)
+        self.batches = TrainBatches(data.train, cfg.block_size, cfg.seed, plan.global_batch, world.rank, world.size,
+                                    device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
         val_windows = validation_windows(data.val, cfg.block_size, cfg.eval_steps * plan.micro_batch)
         self.val_batches = to_device(val_windows, device)
@@ -107,18 +86,19 @@ class Trainer:
         self.best_step: int | None = None  # the step of best_val_loss (0: --init_from's weights, never beaten)
         self.last_val_loss: float | None = None
         self.stop_signal: int | None = None  # set from a signal handler; checked once per optimizer step
-        self.stop_agreed: int | None = None  # several processes: the stop every one of them saw at the same step
-        self.step_ok, self.health = True, StepHealth()  # non-finite steps: skipped and counted
+        self.stop_agreed: int | None = None  # several processes: the stop they agreed on at the same log step
+        self.health = StepHealth(device)  # non-finite steps: skipped and counted, on the device
         self.updating = False  # True while the optimizer changes the weights
         self.peak, self.peak_source = peak_tflops(device, plan.precision, cfg.peak_tflops)
-        self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), 0  # for epoch/train_loss
+        # for epoch/train_loss: the sum of the epoch's counted losses and their number, on the device
+        self.epoch_loss, self.epoch_steps = torch.zeros((), device=device), torch.zeros((), device=device)
         model_view, optimizer_view = self.parallel.checkpoint_views(self.optimizer)
         about = {"config": plan.describe(), "vocab_size": plan.vocab_size, "tokenizer": data.tokenizer.to_dict(),
                  "corpus": plan.corpus, "world_size": world.size}
         self.checkpointer = Checkpointer(
             plan.folder, {"model": model_view, "optimizer": optimizer_view, "scaler": self.scaler,
-                          "sampler": self.sampler, "trainer": self, "tracker": self.tracker},
-            about, world.is_main, collective=self.parallel.sharded)
+                          "sampler": self.batches, "trainer": self, "tracker": self.tracker},
+            about, world, sharded=self.parallel.sharded)
 
     @property
     def forward(self) -> torch.nn.Module:
@@ -132,36 +112,34 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (mean micro-batch loss, gradient norm) as device tensors. A step whose loss or
         gradient norm is not finite is skipped, never applied, and counted (fp16 gradient overflow is the scaler's
-        to skip: it lowers its scale and that is no bad step)."""
+        to skip: it lowers its scale and that is no bad step). Nothing here waits for the device: the skip is decided
+        there, and the next step's batch is started once this one's work is enqueued."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.plan.lr_at(self.step)
         loss = self.accumulate_gradients()
-        self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)  # (fp16: its found_inf, read on the device by update below)
         grad_norm = self.parallel.clip_gradients(self.cfg.grad_clip or math.inf)
-        # one scalar read per step (the fp16 scaler makes the same one): applying a non-finite step ruins the weights.
-        # With several processes the same read also makes them agree: every one skips, or stops, at the same step.
-        flags = torch.stack([loss.isfinite(), grad_norm.isfinite(),
-                             torch.tensor(self.stop_signal is None, device=self.device)]).float()
-        finite_loss, finite_norm, go_on = all_reduce(flags, self.world, dist.ReduceOp.MIN).bool().tolist()
-        if not go_on:
-            self.stop_agreed = self.stop_signal or signal.SIGTERM  # this process or another was asked to stop
-        self.step_ok = finite_loss and (finite_norm or self.precision == "fp16")
-        if self.step_ok:
-            self.updating = True  # from here until the step ends, the weights may be half updated
-            self.scaler.step(self.optimizer)
-        self.health.record(self.step_ok, self.step + 1, loss)
+        # applying a non-finite step ruins the weights. With several processes the flags are agreed (on NCCL
+        # asynchronously), so every one skips the same steps; nobody reads them here.
+        finite = all_reduce(torch.stack([loss.isfinite(), grad_norm.isfinite()]).float(), self.world,
+                            dist.ReduceOp.MIN).bool()
+        applied = finite.all()  # fp16: a non-finite gradient norm is the scaler's overflow, skipped the same way
+        self.updating = True  # from here until the step ends, the weights may be half updated
+        step_unless(self.optimizer, (~applied).float())
+        self.health.record(finite[0] if self.precision == "fp16" else applied, loss)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.updating = False
+        if self.step < self.plan.total_steps:
+            self.batches.prefetch()
         return loss, grad_norm
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns their mean loss."""
         plan, block_size = self.plan, self.cfg.block_size
         accum = plan.accumulation
-        offsets = share_of(self.sampler.next_offsets(plan.global_batch), self.world.rank, self.world.size)
-        batch = to_device(gather_windows(self.data.train, offsets, block_size), self.device)
+        batch = self.batches.next()
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(batch.view(accum, plan.micro_batch, block_size + 1)):
             with self.parallel.gradient_sync(last=i == accum - 1):
@@ -175,7 +153,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """The mean validation loss; None when a stop request came during it (one process: it stops at once, so a
-        container stops within Docker's grace; several processes finish it together and stop after the step)."""
+        container stops within Docker's grace; several processes finish it together and stop at the next log step)."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         chunks = self.val_batches.split(self.plan.micro_batch)
@@ -200,8 +178,8 @@ class Trainer:
         if self.step == 0 and self.cfg.init_from:
             self.evaluate_start(result)
         while self.step < self.plan.total_steps and self.stop_requested() is None:
-            epoch, sampler_state = self.sampler.epoch, self.sampler.state_dict()
-            distributed.report(f"step {self.step + 1}")  # a process that waits for this one can name it
+            epoch, batches_state = self.batches.epoch, self.batches.state_dict()
+            distributed.report(self.world, f"step {self.step + 1}")  # a process that waits for it can name it
             try:
                 loss, grad_norm = self.train_step()
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
@@ -209,17 +187,20 @@ class Trainer:
                     raise
                 loss = None  # handled below, once the error and the tensors its frames hold are gone
             if loss is None:
-                raise OutOfMemory(self.step + 1, self.save_after_out_of_memory(sampler_state))
-            if self.step_ok:
-                window.add(loss)
-                self.epoch_loss += loss
-                self.epoch_steps += 1
-            elif self.health.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise self.diverged()
+                raise OutOfMemory(self.step + 1, self.save_after_out_of_memory(batches_state),
+                                  memory_in_use(self.device))
+            if self.step == self.plan.start_step + 1:  # start-up is over: a wait from now on is a stall
+                distributed.settle_timeout(self.world, self.cfg.dist_timeout)
+            counts = self.health.last_ok  # a skipped step's loss counts nowhere (decided on the device)
+            window.add(loss, counts)
+            self.epoch_loss += torch.where(counts, loss, 0)
+            self.epoch_steps += counts
             bar.update(1)
+            epoch_done = self.batches.epoch > epoch
+            if epoch_done or self.should_log() or self.should_eval() or self.should_save():
+                self.check_health()  # where the loop waits for the device anyway
             improved = False
             with window.paused():  # tokens/s and MFU measure training, not evaluation or saving
-                epoch_done = self.sampler.epoch > epoch
                 val_loss = self.evaluate() if epoch_done or self.should_eval() else None  # one, even when both are due
                 if val_loss is not None:  # None: a stop request interrupted it
                     result.evals.append((self.step, val_loss))
@@ -231,6 +212,7 @@ class Trainer:
                                 tok_s=f"{report['train/tokens_per_sec']:,.0f}")
                 if self.world.is_main:
                     tqdm.write(self.progress_line(report, time.perf_counter() - started))
+                self.agree_on_stop()
             with window.paused():  # saved after the step's rows are logged: a resume never misses one
                 if self.should_eval() or self.should_save():
                     self.save(self.plan.folder.latest)
@@ -272,9 +254,26 @@ class Trainer:
         return self.step % self.cfg.save_interval == 0
 
     def stop_requested(self) -> int | None:
-        """One process: the signal as soon as it came. Several: the one agreed at the last step's exchange, so that
-        all of them stop after the same step (a signal can reach them at different moments)."""
+        """One process: the signal as soon as it came, so it stops after the current step (a container within Docker's
+        grace). Several: the one agreed at the last log step, so that all of them stop after the same step (a signal
+        can reach them at different moments); a stop takes at most --log_interval steps."""
         return self.stop_agreed if self.world.active else self.stop_signal
+
+    def agree_on_stop(self) -> None:
+        """Several processes, at a log step (which waits for the device anyway): whether any of them was asked to stop.
+        Each keeps its own signal; one that got none takes the others' (the highest number)."""
+        if not self.world.active:
+            return
+        asked = torch.full((), float(self.stop_signal or 0), device=self.device)
+        seen = int(all_reduce(asked, self.world, dist.ReduceOp.MAX).item())
+        if seen:
+            self.stop_agreed = self.stop_signal or seen
+
+    def check_health(self) -> None:
+        """Stop a run whose last --max_bad_steps steps (or more) were all skipped. The counts are read only here, at
+        steps that wait for the device anyway (log, evaluation, save), so the limit is checked there."""
+        if self.health.read().bad_in_a_row >= self.cfg.max_bad_steps:
+            raise self.diverged()
 
     def throughput_window(self) -> ThroughputWindow:
         # the whole job's tokens against the sum of every process's peak
@@ -282,10 +281,11 @@ class Trainer:
                                 self.peak * self.world.size, self.world)
 
     def end_epoch(self, val_loss: float) -> None:
-        self.tracker.log({"epoch/train_loss": self.epoch_loss.item() / max(1, self.epoch_steps),
+        epoch_loss, epoch_steps = torch.stack([self.epoch_loss, self.epoch_steps]).tolist()
+        self.tracker.log({"epoch/train_loss": epoch_loss / max(1, epoch_steps),
                           "epoch/val_loss": val_loss, "epoch/val_perplexity": perplexity(val_loss)}, self.step)
         self.epoch_loss.zero_()
-        self.epoch_steps = 0
+        self.epoch_steps.zero_()
 
     def report(self, window: ThroughputWindow, grad_norm: torch.Tensor) -> dict:
         """Log the window's numbers (this waits for the device) and return them with the step."""
@@ -297,9 +297,9 @@ class Trainer:
             "train/grad_norm": grad_norm.item(),
             "train/tokens_per_sec": numbers["tokens_per_sec"],
             "train/mfu": numbers["mfu"],
-            "train/epoch": self.sampler.epochs_done,
+            "train/epoch": self.batches.epochs_done,
             "train/tokens_seen": self.step * self.plan.tokens_per_step,
-            "train/skipped_steps": self.health.bad_steps,
+            "train/skipped_steps": self.health.read().bad_steps,
             "system/step_time_ms": numbers["step_time_ms"],
             **gpu_memory_metrics(self.device),
         }
@@ -307,27 +307,28 @@ class Trainer:
         return {"step": self.step, **metrics}
 
     def progress_line(self, report: dict, elapsed: float) -> str:
-        epochs_total = math.ceil(self.plan.total_steps * self.plan.global_batch / self.sampler.windows_per_epoch)
+        epochs_total = math.ceil(self.plan.total_steps * self.plan.global_batch / self.batches.windows_per_epoch)
         val = f"{self.last_val_loss:.4f}" if self.last_val_loss is not None else "-"
         minutes, seconds = divmod(elapsed, 60)
-        return (f"step {self.step} | epoch {self.sampler.epoch + 1}/{epochs_total} | loss {report['train/loss']:.4f} | "
+        return (f"step {self.step} | epoch {self.batches.epoch + 1}/{epochs_total} | loss {report['train/loss']:.4f} | "
                 f"val {val} | lr {report['train/learning_rate']:.1e} | {report['train/tokens_per_sec']:,.0f} tok/s | "
                 f"{int(minutes)}m {seconds:.1f}s")
 
-    def save_after_out_of_memory(self, sampler_state: dict) -> Path | None:
+    def save_after_out_of_memory(self, batches_state: dict) -> Path | None:
         """After a training step ran out of memory: free what it held and save the state it started from when that
         is intact (the error came before the weights changed); returns where it was saved."""
         self.optimizer.zero_grad(set_to_none=True)
         empty_cache(self.device)
-        # sharded: gathering the state needs every process, and the others may not be here
+        # sharded: every process writes its slices, and the others may not be here
         if self.updating or self.step == 0 or not self.world.is_main or self.parallel.sharded:
             return None
-        self.sampler.load_state_dict(sampler_state)  # the failed step's windows are drawn again after a resume
+        self.batches.load_state_dict(batches_state)  # the failed step's windows are drawn again after a resume
         self.save(self.plan.folder.latest)
         return self.plan.folder.latest
 
     def diverged(self) -> Diverged:
-        return Diverged(self.step, self.health.bad_in_a_row, self.health.last_good_loss(), self.plan.lr_at(self.step))
+        health = self.health.read()
+        return Diverged(self.step, health.bad_in_a_row, health.last_good, self.plan.lr_at(self.step))
 
     def check_weights_finite(self) -> None:
         """Never sample from, or save over a good checkpoint, a model whose weights are not finite. Sharded, each
@@ -350,15 +351,17 @@ class Trainer:
                           "eval/best_perplexity": perplexity(self.best_val_loss)}, self.step)
         if epoch_done:
             self.end_epoch(val_loss)
-        if self.should_eval() and self.plan.sample_prompts:
-            self.refresh_sampling_model()
-            if self.world.is_main and self.stop_signal is None:
-                self.tracker.log_samples({p: self.sample(p) for p in self.plan.sample_prompts}, self.step)
+        if self.should_eval() and self.plan.sample_prompts and self.parallel.samples_here:
+            samples = dict(self.samples())
+            if self.world.is_main and samples:
+                self.tracker.log_samples(samples, self.step)
         return improved
 
     # ---- checkpoints -------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Never save over a good checkpoint a model whose weights are not finite."""
+        """Never save over a good checkpoint a model whose weights are not finite, nor the state of a run that has
+        diverged (it would resume into the same steps)."""
+        self.check_health()
         self.check_weights_finite()
         self.checkpointer.save(path, self.step)
 
@@ -370,39 +373,39 @@ class Trainer:
         if self.world.rank:  # the saved RNG states are the main process's: the others draw their own masks again
             torch.manual_seed(self.cfg.seed + self.world.rank + self.step * self.world.size)
         self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay  # group 0 holds the decayed matrices
+        for group in self.optimizer.param_groups:  # fused, to skip on the device, whichever AdamW wrote the checkpoint
+            group["fused"] = True
 
     def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state
+        epoch_loss, epoch_steps = torch.stack([self.epoch_loss, self.epoch_steps]).tolist()
         return {"step": self.step, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                 "last_val_loss": self.last_val_loss,
-                "epoch_loss": (self.epoch_loss.item(), self.epoch_steps), "skipped_steps": self.health.bad_steps}
+                "epoch_loss": (epoch_loss, int(epoch_steps)), "skipped_steps": self.health.read().bad_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_val_loss = state["step"], state["best_val_loss"]
         self.best_step = state.get("best_step")  # checkpoints written before it was recorded: not known
         self.last_val_loss = state["last_val_loss"]
         self.epoch_loss.fill_(state["epoch_loss"][0])
-        self.epoch_steps = state["epoch_loss"][1]
-        self.health.bad_steps = state.get("skipped_steps", 0)  # format 2 checkpoints written before it was counted
+        self.epoch_steps.fill_(state["epoch_loss"][1])
+        self.health.start_at(self.step, state.get("skipped_steps", 0))  # format 2: written before it was counted
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
-    def refresh_sampling_model(self) -> None:
-        """The model the main process samples from (also after training, when the others may be gone): the model
-        itself, or under FSDP an unsharded copy replaced at each evaluation with sample prompts (the last step always
-        is one). Building it leaves the training RNG untouched."""
-        self.sampling_model = None  # the previous copy goes before a new one is built
-
-        def build() -> torch.nn.Module:
-            with keep_rng(self.device):
-                return build_model(self.cfg.to_dict(), self.data.tokenizer.vocab_size, self.device)
-        self.sampling_model = self.parallel.model_to_sample(build)
+    def samples(self):
+        """(prompt, text) for each sample prompt, on a process that samples (Parallel.samples_here: the main one, or
+        under FSDP every one, in lockstep); a stop request ends them before the next prompt."""
+        for prompt in self.plan.sample_prompts:
+            if self.parallel.any_stop(self.stop_signal is not None):
+                return
+            yield prompt, self.sample(prompt)
 
     def sample(self, prompt: str) -> str:
-        """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched;
-        each prompt gets its own stream, so a weak model does not continue every prompt with the same draws."""
+        """Text from the current model. Its own seeded generator leaves the training RNG (and so resume) untouched,
+        and gives every process the same draws; each prompt gets its own stream, so a weak model does not continue
+        every prompt with the same draws."""
         cfg = self.cfg
         seed = (cfg.seed * 1_000_003 + self.step) ^ zlib.crc32(prompt.encode("utf-8"))
         generator = torch.Generator(self.device).manual_seed(seed)
-        if self.sampling_model is None:
-            self.refresh_sampling_model()
-        return generate_text(self.sampling_model, self.data.tokenizer, prompt, self.precision, cfg.sample_tokens,
-                             cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        with self.parallel.sampling() as model:
+            return generate_text(model, self.data.tokenizer, prompt, self.precision, cfg.sample_tokens,
+                                 cfg.temperature, cfg.top_k, cfg.top_p, generator)
