@@ -413,6 +413,35 @@ def test_a_sharded_checkpoint_is_safetensors_and_json_and_a_resume_from_it_is_ex
     assert [path for path in run.checkpoint_kinds("best") if path.exists()] == [checkpoint.newest(run, "best")]
 
 
+def test_a_sharded_checkpoint_is_split_into_small_files_each_listed_and_checked(tiny_cfg, tmp_path, monkeypatch):
+    """Each process writes its state in files of about SHARD_FILE_BYTES (the writer builds a whole file in memory): a
+    small size gives several files, tensors numbered in order and none split; all are in the manifest, a resume from
+    them is exact, and damage in any one of them is found."""
+    monkeypatch.setattr(checkpoint, "SHARD_FILE_BYTES", 64 << 10)
+    steps = lambda n: tiny_cfg(*CONSTANT_LR, f"--max_steps={n}", "--eval_interval=2")  # noqa: E731
+    uninterrupted = {row["step"]: row["train/loss"] for row in make_trainer(steps(5)).train().history}
+    shutil.rmtree(tmp_path / "out")
+    latest = sharded_run(steps(3)).checkpoints / "latest"
+    files = sorted(latest.glob("shard-*.safetensors"))
+    assert len(files) > 3 and all(path.stat().st_size < 2 * (64 << 10) + (1 << 20) for path in files)
+    assert [path.name for path in files] == [f"shard-00001-model-{n:05d}-of-{len(files):05d}.safetensors"
+                                             for n in range(1, len(files) + 1)]
+    assert set(json.loads((latest / "manifest.json").read_text())["files"]) == \
+        {path.name for path in files} | {"state.json"}
+    resumed = make_trainer(steps(5))
+    resumed.restore(checkpoint.load(latest, lazy=True))
+    assert {row["step"]: row["train/loss"] for row in resumed.train().history} == \
+        {step: loss for step, loss in uninterrupted.items() if step > 3}
+
+
+def test_file_numbers_fill_files_in_order_and_never_split_a_tensor(monkeypatch):
+    monkeypatch.setattr(checkpoint, "SHARD_FILE_BYTES", 100)
+    tensors = {"model": {"a": torch.zeros(10), "b": torch.zeros(20)},  # 40 and 80 bytes
+               "optimizer": {"a": {"exp_avg": torch.zeros(5), "step": torch.tensor(1.0)}, "c": {"big": torch.zeros(60)}}}
+    assert checkpoint.file_numbers(tensors) == {"model.a": 1, "model.b": 2, "optimizer.a.exp_avg": 2,  # 100 fits
+                                                "optimizer.a.step": 3, "optimizer.c.big": 4}
+
+
 def test_rng_states_and_plain_data_round_trip_through_state_json():
     saved = {"rng": checkpoint.rng_states(), "model": b"\x00\xffsentencepiece", "betas": (0.9, 0.95),
              "numbered": {0: {"step": 1}, 3: None}, "tag": {"__tuple__": [1]}, "loss": math.inf,

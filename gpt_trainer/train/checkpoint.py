@@ -37,7 +37,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -60,6 +61,7 @@ from ..system import distributed
 from ..system.rundir import SHARDED_FILES, RunFolder
 
 FORMAT_VERSION = 3
+SHARD_FILE_BYTES = 128 << 20  # the size of a sharded checkpoint's files (file_numbers says why)
 FULL_DISK_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
 # the top-level keys of each format (format 3 is format 2 without its scheduler, which is no longer needed); a file
@@ -382,7 +384,7 @@ def not_ours(folder: Path, error: BaseException) -> UsageError:
 
 def save_sharded(parts: dict[str, Stateful], about: dict, target: Path, step: int, is_main: bool) -> None:
     """Write a sharded checkpoint: every process writes the tensors it holds into a staging folder beside `target`
-    (torch.distributed.checkpoint, one safetensors file each) and hashes its file; the main process then writes
+    (torch.distributed.checkpoint, safetensors files of its own) and hashes them; the main process then writes
     state.json (everything else) and the manifest, and renames the folder into place. Every process returns once the
     checkpoint is there. A save that fails (a full disk) removes its staging folder and leaves the previous checkpoint
     as it was; a kill leaves the staging folder, which no reader takes for a checkpoint and the next start removes."""
@@ -420,18 +422,42 @@ def save_sharded(parts: dict[str, Stateful], about: dict, target: Path, step: in
 
 
 def write_shards(tensors: dict, staging: Path, target: Path, existed: bool) -> None:
-    """Every process's tensors into its own safetensors file in `staging` (torch.distributed.checkpoint, a
+    """Every process's tensors into its own safetensors files in `staging` (torch.distributed.checkpoint, a
     collective); a failure of the machine on any process (a full disk) stops every one of them, in words."""
+    writer = HuggingFaceStorageWriter(str(staging), fqn_to_index_mapping=file_numbers(tensors), save_distributed=True)
     try:
         with warnings.catch_warnings():  # one process (library use) writes without a process group, as meant
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging), save_distributed=True),
-                     no_dist=not dist.is_initialized())
+            dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
     except CheckpointException as e:
         error = next((failure[0] for failure in e.failures.values() if isinstance(failure[0], OSError)), None)
         if error is None:
             raise
         raise not_written(error, target, existed) from None
+
+
+def file_numbers(tensors: dict) -> dict[str, int]:
+    """Each tensor's name as torch.distributed.checkpoint flattens it (`model.blocks.0.attn.qkv.weight`) -> the file,
+    numbered from 1, it goes into: files of about SHARD_FILE_BYTES each. The writer builds a whole file in memory, twice
+    over (safetensors' bytes of each tensor, then of the file), and a reader maps a whole file while it reads from it:
+    one file per process would hold two or three more copies of its slices while it saves or resumes. Every process
+    takes the main process's numbering (the sizes of its slices), so the names must be the same everywhere."""
+    numbers, number, filled = {}, 1, 0
+    for name, value in flat_items(tensors):
+        size = value.to_local().nbytes if isinstance(value, DTensor) else getattr(value, "nbytes", 0)
+        if filled and filled + size > SHARD_FILE_BYTES:
+            number, filled = number + 1, 0
+        numbers[name], filled = number, filled + size
+    return numbers
+
+
+def flat_items(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """The leaves of nested dicts with their keys joined by dots, as torch.distributed.checkpoint names them."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def everyone(value: object) -> list:
@@ -444,8 +470,8 @@ def everyone(value: object) -> list:
 
 
 def own_files(staging: Path) -> dict[str, dict]:
-    """The size and SHA-256 of the file this process wrote (torch.distributed.checkpoint numbers them from 1 in rank
-    order)."""
+    """The size and SHA-256 of each file this process wrote (torch.distributed.checkpoint numbers the processes from 1
+    in rank order: `shard-00002-model-00003-of-00014.safetensors` is rank 1's third file)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     return {path.name: file_record(path) for path in sorted(staging.glob(f"shard-{rank + 1:05d}-*.safetensors"))}
 
