@@ -101,7 +101,8 @@ need_venv_module() {
   else sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv python3-pip; fi
 }
 
-# serve_tensorboard [LOGDIR] [FLAGS...]: our log folder and port unless the flags name their own.
+# serve_tensorboard [LOGDIR] [FLAGS...]: our log folder and port unless the flags name their own; the arguments
+# are checked before anything is installed.
 serve_tensorboard() {
   local logdir="" has_logdir="" has_port="" arg
   if [ $# -gt 0 ] && [[ "$1" != -* ]]; then logdir="$1"; shift; fi
@@ -117,7 +118,15 @@ serve_tensorboard() {
   fi
   [ -n "$has_logdir" ] || set -- --logdir "${logdir:-output_demo/logs}" "$@"
   [ -n "$has_port" ] || set -- "$@" --port 6006
+  setup
   exec "$VENV/bin/tensorboard" "$@"
+}
+
+# A subcommand without arguments refuses any instead of ignoring them.
+no_arguments() {
+  [ $# -le 1 ] && return 0
+  echo "./dev.sh $1 takes no arguments, and was given: ${*:2}" >&2
+  exit 2
 }
 
 case "${1:-}" in
@@ -126,13 +135,14 @@ case "${1:-}" in
     "$VENV/bin/python" -m gpt_trainer.demo "${@:2}"  # its flags are in gpt_trainer/demo.py
     ;;
   setup)
+    no_arguments "$@"
     setup
     ;;
   tensorboard)
-    setup
-    serve_tensorboard "${@:2}"
+    serve_tensorboard "${@:2}"  # checks its arguments, then sets up
     ;;
   torch-build)
+    no_arguments "$@"
     choose_torch_build
     echo "PyTorch $TORCH_VERSION, $TORCH_WHY"
     ;;
@@ -147,14 +157,17 @@ case "${1:-}" in
     "$VENV/bin/python" tools/fault_injection.py "${@:2}"
     ;;
   flags)
+    no_arguments "$@"
     setup dev
     "$VENV/bin/python" tools/readme_flags.py
     ;;
   container-test)
+    no_arguments "$@"
     setup dev  # hadolint comes with the dev tools
     PATH="$PWD/$VENV/bin:$PATH" bash tests/test_container.sh
     ;;
   slurm-test)
+    no_arguments "$@"
     setup dev
     "$VENV/bin/python" -m tests.slurm_stage
     ;;

@@ -152,11 +152,19 @@ def test_tensorboard_takes_a_log_folder_and_passes_its_flags_through(tmp_path, a
     assert calls(log)[-1] == f"tensorboard {expected}"
 
 
-def test_tensorboard_refuses_a_log_folder_given_twice(tmp_path):
+def test_tensorboard_refuses_a_log_folder_given_twice_before_installing_anything(tmp_path):
     checkout, log = stand_in_checkout(tmp_path)
     done = dev_sh("tensorboard", "runs/a", "--logdir", "runs/b", env=machine(tmp_path, nvidia=True), root=checkout)
     assert done.returncode == 2 and "the log folder is given twice (runs/a and a --logdir flag)" in done.stderr
-    assert not any(line.startswith("tensorboard") for line in calls(log))
+    assert calls(log) == [] and not (checkout / ".venv" / ".installed-base").exists()
+
+
+@pytest.mark.parametrize("command", ["setup", "torch-build", "flags"])
+def test_a_subcommand_without_arguments_refuses_them(tmp_path, command):
+    checkout, log = stand_in_checkout(tmp_path)
+    done = dev_sh(command, "dev", env=machine(tmp_path, nvidia=True), root=checkout)
+    assert done.returncode == 2 and f"./dev.sh {command} takes no arguments, and was given: dev" in done.stderr
+    assert calls(log) == [] and done.stdout == ""
 
 
 def torch_wheel_on_disk() -> bool:
