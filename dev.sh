@@ -132,7 +132,7 @@ no_arguments() {
 case "${1:-}" in
   demo)
     setup
-    "$VENV/bin/python" -m gpt_trainer.demo "${@:2}"  # its flags are in gpt_trainer/demo.py
+    "$VENV/bin/python" -m gpt_trainer.demo "${@:2}"  # its flags are in gpt_trainer/commands/demo.py
     ;;
   setup)
     no_arguments "$@"
