@@ -63,7 +63,14 @@ case "$backend" in
   cuda) gpu='--gpus all --ipc=host' ;;
   cpu) gpu='--shm-size 2g' ;;
 esac
+case "$backend" in
+  cpu) files="" ;;
+  *) files=" -f docker-compose.yml -f docker-compose.$backend.yml" ;;
+esac
+[ "$tag" = "gpt-trainer:$backend" ] && image="" || image="IMAGE=$tag "
 echo
-echo "built $tag. Train with:"
-echo "  mkdir -p output && docker run --rm -it $gpu $user $mounts -p 6006:6006 $tag"
-echo "(or pass -e WANDB_API_KEY instead of the .netrc mount; add a command after the image name to change the run)"
+echo "built $tag. Train, with TensorBoard on http://localhost:6006:"
+echo "  mkdir -p output ~/.config/wandb ~/.swanlab && touch ~/.netrc"
+echo "  ${image}HOST_UID=\$(id -u) HOST_GID=\$(id -g) docker compose$files up"
+echo "or one run alone (add a command after the image name to change it; -e WANDB_API_KEY instead of the .netrc mount):"
+echo "  mkdir -p output && docker run --rm -it $gpu $user $mounts $tag"

@@ -10,9 +10,11 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import typing
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -329,11 +331,23 @@ OTHER_COMMANDS = ("other commands (python -m gpt_trainer COMMAND --help): sample
                   "benchmark (tokens/s and MFU); demo (a small run that learns)")
 
 
-def build_parser(only: tuple[str, ...] | None = None, prog: str = "train_single_gpu.py",
+def program_name() -> str:
+    """What the user ran, for the usage line: gpt-train, train_single_gpu.py, or `python -m gpt_trainer[.demo]` (for
+    which Python's argv[0] is a file inside the package, and argparse would say `__main__.py` or `demo.py`)."""
+    ran = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("train_single_gpu.py")
+    package = Path(__file__).resolve().parent
+    try:
+        module = ran.resolve().with_suffix("").relative_to(package).parts
+    except ValueError:  # a script or an entry point outside the package
+        return ran.name
+    return "python -m " + ".".join(part for part in (package.name, *module) if part != "__main__")
+
+
+def build_parser(only: tuple[str, ...] | None = None, prog: str | None = None,
                  description: str = "Train a small GPT from scratch on one GPU or the CPU.") -> argparse.ArgumentParser:
     """The command line of every TrainConfig field (or of the fields `only` names)."""
     parser = _UsageErrorParser(
-        prog=prog,
+        prog=prog or program_name(),
         allow_abbrev=False,  # `--learn 1e-3` must not silently mean --learning_rate
         description=description,
         epilog=None if only else OTHER_COMMANDS,

@@ -432,3 +432,35 @@ def test_a_bare_resume_trains_on_the_run_s_text_tokenizer_and_shape_and_download
         str(corpus), "my_poems.txt", "sentencepiece", 2000)
     assert (config["n_layer"], config["n_head"], config["n_embd"], config["block_size"]) == (2, 2, 32, 16)
     assert checkpoint.load(out / "checkpoints" / "latest.pt")["trainer"]["step"] == 5
+
+
+# ---- what a run says: the words for what was run (issue 31) -------------------------------------------------------
+@pytest.mark.parametrize("command, usage", [
+    ([str(Path(sys.executable).parent / "gpt-train")], "usage: gpt-train "),
+    ([sys.executable, "-m", "gpt_trainer"], "usage: python -m gpt_trainer "),
+    ([sys.executable, str(ROOT / "train_single_gpu.py")], "usage: train_single_gpu.py "),
+    ([sys.executable, "-m", "gpt_trainer.demo"], "usage: python -m gpt_trainer.demo "),
+])
+def test_help_names_the_program_as_it_was_run(command, usage):
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(usage), done.stdout[:80]
+
+
+def test_the_users_text_is_named_by_its_flag_even_when_its_folder_is_called_corpus(tiny_argv, tmp_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    shutil.copy(CLASSIC_POEMS, tmp_path / "corpus" / "poems.txt")
+    assert main(tiny_argv(f"--data_path={tmp_path / 'corpus'}", "--max_steps=1", "--eval_interval=1")) == 0
+    out = capsys.readouterr().out
+    assert "| --data_path corpus: " in out and "corpus corpus" not in out
+    (tmp_path / "tiny.txt").write_text("春江花月夜\n", encoding="utf-8")
+    assert main(tiny_argv(f"--data_path={tmp_path / 'tiny.txt'}", f"--output_dir={tmp_path / 'o2'}")) == 2
+    assert f"--data_path {tmp_path / 'tiny.txt'} has " in capsys.readouterr().err
+
+
+def test_a_resumed_run_s_closing_line_counts_the_steps_it_ran_and_says_which(tiny_argv, capsys):
+    assert main(tiny_argv("--max_steps=4", "--eval_interval=2")) == 0
+    assert "done: 4 steps in " in capsys.readouterr().out
+    assert main(tiny_argv("--max_steps=7", "--eval_interval=2", "--resume")) == 0
+    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done: "))
+    assert done.startswith("done: 3 steps in 0m ") and "s (steps 5-7 of 7, resumed at step 4); train loss" in done

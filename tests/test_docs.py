@@ -187,3 +187,39 @@ def test_every_training_command_in_the_readmes_and_docs_parses_and_both_language
         parse_args(argv)  # a misspelt or removed flag raises a UsageError naming it
     with pytest.raises(UsageError, match="--epoch"):  # the control: a typo of the kind this catches
         parse_args([*shown[0], "--epoch=5"])
+
+
+def test_every_dev_sh_command_the_docs_show_exists():
+    subcommands = set(re.findall(r"^  ([a-z-]+)\)$", read("dev.sh"), re.M))
+    named = re.compile(r"\./dev\.sh ([a-z][a-z-]*)")
+    for path in all_pages():
+        missing = set(named.findall(path.read_text(encoding="utf-8"))) - subcommands
+        assert not missing, f"{path.relative_to(ROOT)} shows ./dev.sh {missing}, which dev.sh does not have"
+    assert {"demo", "setup", "test", "tensorboard", "torch-build"} <= subcommands
+    assert set(named.findall("run ./dev.sh tensorbord")) - subcommands == {"tensorbord"}  # the control: caught
+
+
+def extra_names(extra: str) -> list[str]:
+    """The distributions a `pip install -e .` (extra "") or `.[extra]` adds, by name; our own extras expanded."""
+    import tomllib
+
+    project = tomllib.loads(read("pyproject.toml"))["project"]
+    wanted = project["dependencies"] if not extra else project["optional-dependencies"][extra]
+    names = []
+    for requirement in wanted:
+        name = re.match(r"[A-Za-z0-9._-]+", requirement)[0]
+        inner = re.fullmatch(r"gpt-trainer\[(\w+)\]", requirement)
+        names += extra_names(inner[1]) if inner else [name]
+    return names
+
+
+@pytest.mark.parametrize("name", LANDING_PAGES)
+@pytest.mark.parametrize("extra", ["", "hf", "dev"])
+def test_the_install_comments_name_what_each_install_brings(name, extra):
+    target = "." if not extra else f'".[{extra}]"'
+    lines = [line for language, body in code_blocks(read(name)) if language == "bash" for line in body.splitlines()
+             if line.startswith(f"pip install -e {target} ")]
+    assert len(lines) == 1, f"{name} has no `pip install -e {target}` line"
+    comment = lines[0].split("#", 1)[1]
+    missing = [dist for dist in extra_names(extra) if dist not in comment]
+    assert not missing, f"{name}: the comment on `pip install -e {target}` does not name {missing} (pyproject.toml)"

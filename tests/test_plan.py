@@ -2,6 +2,7 @@
 function of the plan and the step."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from gpt_trainer.config import given_flags, parse_args
 from gpt_trainer.errors import UsageError
 from gpt_trainer.plan import resolve
 from gpt_trainer.plan.resolve import keep_run_values
-from gpt_trainer.plan.run_plan import lr_multiplier
+from gpt_trainer.plan.run_plan import fit_warmup, lr_multiplier
 from gpt_trainer.system.distributed import World
 from tests.conftest import CLASSIC_POEMS, plan_for
 
@@ -22,6 +23,19 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     assert lr_multiplier(55, 10, 100, 0.1) == pytest.approx(0.55)  # half-way through the decay
     assert lr_multiplier(100, 10, 100, 0.1) == pytest.approx(0.1)
 
+
+
+@pytest.mark.parametrize("total, fitted, words", [
+    (5, 0, "(5 steps), so the peak learning rate would never be reached; a tenth of the run is under one step, so it "
+           "starts at the peak learning rate, with no warm-up."),
+    (12, 1, "(12 steps), so the peak learning rate would never be reached; warming up over 1 step (a tenth of"),
+    (1, 0, "not shorter than the run (1 step), so"),
+    (20_000, 2_000, "warming up over 2,000 steps (a tenth of the run) instead."),
+])
+def test_a_warmup_as_long_as_the_run_is_shortened_and_said_right_for_0_1_and_n_steps(total, fitted, words):
+    warmup, note = fit_warmup(total + 10, total)
+    assert warmup == fitted and words in note
+    assert not re.search(r"\b1 steps|over 0 steps", note)
 
 def test_the_plan_resolves_what_the_flags_leave_open_and_the_configuration_keeps_what_was_asked(tiny_cfg):
     cfg = tiny_cfg("--batch_size=auto", "--global_batch_size=64", "--max_steps=30", "--warmup_steps=50")

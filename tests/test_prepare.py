@@ -14,7 +14,20 @@ from gpt_trainer.commands.prepare import main
 from tests.conftest import CLASSIC_POEMS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SONG_CI = REPO_ROOT.parent / "shared" / "data" / "song_ci.txt"  # the shared realistic corpus, where there is one
+# the realistic corpus: a Song ci text shared beside the checkout, or the file GPT_TRAINER_SONG_CI names
+SHARED_SONG_CI = Path("..") / "shared" / "data" / "song_ci.txt"
+
+
+def song_ci() -> tuple[Path | None, str]:
+    """The Song ci text, or None and the skip's reason: where it was looked for (said relative to the checkout, which
+    the shared copy lies beside, never inside) and how to give one."""
+    given = os.environ.get("GPT_TRAINER_SONG_CI")
+    path = Path(given) if given else REPO_ROOT / SHARED_SONG_CI
+    if path.is_file():
+        return path, ""
+    where = f"GPT_TRAINER_SONG_CI={given} is not a file" if given else \
+        f"no shared Song ci text at {SHARED_SONG_CI}, beside the checkout"
+    return None, f"{where}; set GPT_TRAINER_SONG_CI to a song_ci.txt to run this case"
 
 
 def complete_caches(cache: Path) -> list:
@@ -138,14 +151,28 @@ def big_corpus(tmp_path: Path, source: str) -> tuple[Path, str]:
     """About 20 MB of text (the shared Song ci, or the classic poems, repeated) and a vocabulary size that fits it:
     sentencepiece, whose encoding in the workers takes seconds, so there is time to kill a preparation in it."""
     if source == "song_ci":
-        if not SONG_CI.exists():
-            pytest.skip(f"{SONG_CI} is not in this checkout")
-        raw, vocab = SONG_CI.read_bytes(), "6500"
+        path, missing = song_ci()
+        if path is None:
+            pytest.skip(missing)
+        raw, vocab = path.read_bytes(), "6500"
     else:
         raw, vocab = CLASSIC_POEMS.read_bytes(), "1500"
     corpus = tmp_path / f"{source}_big.txt"
     corpus.write_bytes(raw * max(1, 20_000_000 // len(raw)))
     return corpus, vocab
+
+
+def test_the_song_ci_skip_says_where_it_looked_and_how_to_give_the_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT_TRAINER_SONG_CI", str(tmp_path / "absent.txt"))
+    assert song_ci() == (None, f"GPT_TRAINER_SONG_CI={tmp_path / 'absent.txt'} is not a file; set GPT_TRAINER_SONG_CI "
+                               "to a song_ci.txt to run this case")
+    (tmp_path / "absent.txt").write_text("词\n")
+    assert song_ci() == (tmp_path / "absent.txt", "")
+    monkeypatch.delenv("GPT_TRAINER_SONG_CI")
+    monkeypatch.setattr(sys.modules[__name__], "REPO_ROOT", tmp_path / "checkout")  # nothing beside this one
+    path, reason = song_ci()
+    assert path is None and reason.startswith("no shared Song ci text at ../shared/data/song_ci.txt, beside the ")
+    assert "in this checkout" not in reason and str(tmp_path) not in reason
 
 
 def run_prepare(corpus: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:

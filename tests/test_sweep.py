@@ -571,3 +571,102 @@ def test_a_folder_with_files_no_sweep_wrote_is_refused_and_an_earlier_sweeps_is_
     (earlier / "notes.txt").write_text("what I saw\n")  # the user's, beside a sweep's state: still a sweep's folder
     assert main([sweep_file, f"--output_dir={earlier}", "--report_to=none"]) == 0
     assert [t["status"] for t in trials(earlier)] == ["finished", "finished"]
+
+
+# ---- training flags after the sweep's own: for every trial --------------------------------------------------------
+@pytest.mark.slow
+def test_training_flags_after_the_sweeps_own_shorten_every_real_trial_and_are_kept_for_a_resumed_sweep(
+        tmp_path, cache_dir, capsys, clean_wandb_env):
+    config = {"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
+              "metric": {"name": "eval/loss", "goal": "minimize"},
+              "parameters": {**tiny_sweep_params(), "n_layer": {"value": 1}, "data_path": {"value": str(CLASSIC_POEMS)},
+                             "cache_dir": {"value": str(cache_dir)}, "max_steps": {"value": 400},
+                             "eval_interval": {"value": 2}, "learning_rate": {"values": [1.0e-3, 2.0e-3, 3.0e-3]}}}
+    sweep_file = write(tmp_path, "grid.yaml", yaml.safe_dump(config))
+    out = tmp_path / "sweep"
+    command = [sweep_file, f"--output_dir={out}", "--max_runs", "2", "--max_steps", "3", "--n_embd=16"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert f"note: --max_steps=3 replaces {sweep_file}'s fixed max_steps: 400 in every trial." in printed
+    state = json.loads((out / "sweep_state.json").read_text())
+    assert state["passthrough"] == ["--max_steps=3", "--n_embd=16"]
+    assert [t["status"] for t in state["trials"]] == ["finished"] * 2
+    for trial in state["trials"]:  # the file's swept value, the flags given here over its fixed ones
+        resolved = json.loads((out / trial["name"] / "config.json").read_text())
+        assert (resolved["max_steps"], resolved["n_embd"]) == (3, 16)
+        assert resolved["learning_rate"] == trial["params"]["learning_rate"]
+        assert [r["step"] for r in map(json.loads, (out / trial["name"] / "metrics.jsonl").read_text().splitlines())
+                if "train/loss" in r][-1] == 3
+    assert "--max_steps=3 --n_embd=16" in printed.split("best: ")[1]  # the best trial's command, as it ran
+
+    before = (out / "sweep_state.json").read_bytes()
+    assert main([sweep_file, f"--output_dir={out}", "--max_runs=3", "--max_steps=5", "--n_embd=16"]) == 2
+    err = capsys.readouterr().err
+    assert (f"the sweep in {out} runs its trials with the training flags --max_steps=3 --n_embd=16 after the sweep's "
+            f"own, and this command gives --max_steps=5 --n_embd=16") in err
+    assert (out / "sweep_state.json").read_bytes() == before and not (out / "trial-003").exists()
+    assert main([sweep_file, f"--output_dir={out}", "--max_runs=3", "--max_steps=3", "--n_embd", "16"]) == 0
+    assert [t["status"] for t in trials(out)] == ["finished"] * 3  # the same flags, however written: continued
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max_step", "10"], "--max_step is neither a flag of the sweep runner nor of train_single_gpu.py. Did you mean "
+                           "--max_steps?"),
+    (["--learning_rate=0.1"], "--learning_rate=0.1 names `learning_rate`, which"),
+    (["--resume"], "--resume=True: the sweep runner sets --resume for each trial itself"),
+    (["--wandb_run_name", "mine"], "the sweep runner sets --wandb_run_name for each trial itself"),
+    (["--max_steps=0"], "--max_steps=0, given for every trial, is refused by train_single_gpu.py: --max_steps must be "
+                        "at least 1."),
+    (["--fp32=maybe"], "--fp32=maybe, given for every trial, is refused by train_single_gpu.py: argument --fp32: "
+                       "expected a boolean"),
+    (["--max_steps"], "--max_steps needs a value (e.g. --max_steps=VALUE)."),
+    (["10"], "'10' after the sweep file is neither a flag nor a flag's value."),
+    (["--n_embd=48", "--n_head=5"], "(given here), so they would fail at once"),  # refused together, as trials are
+])
+def test_a_bad_training_flag_after_the_sweeps_own_is_refused_with_a_sentence_and_nothing_written(tmp_path, capsys,
+                                                                                                 flags, words):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}, "max_steps": {"value": 9}})
+    for check in ([], ["--check"]):
+        assert main([sweep_file, f"--output_dir={tmp_path / 'sweep'}", *check, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, err
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_flags_after_the_sweeps_own_reach_each_trial_after_the_files_values(tmp_path, monkeypatch, capsys):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}, "max_steps": {"value": 9}})
+    out, log = tmp_path / "sweep", tmp_path / "log.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none", "--max_steps", "2", "--fp32"]) == 0
+    for start in logged(log):  # argparse lets the later value win: ours come after the file's, before the runner's
+        argv, own = start["argv"], f"--output_dir={start['output_dir']}"
+        assert argv.index("--max_steps=9") < argv.index("--max_steps=2") < argv.index(own)
+        assert "--fp32=True" in argv
+    assert "note: --max_steps=2 replaces" in capsys.readouterr().out
+    assert main([sweep_file, f"--output_dir={out}", "--report_to=none"]) == 2  # none given now: refused, not mixed
+    assert "this command gives none" in capsys.readouterr().err
+    assert len(logged(log)) == 2
+
+
+def test_check_shows_each_trials_flags_and_those_given_here(tmp_path, capsys):
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4, 2.0e-4]}, "max_steps": {"value": 9},
+                                       "fp32": {"value": True}})
+    assert main([sweep_file, "--check", "--output_dir=o", "--max_steps=3", "--n_layer", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert ("every trial runs: --fp32=True --max_steps=3 --n_layer=1 (given here: --max_steps=3 --n_layer=1); swept: "
+            "--learning_rate (values [0.0001, 0.0002]); and the local runner's own: --output_dir=o/trial-NNN "
+            "--report_to=tensorboard --wandb_run_name=trial-NNN --resume") in printed
+    assert f"note: --max_steps=3 replaces {sweep_file}'s fixed max_steps: 9 in every trial." in printed
+    assert not Path("o").exists()
+
+
+@pytest.mark.parametrize("parameter", ["output_dir", "report_to", "wandb_run_name", "resume"])
+def test_a_sweep_file_setting_what_the_runner_sets_is_refused_locally_and_noted_by_check(tmp_path, capsys, parameter):
+    value = {"output_dir": "elsewhere", "report_to": "wandb", "wandb_run_name": "mine", "resume": True}[parameter]
+    sweep_file = fake_sweep(tmp_path, {"learning_rate": {"values": [1.0e-4]}, parameter: {"value": value}})
+    assert main([sweep_file, f"--output_dir={tmp_path / 'sweep'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep_file} sets {parameter}, which the local runner sets for each trial itself" in err
+    assert "the file's value would be ignored" in err and not (tmp_path / "sweep").exists()
+    assert main([sweep_file, "--check"]) == 0  # valid for `wandb agent`, which honours it: said, not refused
+    assert "note: for `wandb agent` only: the local runner refuses this file." in capsys.readouterr().out

@@ -37,6 +37,17 @@ def test_no_key_and_no_terminal_logs_offline_and_prints_the_sync_command(poems_a
     assert sync and Path(sync.group(1)).is_dir() and run_files(Path(sync.group(1)).parent)
 
 
+
+def test_an_offline_run_prints_the_sync_command_once(poems_argv):
+    """wandb's own closing lines (which the tests' WANDB_SILENT hides, and pytest's capture misses) as a user sees
+    them: a real process, wandb not silenced."""
+    script = [sys.executable, str(ROOT / "train_single_gpu.py"), *poems_argv("--max_steps=1", "--report_to=wandb")]
+    env = script_env(HOME=os.environ["HOME"], WANDB_SILENT="false", WANDB_CONFIG_DIR=os.environ["WANDB_CONFIG_DIR"])
+    done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert output.count("wandb sync") == 1 and "wandb: this run was logged offline. Upload it with:  wandb sync" \
+        in output, output[-600:]
 @pytest.mark.slow
 def test_no_key_with_a_terminal_never_blocks_on_a_login_prompt(poems_argv, tmp_path):
     master, slave = os.openpty()

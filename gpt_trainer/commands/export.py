@@ -1,8 +1,8 @@
 """Export a checkpoint as a Hugging Face transformers model folder (GPT-2 architecture, fast tokenizer, generation
 defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom code.
 
-    python -m gpt_trainer.export output_single/checkpoints/best.pt my-poet
-    python -m gpt_trainer export output_single/checkpoints/best.pt my-poet --overwrite
+    python -m gpt_trainer.export output_demo/checkpoints/best.pt my-poet   (the demo's best checkpoint)
+    python -m gpt_trainer export output_demo/checkpoints/best.pt my-poet --overwrite
 
 A sharded checkpoint (an --parallel fsdp run's folder, checkpoints/best or latest) is consolidated on the CPU in this
 one process; a run's output_dir stands for its latest checkpoint.

@@ -1,6 +1,11 @@
 """Hyper-parameter sweeps from a wandb sweep file, checked before anything runs, and run locally with no server.
 
     python -m gpt_trainer.sweep sweep_config.yaml [--max_runs N] [--count N] [--output_dir output_sweep]
+                                [TRAINING FLAGS...]
+
+Training flags after the sweep's own (e.g. `--max_steps 10` for a quick look) go to every trial: they win over the
+file's fixed values (said in a note) and may not name a swept parameter. A sweep's folder records them, and continues
+only with the same ones.
 
 The same file works with `wandb sweep` + `wandb agent`. Locally, a worker runs trials one after another, each in its own
 output folder (with its own TensorBoard run and HParams), suggested by wandb's own sweep engine (the `sweeps` package:
@@ -55,6 +60,8 @@ FLAGS = {f.name for f in dataclasses.fields(TrainConfig)}
 MARKER = ".gpt-trainer-sweep"  # written first into a sweep's folder; a folder with other files and no marker is refused
 TRIAL_NAME = re.compile(r"trial-\d{3,}")
 CHECKED_AT_MOST = 10_000  # trial command lines checked before a sweep starts (about 6 s)
+RUNNER_SETS = ("output_dir", "report_to", "wandb_run_name", "resume")  # the local runner's own, in every trial
+RUNNER_FLAGS = ("max_runs", "count", "output_dir", "report_to", "check")
 
 
 def _sweeps():
@@ -149,17 +156,22 @@ def training_sentence(error: UsageError) -> str:
 def refused_values(name: str, spec: dict) -> list[tuple]:
     """The values of a parameter (listed, fixed, or the ends of a range) that the flag refuses, each with the reason,
     checked as the agent would pass them."""
-    refused = []
-    for value in parameter_values(name, spec):
-        try:
-            parsed = getattr(build_parser().parse_args(agent_args({name: value})), name)
-        except UsageError as e:
-            refused.append((value, training_sentence(e)))
-            continue
-        allowed = RANGES.get(name)
-        if allowed and parsed is not None and not allowed.holds(parsed):
-            refused.append((value, f"--{name} must be {allowed.describe()}"))
-    return refused
+    parser = build_parser()
+    refusals = [(value, flag_refusal(parser, name, agent_args({name: value})))
+                for value in parameter_values(name, spec)]
+    return [(value, reason) for value, reason in refusals if reason]
+
+
+def flag_refusal(parser: argparse.ArgumentParser, name: str, args: list[str]) -> str | None:
+    """Why train_single_gpu.py refuses one flag's value on its own (its type, its range); None when it takes it."""
+    try:
+        parsed = getattr(parser.parse_args(args), name)
+    except UsageError as e:
+        return training_sentence(e)
+    allowed = RANGES.get(name)
+    if allowed and parsed is not None and not allowed.holds(parsed):
+        return f"--{name} must be {allowed.describe()}"
+    return None
 
 
 def agent_args(params: dict) -> list[str]:
@@ -170,11 +182,109 @@ def agent_args(params: dict) -> list[str]:
     return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
 
 
-def trial_args(params: dict, root: Path, name: str, report_to: str) -> list[str]:
-    """A trial's training arguments: the sweep's values as the agent renders them, then the runner's own (the trial's
-    folder, trackers and name, and --resume, so that an interrupted trial goes on)."""
-    return [*agent_args(params), f"--output_dir={root / name}", f"--report_to={report_to}", f"--wandb_run_name={name}",
-            "--resume"]
+def trial_args(params: dict, root: Path, name: str, report_to: str, passthrough: list[str]) -> list[str]:
+    """A trial's training arguments: the sweep's values as the agent renders them, the flags given after the sweep's
+    own (later, so they win over the file's fixed values), then the runner's own (the trial's folder, trackers and
+    name, and --resume, so that an interrupted trial goes on)."""
+    return [*agent_args(params), *passthrough, f"--output_dir={root / name}", f"--report_to={report_to}",
+            f"--wandb_run_name={name}", "--resume"]
+
+
+# ---- training flags given after the sweep's own ---------------------------------------------------------------------
+def passthrough_flags(extra: list[str], config: dict, path: str) -> list[str]:
+    """The training flags given after the sweep's own, each as `--name=value` (what the state records and compares):
+    a flag of train_single_gpu.py, with a value it takes, naming neither a swept parameter (a flag for every trial
+    would end the sweep over it) nor one the runner sets itself."""
+    flags = canonical_flags(extra)
+    swept = {name: spec for name, spec in config["parameters"].items() if "value" not in spec}
+    parser = build_parser()
+    for flag in flags:
+        name = flag[2:].split("=", 1)[0]
+        if name in swept:
+            raise UsageError(f"{flag} names `{name}`, which {path} sweeps over ({describe_spec(swept[name])}): a "
+                             f"training flag given here applies to every trial, so it cannot also be swept. Drop "
+                             f"{flag}, or make `{name}` a fixed `value:` in the file.")
+        if name in RUNNER_SETS:
+            raise UsageError(f"{flag}: the sweep runner sets --{name} for each trial itself "
+                             f"({runner_sets_words()}); drop it.")
+        refusal = flag_refusal(parser, name, [flag])
+        if refusal:
+            raise UsageError(f"{flag}, given for every trial, is refused by train_single_gpu.py: {refusal}.")
+    return flags
+
+
+def canonical_flags(extra: list[str]) -> list[str]:
+    """`--name value`, `--name=value` and a bare boolean `--name` as `--name=value`; a word that is not a training flag
+    or its value is refused with a sentence naming it."""
+    booleans = {a.dest for a in build_parser()._actions if a.nargs == "?"}
+    flags, rest = [], list(extra)
+    while rest:
+        token = rest.pop(0)
+        name, has_value, value = token[2:].partition("=") if token.startswith("--") else ("", False, "")
+        if name not in FLAGS:
+            raise UsageError(not_a_flag(token))
+        if not has_value:
+            takes_next = bool(rest) and not rest[0].startswith("--")
+            if not takes_next and name not in booleans:
+                raise UsageError(f"--{name} needs a value (e.g. --{name}=VALUE).")
+            value = rest.pop(0) if takes_next else "True"
+        flags.append(f"--{name}={value}")
+    return flags
+
+
+def not_a_flag(token: str) -> str:
+    if not token.startswith("--"):
+        return (f"{token!r} after the sweep file is neither a flag nor a flag's value. Training flags for every "
+                f"trial are written --name=value (or --name value).")
+    name = token[2:].split("=", 1)[0]
+    close = difflib.get_close_matches(name, [*FLAGS, *RUNNER_FLAGS], n=1)
+    hint = f" Did you mean --{close[0]}?" if close else " `python train_single_gpu.py --help` lists them."
+    return f"--{name} is neither a flag of the sweep runner nor of train_single_gpu.py.{hint}"
+
+
+def describe_spec(spec: dict) -> str:
+    if "values" in spec:
+        return f"values {spec['values']}"
+    return ", ".join(f"{k} {v}" for k, v in spec.items())
+
+
+def runner_sets_words() -> str:
+    return ("--output_dir=OUTPUT_DIR/trial-NNN, --report_to as the runner's --report_to, --wandb_run_name=trial-NNN, "
+            "--resume")
+
+
+def replaced_fixed_values(passthrough: list[str], config: dict, path: str) -> list[str]:
+    """A note for each fixed value of the file that a flag given here replaces (said, never silently)."""
+    notes = []
+    for flag in passthrough:
+        name = flag[2:].split("=", 1)[0]
+        spec = config["parameters"].get(name)
+        if spec is not None and agent_args({name: spec["value"]}) != [flag]:
+            notes.append(f"note: {flag} replaces {path}'s fixed {name}: {spec['value']} in every trial.")
+    return notes
+
+
+def runner_set_in_file(config: dict, path: str) -> str | None:
+    """The local runner's sentence for a file that sets what it sets for each trial itself (`wandb agent` uses them)."""
+    named = [name for name in RUNNER_SETS if name in config["parameters"]]
+    if not named:
+        return None
+    return (f"{path} sets {', '.join(named)}, which the local runner sets for each trial itself "
+            f"({runner_sets_words()}), so the file's value would be ignored. Remove "
+            f"{'it' if len(named) == 1 else 'them'} from the file (or use the file with `wandb agent` only); the "
+            f"runner takes the sweep's folder and trackers as its own --output_dir and --report_to.")
+
+
+def effective_flags(config: dict, passthrough: list[str], root: Path, report_to: str) -> str:
+    """What every trial's command line holds, in words: for --check."""
+    fixed = {k: v["value"] for k, v in config["parameters"].items() if "value" in v}
+    given = {flag[2:].split("=", 1)[0] for flag in passthrough}
+    kept = agent_args({k: v for k, v in fixed.items() if k not in given})
+    swept = [f"--{k} ({describe_spec(v)})" for k, v in config["parameters"].items() if "value" not in v]
+    runner = trial_args({}, root, "trial-NNN", report_to, [])
+    return (f"every trial runs: {' '.join([*kept, *passthrough]) or '(no fixed values)'}"
+            + (f" (given here: {' '.join(passthrough)})" if passthrough else "")
+            + f"; swept: {', '.join(swept) or 'nothing'}; and the local runner's own: {' '.join(runner)}")
 
 
 def suggested_params(suggestion) -> dict:
@@ -189,7 +299,7 @@ def varying(combinations: list[dict]) -> list[str]:
 
 
 # ---- values that are refused together -------------------------------------------------------------------------------
-def check_trials(config: dict, path: str, root: Path, report_to: str) -> str:
+def check_trials(config: dict, path: str, root: Path, report_to: str, passthrough: list[str] = ()) -> str:
     """Each combination of values parsed and validated as its trial's training command would (config.parse_args, no
     training): values refused together (--min_lr above --learning_rate, --use_chinese with --data_path) stop the sweep
     before its first trial, as values refused alone do. Returns what was checked, in words."""
@@ -199,7 +309,7 @@ def check_trials(config: dict, path: str, root: Path, report_to: str) -> str:
     count = 0
     for params in combinations:
         try:
-            parse_args(trial_args(params, root, "trial-001", report_to), parser)
+            parse_args(trial_args(params, root, "trial-001", report_to, list(passthrough)), parser)
         except UsageError as e:
             count += 1
             refused.setdefault(training_sentence(e), params)
@@ -207,9 +317,10 @@ def check_trials(config: dict, path: str, root: Path, report_to: str) -> str:
         shown_keys = varying(combinations) or list(config["parameters"])
         shown = " ".join(f"({i}) `{' '.join(agent_args({k: params[k] for k in shown_keys}))}`: {sentence}"
                          for i, (sentence, params) in enumerate(list(refused.items())[:3], 1))
+        given = f" with {' '.join(passthrough)} (given here)" if passthrough else ""
         raise UsageError(f"{path}: train_single_gpu.py refuses {count} of the {len(combinations)} trials checked "
-                         f"({which}), so they would fail at once: {shown} Change the values or the fixed values so "
-                         f"that they fit together.")
+                         f"({which}){given}, so they would fail at once: {shown} Change the values or the fixed "
+                         f"values so that they fit together.")
     return f"{len(combinations)} trials checked ({which})"
 
 
@@ -285,6 +396,9 @@ def state_problem(state) -> str | None:
     for key, kind, expected in (("fingerprint", str, "text"), ("trials", list, "a list")):
         if not isinstance(state.get(key), kind):
             return f"its `{key}` is {json.dumps(state.get(key))[:40]}, not {expected}"
+    passthrough = state.get("passthrough", [])  # absent in the states of versions before it
+    if not isinstance(passthrough, list) or not all(isinstance(flag, str) for flag in passthrough):
+        return f"its `passthrough` is {json.dumps(passthrough)[:40]}, not a list of flags"
     names = set()
     for number, trial in enumerate(state["trials"], 1):
         problem = trial_problem(trial)
@@ -335,8 +449,8 @@ class LocalSweep:
     sweep together: each claims a trial from the shared state file under a lock, trains it with no lock held, and
     records its result under the lock again."""
 
-    def __init__(self, config: dict, sweep_file: str, root: Path, report_to: str):
-        self.config, self.root, self.report_to = config, root, report_to
+    def __init__(self, config: dict, sweep_file: str, root: Path, report_to: str, passthrough: list[str]):
+        self.config, self.root, self.report_to, self.passthrough = config, root, report_to, passthrough
         self.metric = config.get("metric", {}).get("name", "eval/loss")
         self.goal = config.get("metric", {}).get("goal", "minimize")
         self.program = self._program(config.get("program", "train_single_gpu.py"), sweep_file)
@@ -387,12 +501,21 @@ class LocalSweep:
             raise UsageError(f"{self.root} holds a different sweep (its file changed). Use another --output_dir, or "
                              f"move {state_path} aside to start this folder over (the trials' folders are kept, and "
                              f"new trials are numbered after them).")
+        recorded = state.get("passthrough", [])
+        if recorded != self.passthrough:
+            def words(flags):
+                return " ".join(flags) if flags else "none"
+            raise UsageError(f"the sweep in {self.root} runs its trials with the training flags {words(recorded)} "
+                             f"after the sweep's own, and this command gives {words(self.passthrough)}: its trials "
+                             f"would not be comparable. Give the same flags to continue it, or use another "
+                             f"--output_dir for a sweep with these.")
         return state["trials"]
 
     def _save_state(self) -> None:
         """Written whole and renamed into place: a worker killed while writing leaves the previous state."""
         tmp = self.root / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "trials": self.trials}, indent=1))
+        state = {"fingerprint": self.fingerprint, "passthrough": self.passthrough, "trials": self.trials}
+        tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.root / STATE_FILE)
 
     def _claim_path(self, trial: dict) -> Path:
@@ -463,8 +586,13 @@ class LocalSweep:
         return trial["status"]
 
     # ---- running ----
+    def flags_of(self, trial: dict) -> list[str]:
+        """A trial's training flags as shown to the user: its values, those given here replacing the file's."""
+        given = {flag[2:].split("=", 1)[0] for flag in self.passthrough}
+        return [*agent_args({k: v for k, v in trial["params"].items() if k not in given}), *self.passthrough]
+
     def command(self, trial: dict) -> list[str]:
-        args = trial_args(trial["params"], self.root, trial["name"], self.report_to)
+        args = trial_args(trial["params"], self.root, trial["name"], self.report_to, self.passthrough)
         return [sys.executable, str(self.program), *args]
 
     def run(self, max_runs: int | None, count: int | None) -> int:
@@ -476,7 +604,7 @@ class LocalSweep:
                 print(f"\nnothing to claim: {note}.{self._others_running()}", flush=True)
                 break
             with claim:  # held (by us and the child) while the trial trains: other workers see it taken
-                print(f"\n=== {trial['name']}: {' '.join(agent_args(trial['params']))}", flush=True)
+                print(f"\n=== {trial['name']}: {' '.join(self.flags_of(trial))}", flush=True)
                 if note != "new":
                     print(f"({note})", flush=True)
                 code = self._run_child(self.command(trial), claim)
@@ -540,13 +668,13 @@ class LocalSweep:
         if ranked:
             best = ranked[0]
             print(f"\nbest: {best['name']} ({self.metric} {best['metric']:.4f})\n  python {self.program} "
-                  + " ".join(agent_args(best["params"])))
+                  + " ".join(self.flags_of(best)))
         print(f"compare the trials: tensorboard --logdir {self.root}")
 
 
 def sweep_command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt_trainer.sweep", description=__doc__.split("\n")[0],
-                                     epilog=__doc__.split("\n\n")[-1])
+                                     epilog=__doc__.split("\n\n")[-1], allow_abbrev=False)
     parser.add_argument("sweep_file", help="a wandb sweep YAML, e.g. sweep_config.yaml")
     parser.add_argument("--max_runs", type=int, default=None,
                         help="the sweep's number of trials, all workers together: none is started once the sweep has "
@@ -559,11 +687,14 @@ def sweep_command(argv: list[str] | None) -> int:
                         help="trackers for each trial, as for training: a comma-separated list of "
                              f"{', '.join(tracking.BACKENDS)}, or all, or none (wandb and swanlab log offline without "
                              "a key)")
-    parser.add_argument("--check", action="store_true", help="only validate the file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--check", action="store_true",
+                        help="only validate the file (and the training flags given), and show each trial's flags")
+    parser.usage = f"{parser.format_usage().removeprefix('usage: ').rstrip()} [TRAINING FLAGS...]"
+    args, extra = parser.parse_known_args(argv)
     tracking.chosen(args.report_to)  # a bad list stops here, before the first trial
     config = load_sweep(args.sweep_file)
-    checked = check_trials(config, args.sweep_file, Path(args.output_dir), args.report_to)
+    passthrough = passthrough_flags(extra, config, args.sweep_file)
+    checked = check_trials(config, args.sweep_file, Path(args.output_dir), args.report_to, passthrough)
     for flag in ("max_runs", "count"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, not {getattr(args, flag)}.")
@@ -571,15 +702,31 @@ def sweep_command(argv: list[str] | None) -> int:
         raise UsageError(f"a {config['method']} sweep never runs out of trials: pass --max_runs N (the sweep's "
                          f"total) or --count N (this worker's share).")
     if args.check:
-        program = config.get("program", "train_single_gpu.py")
-        if not Path(program).is_file():  # `wandb agent` runs the program from the folder it is started in
-            raise UsageError(f"the sweep's program {program} is not found from {Path.cwd()}, and `wandb agent` runs "
-                             f"it from the folder it is started in. Start the agent (and this check) where "
-                             f"{program} is, or give its path in the sweep file's `program:`.")
-        print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}; "
-              f"train_single_gpu.py accepts each of the {checked}")
-        return 0
-    return LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to).run(args.max_runs, args.count)
+        return check_only(config, args, passthrough, checked)
+    refusal = runner_set_in_file(config, args.sweep_file)
+    if refusal:
+        raise UsageError(refusal)
+    for note in replaced_fixed_values(passthrough, config, args.sweep_file):
+        print(note, flush=True)
+    sweep = LocalSweep(config, args.sweep_file, Path(args.output_dir), args.report_to, passthrough)
+    return sweep.run(args.max_runs, args.count)
+
+
+def check_only(config: dict, args: argparse.Namespace, passthrough: list[str], checked: str) -> int:
+    program = config.get("program", "train_single_gpu.py")
+    if not Path(program).is_file():  # `wandb agent` runs the program from the folder it is started in
+        raise UsageError(f"the sweep's program {program} is not found from {Path.cwd()}, and `wandb agent` runs "
+                         f"it from the folder it is started in. Start the agent (and this check) where "
+                         f"{program} is, or give its path in the sweep file's `program:`.")
+    print(f"{args.sweep_file}: valid {config['method']} sweep over {', '.join(config['parameters'])}; "
+          f"train_single_gpu.py accepts each of the {checked}")
+    print(effective_flags(config, passthrough, Path(args.output_dir), args.report_to))
+    for note in replaced_fixed_values(passthrough, config, args.sweep_file):
+        print(note)
+    refusal = runner_set_in_file(config, args.sweep_file)
+    if refusal:
+        print(f"note: for `wandb agent` only: the local runner refuses this file. {refusal}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

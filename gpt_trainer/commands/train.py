@@ -24,7 +24,7 @@ from ..data.tokens import TokenData, prepare_data
 from ..errors import RunStopped, TrainingFailure, notice
 from ..model import hf
 from ..plan.resolve import Resolved, resolve
-from ..plan.run_plan import RunPlan, make_plan
+from ..plan.run_plan import RunPlan, make_plan, steps
 from ..system import distributed
 from ..system.hardware import device_name
 from ..system.rundir import RunFolder, check_writable_folder
@@ -174,12 +174,17 @@ def announce(plan: RunPlan, trainer: Trainer) -> None:
         print(f"torch.compile: {trainer.compile_seconds:.1f} s before the first step (not counted in tokens/s)")
     processes = f" x {plan.world.size} processes" if plan.world.active else ""
     print(f"model {cfg.model_label()}: {trainer.model.num_params():,} parameters | {device_name(plan.device)} "
-          f"({plan.precision}){processes} | corpus {plan.corpus}: {plan.train_tokens:,} train / {plan.val_tokens:,} "
-          f"val tokens, vocab {plan.vocab_size:,} ({cfg.tokenizer}) | {plan.total_steps:,} steps of "
-          f"{plan.tokens_per_step:,} tokens (global batch {plan.global_batch}) | run {plan.run_name}")
+          f"({plan.precision}){processes} | {text_source(cfg, plan.corpus)}: {plan.train_tokens:,} train / "
+          f"{plan.val_tokens:,} val tokens, vocab {plan.vocab_size:,} ({cfg.tokenizer}) | {plan.total_steps:,} "
+          f"steps of {plan.tokens_per_step:,} tokens (global batch {plan.global_batch}) | run {plan.run_name}")
     if plan.memory:
         print("\n".join(plan.memory.describe()))
     sys.stdout.flush()
+
+
+def text_source(cfg, corpus: str) -> str:
+    """`corpus builtin`, or `--data_path NAME` for the user's own text: its name may be anything (`corpus corpus`)."""
+    return f"--data_path {corpus}" if cfg.data_path else f"corpus {corpus}"
 
 
 def train_to_end(trainer: Trainer, tracker: Tracker) -> int:
@@ -263,7 +268,8 @@ def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
     if result.best_step == 0:  # best.pt is written only for a trained model that beats --init_from's weights
         losses.append(f"no step beat the starting weights of {plan.cfg.init_from} (step 0), so no best.pt was "
                       f"written")
-    lines = [f"done: {result.steps} steps in {minutes}m {seconds:02d}s; {'; '.join(losses)}."]
+    took = f"{steps(result.steps - plan.start_step)} in {minutes}m {seconds:02d}s{segment(result.steps, plan)}"
+    lines = [f"done: {took}; {'; '.join(losses)}."]
     where = [f"samples in {plan.folder.samples}", f"checkpoints in {plan.folder.checkpoints}"]
     if "tensorboard" in tracking.chosen(plan.cfg.report_to):
         where.append(f"curves: {tensorboard_command()} --logdir {shlex.quote(str(plan.folder.logs))}")
@@ -278,6 +284,13 @@ def what_happened(result: TrainResult, plan: RunPlan) -> list[str]:
                      f"{result.evals[-1][1]:.4f}: the model is memorising its training text. Train on more text, for "
                      f"fewer steps or with more --dropout; best.pt holds the weights with the best validation loss.")
     return lines
+
+
+def segment(last: int, plan: RunPlan) -> str:
+    """After a resume, which of the run's steps this process ran (the time is theirs alone)."""
+    if not plan.start_step:  # a run already complete is answered before it starts (run)
+        return ""
+    return f" (steps {plan.start_step + 1:,}-{last:,} of {plan.total_steps:,}, resumed at step {plan.start_step:,})"
 
 
 def tensorboard_command() -> str:

@@ -363,8 +363,9 @@ def prepare_data(cfg: TrainConfig, corpus: Corpus | None = None, tokenizer=None)
     data = prepare_tokens(cfg, corpus, tokenizer)
     need = cfg.block_size + 1
     if len(data.train) < need or len(data.val) < need:
+        text = f"--data_path {cfg.data_path}" if cfg.data_path else f"the corpus {data.corpus}"
         raise UsageError(
-            f"the corpus {data.corpus} has {len(data.train):,} training and {len(data.val):,} validation tokens, but "
+            f"{text} has {len(data.train):,} training and {len(data.val):,} validation tokens, but "
             f"each split needs at least block_size + 1 = {need}. Use more text, a smaller --block_size, or a different "
             f"--train_split."
         )

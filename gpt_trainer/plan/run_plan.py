@@ -129,9 +129,15 @@ def fit_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:
     if warmup_steps < total_steps:
         return warmup_steps, None
     fitted = total_steps // 10
-    return fitted, (f"note: --warmup_steps {warmup_steps} is not shorter than the run ({total_steps} steps), so the "
-                    f"peak learning rate would never be reached; warming up over {fitted} steps (a tenth of the run) "
-                    f"instead.")
+    instead = (f"warming up over {steps(fitted)} (a tenth of the run) instead" if fitted else
+               "a tenth of the run is under one step, so it starts at the peak learning rate, with no warm-up")
+    return fitted, (f"note: --warmup_steps {warmup_steps} is not shorter than the run ({steps(total_steps)}), so the "
+                    f"peak learning rate would never be reached; {instead}.")
+
+
+def steps(count: int) -> str:
+    """`1 step`, `0 steps`, `1,200 steps`."""
+    return f"{count:,} step{'' if count == 1 else 's'}"
 
 
 def run_name(cfg: TrainConfig, folder: RunFolder, saved: dict | None, corpus: str, micro_batch: int) -> str:

@@ -182,9 +182,11 @@ def start(run: RunInfo) -> WandbBackend | None:
         dir=os.environ.get("WANDB_DIR") or str(run.folder.path),
     )
     timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S))
-    settings = wandb.Settings(init_timeout=timeout, login_timeout=timeout)
 
     def start_in(attempt: str) -> WandbBackend:
+        # offline, wandb's own closing lines would print a second `wandb sync`, naming only this start's folder; ours
+        # (close) names every folder of a resumed run
+        settings = wandb.Settings(init_timeout=timeout, login_timeout=timeout, quiet=attempt in ("offline", "dryrun"))
         return WandbBackend(wandb.init(mode=attempt, settings=settings, **kwargs), wandb, cfg.wandb_log_model)
     backend = start_in_first_mode("wandb", [mode, "offline"] if mode in ("online", "run") else [mode], start_in)
     if backend is not None and run_id and run.start_step:
