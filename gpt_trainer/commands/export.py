@@ -1,5 +1,6 @@
-"""Export a checkpoint as a Hugging Face transformers model folder (GPT-2 architecture, fast tokenizer, generation
-defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom code.
+"""Export a checkpoint as a Hugging Face transformers model folder (GPT-2 for --arch gpt2, Qwen3 for --arch llama; fast
+tokenizer, generation defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom
+code.
 
     python -m gpt_trainer.export output_single/checkpoints/best.pt my-poet
     python -m gpt_trainer export output_single/checkpoints/best.pt my-poet --overwrite
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CHINESE_PROMPTS, ENGLISH_PROMPTS, TrainConfig
+from ..config import CHINESE_PROMPTS, EARLIER_ARCH, ENGLISH_PROMPTS, TrainConfig
 from ..data.tokenizer import tokenizer_from_dict
 from ..errors import UsageError, notice
 from ..model import hf
@@ -65,6 +66,12 @@ NOT_REPLAYED = {"compile", "no_compile", "cache_dir", "resume", "overwrite", "dr
                 "allow_new_data", "prepare_workers"}
 # flags that hold a local path: the card shows only its last part (a full path would go to the Hub with the card)
 PATH_FLAGS = ("data_path", "output_dir", "init_from")
+# per --arch: the model card's tag, the transformers class, and what makes it the same architecture as ours
+ARCH_CARDS = {
+    "gpt2": ("gpt2", "GPT-2", "pre-LayerNorm, tanh GELU, learned positions, tied embeddings"),
+    "llama": ("qwen3", "Qwen3 (`Qwen3ForCausalLM`)", "pre-RMSNorm, rotary positions, RMSNorm on each head's queries "
+                                                     "and keys, SwiGLU MLP, no biases, an output layer of its own"),
+}
 # the model card's tag for the tokenizer kind (an --init_from folder's tokenizer gets none)
 KIND_TAGS = {"char": ", character-level", "sentencepiece": ", sentencepiece"}
 # the usual spellings of special tokens (sentencepiece's, GPT-2's, BERT's) by the role transformers gives them
@@ -199,7 +206,7 @@ def bare_name(path: str) -> str:
 def training_command(config: dict) -> str:
     """The command that trained it, rebuilt from the flags that differ from the defaults, paths as bare names."""
     defaults = TrainConfig().to_dict()
-    config = {**config, "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0 -> the flag's cuda
+    config = {"arch": EARLIER_ARCH, **config, "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0: cuda
     if config.get("tokenizer") != "sentencepiece":
         config.pop("vocab_size", None)  # the char vocabulary's size is the corpus's, an hf one the folder's
     if config.get("init_from"):
@@ -237,7 +244,9 @@ def model_card(state: dict, ids: dict, name: str) -> str:
         licence, about_licence = "unknown", (f"set it yourself: the licence of `{bare_name(base)}`, the model it "
                                              f"started from, applies as well as the text's")
     corpus = f"`{state.get('corpus')}`" + (f" (--data_path {bare_name(config['data_path'])})" if own_text else "")
-    origin = (f"fine-tuned with gpt-trainer from the GPT-2 folder `{bare_name(base)}`" if base
+    arch = config.get("arch") or EARLIER_ARCH
+    tag, their_class, same = ARCH_CARDS[arch]
+    origin = (f"fine-tuned with gpt-trainer from the {their_class.split()[0]} folder `{bare_name(base)}`" if base
               else "trained from scratch with gpt-trainer")
     steps, batch, block = trainer["step"], step_batch(state), config["block_size"]
     best = trainer.get("best_val_loss", math.inf)
@@ -259,15 +268,15 @@ def model_card(state: dict, ids: dict, name: str) -> str:
 library_name: transformers
 license: {licence}
 {"license_name: public-domain" + chr(10) if licence == "other" else ""}\
-tags: [gpt2, text-generation, gpt-trainer{KIND_TAGS.get(kind, "")}]
+tags: [{tag}, text-generation, gpt-trainer{KIND_TAGS.get(kind, "")}]
 pipeline_tag: text-generation
 ---
 
 # {name}
 
-A small GPT {origin}, exported as transformers' GPT-2 (the same architecture:
-pre-LayerNorm, tanh GELU, learned positions, tied embeddings). Layers: {config["n_layer"]}, heads: \
-{config["n_head"]}, width: {config["n_embd"]}, context: {block} tokens, vocabulary: {state["vocab_size"]}.
+A small GPT {origin} (--arch {arch}), exported as transformers' {their_class}, the same \
+architecture: {same}. Layers: {config["n_layer"]}, heads: {config["n_head"]}, width: {config["n_embd"]}, context: \
+{block} tokens, vocabulary: {state["vocab_size"]}.
 
 - Corpus: {corpus}. Licence: {licence} ({about_licence}).
 - Training: {steps:,} steps x {batch * block:,} tokens per step ({batch} sequences x {block} tokens) = \
@@ -288,7 +297,7 @@ print(tokenizer.decode(model.generate(**tokenizer({prompt}, return_tensors="pt")
 
 `generation_config.json` holds the run's sampling settings (temperature {config["temperature"]}, top-k \
 {config["top_k"]}, top-p {config["top_p"]}). The prompt and the new tokens together must fit in the context of \
-{block} tokens: transformers' GPT-2 does not slide the window as `python -m gpt_trainer.sample` does.
+{block} tokens: transformers does not slide the window as `python -m gpt_trainer.sample` does.
 """
 
 
@@ -300,8 +309,8 @@ def to_json(value: dict) -> bytes:
 def save_weights(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    n_layer = GPTConfig.from_flags(state["config"], state["vocab_size"]).n_layer
-    save_file(hf.to_hf(state["model"], n_layer), str(path), metadata={"format": "pt"})
+    shape = GPTConfig.from_flags(state["config"], state["vocab_size"])
+    save_file(hf.export_weights(state["model"], shape), str(path), metadata={"format": "pt"})
 
 
 def export_files(state: dict, name: str) -> dict[str, bytes]:
@@ -314,7 +323,7 @@ def export_files(state: dict, name: str) -> dict[str, bytes]:
                   "top_p": config["top_p"],
                   # transformers' GPT-2 cannot go past its context: a longer budget would fail every call
                   "max_new_tokens": min(config["sample_tokens"], shape.block_size - 1)}
-    return {"config.json": to_json(hf.gpt2_config(shape, ids)), "generation_config.json": to_json(generation),
+    return {"config.json": to_json(hf.export_config(shape, ids)), "generation_config.json": to_json(generation),
             **tokenizer_files(tokenizer, shape.block_size, ids), "README.md": model_card(state, ids, name).encode()}
 
 
