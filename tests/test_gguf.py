@@ -120,13 +120,28 @@ def test_a_gguf_with_the_k_and_q_norms_swapped_continues_otherwise(qwen3, sp_tok
         qwen3, ids, NEW)
 
 
+def widened(path: Path, out: Path) -> Path:
+    """The checkpoint with random weights drawn wide (std 0.3, gains and biases around 1 and 0): two steps of
+    training leave a model that repeats the commonest token, which would hide a misplaced matrix."""
+    from gpt_trainer.train import checkpoint
+
+    state = checkpoint.load(path)
+    generator = torch.Generator().manual_seed(0)
+    state["model"] = {key: (torch.randn(value.shape, generator=generator) * (0.3 if value.ndim > 1 else 0.1)
+                            + (1.0 if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0))
+                      for key, value in state["model"].items()}
+    state["model"]["lm_head.weight"] = state["model"]["wte.weight"]  # tied, as in the model
+    torch.save(state, out)
+    return out
+
+
 @pytest.mark.slow
 def test_export_gguf_of_a_gpt2_run_continues_as_our_sampler_and_transformers_do(llama_cpp, tmp_path, cache_dir):
     cfg = parse_args([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path / 'run'}",
                       *TINY_SHAPE, "--max_steps=2", "--eval_interval=2", "--tokenizer=sentencepiece",
                       f"--vocab_size={SP_VOCAB}"])
     make_trainer(cfg).train()
-    checkpoint = RunFolder(tmp_path / "run").best
+    checkpoint = widened(RunFolder(tmp_path / "run").best, tmp_path / "wide.pt")
     out = tmp_path / "model"
     assert export.main([str(checkpoint), str(out), "--gguf"]) == 0
     state, model, tokenizer = ours(checkpoint)
@@ -136,6 +151,7 @@ def test_export_gguf_of_a_gpt2_run_continues_as_our_sampler_and_transformers_do(
     theirs = llama_greedy(llama_cpp, out / "model.gguf", prompt, new)
     assert theirs["prompt"] == ids
     mine = list(new_ids(model, ids, "fp32", new, 0.0, 0, 1.0))  # temperature 0: the argmax
+    assert len(set(mine)) > 3  # a continuation that says something, not one token repeated
     assert theirs["generated"] == mine == transformers_greedy(out, ids, new)
     assert "model.gguf" in json.loads((out / export.EXPORT_MARKER).read_text())["files"]
     # an export without --gguf over it removes the earlier GGUF file: it would hold other weights than the folder
