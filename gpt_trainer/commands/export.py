@@ -471,8 +471,9 @@ def export_command(argv: list[str] | None) -> int:
     print(f"exported {args.checkpoint} to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
           f"and AutoTokenizer.from_pretrained({str(out)!r}).")
     if gguf_type:
-        print(f"{out / 'model.gguf'} ({gguf_type}): llama-cli -m {shlex.quote(str(out / 'model.gguf'))} -p PROMPT, "
-              f"or an ollama Modelfile with FROM ./model.gguf (docs/gguf.md).")
+        print(f"wrote {out / 'model.gguf'} ({gguf_type}) for llama.cpp (llama-completion -m "
+              f"{shlex.quote(str(out / 'model.gguf'))} -no-cnv -p PROMPT) and ollama (a Modelfile with FROM "
+              f"./model.gguf); see docs/gguf.md.")
     return 0
 
 
