@@ -108,6 +108,14 @@ def test_llama_cpp_tokenises_and_continues_a_qwen3_folder_as_transformers_does(q
 
 
 @pytest.mark.slow
+def test_llama_cpp_runs_the_f16_file(qwen3, sp_tokenizer, llama_cpp, tmp_path):
+    """f16 rounding may change a near-tie, so only the tokens' count is compared; the prompt's ids are ours."""
+    to_gguf.write_gguf(qwen3, tmp_path / "model.gguf", "f16")
+    theirs = llama_greedy(llama_cpp, tmp_path / "model.gguf", PROMPT, NEW)
+    assert theirs["prompt"] == sp_tokenizer.encode(PROMPT) and len(theirs["generated"]) == NEW
+
+
+@pytest.mark.slow
 def test_a_gguf_with_the_k_and_q_norms_swapped_continues_otherwise(qwen3, sp_tokenizer, llama_cpp, tmp_path,
                                                                      monkeypatch):
     """The control of the test above: a naming slip that loads without an error shows in the generated ids."""
@@ -206,6 +214,23 @@ def test_a_char_checkpoint_with_gguf_is_refused_before_anything_is_written(tmp_p
     said = capsys.readouterr().err
     assert "char-level" in said and "byte-fallback" in said and "--tokenizer sentencepiece" in said
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_init_from_checkpoint_with_gguf_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Its tokenizer is the starting folder's tokenizer.json (here a char export's): no sentencepiece model."""
+    from gpt_trainer.data.tokenizer import HFTokenizer
+    from gpt_trainer.train import checkpoint
+
+    fixture = ROOT / "tests" / "fixtures" / "checkpoint_v2.pt"
+    assert export.main([str(fixture), str(tmp_path / "start")]) == 0
+    state = checkpoint.load(fixture)
+    tokenizer = HFTokenizer((tmp_path / "start" / "tokenizer.json").read_text(), state["vocab_size"])
+    torch.save({**state, "tokenizer": tokenizer.to_dict()}, tmp_path / "init_from.pt")
+    out = tmp_path / "out"
+    assert export.main([str(tmp_path / "init_from.pt"), str(out), "--gguf"]) == 2
+    said = capsys.readouterr().err
+    assert "--init_from folder's" in said and "--tokenizer sentencepiece" in said
+    assert not out.exists()
 
 
 def test_gguf_type_without_gguf_is_refused(tmp_path, capsys):
