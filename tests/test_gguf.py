@@ -6,6 +6,7 @@ is missing."""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,8 +79,12 @@ def llama_cpp() -> Path:
     optional GPU packages, no install script: nothing is built or downloaded past the npm packages)."""
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node and npm are needed to run llama.cpp through node-llama-cpp: install Node.js 20 or later")
-    installed = LLAMA_CPP_DIR / "node_modules" / "node-llama-cpp" / "package.json"
-    if not installed.is_file() or json.loads(installed.read_text())["version"] != NODE_LLAMA_CPP:
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+        pytest.skip(f"the pinned llama.cpp binaries are node-llama-cpp's linux-x64 build; this machine is "
+                    f"{platform.system()} {platform.machine()}")
+    packages = [LLAMA_CPP_DIR / "node_modules" / name / "package.json"
+                for name in ("node-llama-cpp", "@node-llama-cpp/linux-x64")]
+    if not all(p.is_file() and json.loads(p.read_text())["version"] == NODE_LLAMA_CPP for p in packages):
         LLAMA_CPP_DIR.mkdir(parents=True, exist_ok=True)
         subprocess.run(["npm", "install", "--prefix", str(LLAMA_CPP_DIR), "--omit=optional", "--ignore-scripts",
                         "--no-audit", "--no-fund", f"node-llama-cpp@{NODE_LLAMA_CPP}",
