@@ -4,6 +4,10 @@ code.
 
     python -m gpt_trainer.export output_single/checkpoints/best.pt my-poet
     python -m gpt_trainer export output_single/checkpoints/best.pt my-poet --overwrite
+    python -m gpt_trainer.export output_single/checkpoints/best.pt my-poet --gguf   # also my-poet/model.gguf
+
+--gguf also writes the model as one GGUF file (model.gguf), for llama.cpp and ollama (model/gguf.py); it needs the
+run's sentencepiece tokenizer and is refused, before anything is written, for a char or an --init_from one.
 
 A sharded checkpoint (an --parallel fsdp run's folder, checkpoints/best or latest) is consolidated on the CPU in this
 one process; a run's output_dir stands for its latest checkpoint.
@@ -35,7 +39,7 @@ import torch
 from ..config import CHINESE_PROMPTS, EARLIER_ARCH, ENGLISH_PROMPTS, TrainConfig
 from ..data.tokenizer import tokenizer_from_dict
 from ..errors import UsageError, notice
-from ..model import hf
+from ..model import gguf, hf
 from ..model.gpt import GPTConfig
 from ..system.rundir import MARKER as RUN_MARKER
 from ..system.rundir import RunFolder, check_writable_folder
@@ -46,7 +50,7 @@ from .sample import CHECKPOINT_HELP, checkpoint_path, model_from_checkpoint
 # every file an export may write: --overwrite replaces these (and removes those of an earlier export this one does
 # not write)
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer.model", "README.md")
+                "tokenizer_config.json", "tokenizer.model", "README.md", "model.gguf")
 EXPORT_MARKER = ".gpt-trainer-export"  # what makes a folder an export's: written by the export, with its files' names
 # the named corpora's licences (the text's, which is what a model trained on it inherits); anything else is unknown
 CORPUS_LICENCES = {
@@ -405,9 +409,26 @@ def move_into_place(staging: Path, out: Path, earlier: list[str]) -> None:
         notice(f"note: kept files that are not the export's in {out}: {', '.join(kept)}.")
 
 
-def export(checkpoint_path: Path, out: Path, overwrite: bool = False) -> Path:
+def check_gguf(state: dict) -> None:
+    """--gguf writes llama.cpp's sentencepiece vocabulary, which only the run's own sentencepiece tokenizer gives."""
+    kind = state["tokenizer"]["kind"]
+    if kind == "char":
+        raise UsageError(f"--gguf: this checkpoint's tokenizer is char-level: {gguf.CHAR_PROBLEM}. GGUF export needs "
+                         f"a sentencepiece tokenizer: {gguf.SENTENCEPIECE_FIX}; the transformers folder (without "
+                         f"--gguf) works for a char model.")
+    if kind != "sentencepiece":
+        raise UsageError(f"--gguf: this checkpoint's tokenizer is its --init_from folder's (tokenizer.json), which "
+                         f"has no sentencepiece model for llama.cpp to read. GGUF export needs the run's own "
+                         f"sentencepiece tokenizer: {gguf.SENTENCEPIECE_FIX}; the transformers folder (without --gguf) "
+                         f"works for this model.")
+
+
+def export(checkpoint_path: Path, out: Path, overwrite: bool = False, gguf_type: str | None = None) -> Path:
+    """The folder (with `gguf_type`, also model.gguf in that precision)."""
     earlier = check_destination(out, overwrite)
     state = read_checkpoint(checkpoint_path)
+    if gguf_type:
+        check_gguf(state)
     out.parent.mkdir(parents=True, exist_ok=True)
     with named_as(out):
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
@@ -416,15 +437,20 @@ def export(checkpoint_path: Path, out: Path, overwrite: bool = False) -> Path:
             save_weights(state, staging / "model.safetensors")
         files = export_files(state, out.name)
         # no date in it: the same checkpoint exports to the same bytes
-        written = {"written_by": "python -m gpt_trainer.export", "files": sorted(["model.safetensors", *files])}
+        weights = ["model.safetensors", *(["model.gguf"] if gguf_type else [])]
+        written = {"written_by": "python -m gpt_trainer.export", "files": sorted([*weights, *files])}
         for name, data in {**files, EXPORT_MARKER: to_json(written)}.items():
             with named_as(out / name):
                 (staging / name).write_bytes(data)
+        if gguf_type:  # from the staged folder: the GGUF file holds what the transformers folder holds
+            with named_as(out / "model.gguf"):
+                gguf.write_gguf(staging, staging / "model.gguf", gguf_type)
         # mkdtemp and safetensors make private files: give the folder the modes any file the user writes gets
         mask = os.umask(0o022)
         os.umask(mask)
         os.chmod(staging, 0o777 & ~mask)
-        os.chmod(staging / "model.safetensors", 0o666 & ~mask)
+        for name in weights:
+            os.chmod(staging / name, 0o666 & ~mask)
         with named_as(out):
             move_into_place(staging, out, earlier)
     finally:
@@ -439,10 +465,24 @@ def export_command(argv: list[str] | None) -> int:
                                                    "earlier export with --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export's files in OUT_DIR (other files are kept)")
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write OUT_DIR/model.gguf, the model for llama.cpp and ollama (needs a sentencepiece "
+                             "tokenizer)")
+    parser.add_argument("--gguf_type", choices=gguf.GGUF_TYPES,
+                        help="the GGUF file's weight precision: f32 (the default: the weights as trained) or f16 (half "
+                             "the size; rounding may change a near-tie in greedy decoding)")
     args = parser.parse_args(argv)
-    out = export(args.checkpoint.expanduser(), args.out_dir.expanduser(), args.overwrite)
+    if args.gguf_type and not args.gguf:
+        raise UsageError(f"--gguf_type {args.gguf_type} is given without --gguf, so no GGUF file would be written. "
+                         f"Add --gguf, or drop --gguf_type.")
+    gguf_type = (args.gguf_type or "f32") if args.gguf else None
+    out = export(args.checkpoint.expanduser(), args.out_dir.expanduser(), args.overwrite, gguf_type)
     print(f"exported {args.checkpoint} to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
           f"and AutoTokenizer.from_pretrained({str(out)!r}).")
+    if gguf_type:
+        print(f"wrote {out / 'model.gguf'} ({gguf_type}) for llama.cpp (llama-completion -m "
+              f"{shlex.quote(str(out / 'model.gguf'))} -no-cnv -p PROMPT) and ollama (a Modelfile with FROM "
+              f"./model.gguf); see docs/gguf.md.")
     return 0
 
 
