@@ -133,38 +133,56 @@ def test_a_gguf_with_the_k_and_q_norms_swapped_continues_otherwise(qwen3, sp_tok
         qwen3, ids, NEW)
 
 
+GAINS = ("ln_1.weight", "ln_2.weight", "ln_f.weight", "q_norm.weight", "k_norm.weight")
+
+
 def widened(path: Path, out: Path) -> Path:
     """The checkpoint with random weights drawn wide (std 0.3, gains and biases around 1 and 0): two steps of
-    training leave a model that repeats the commonest token, which would hide a misplaced matrix."""
+    training leave a model that repeats the commonest token (a llama's blocks, their output projections starting at
+    zero, are still nearly the identity), which would hide a misplaced matrix."""
     from gpt_trainer.train import checkpoint
 
     state = checkpoint.load(path)
     generator = torch.Generator().manual_seed(0)
     state["model"] = {key: (torch.randn(value.shape, generator=generator) * (0.3 if value.ndim > 1 else 0.1)
-                            + (1.0 if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0))
+                            + (1.0 if key.endswith(GAINS) else 0.0))
                       for key, value in state["model"].items()}
-    state["model"]["lm_head.weight"] = state["model"]["wte.weight"]  # tied, as in the model
+    if state["config"].get("arch", "gpt2") == "gpt2":
+        state["model"]["lm_head.weight"] = state["model"]["wte.weight"]  # tied, as in the model
     torch.save(state, out)
     return out
 
 
-@pytest.mark.slow
-def test_export_gguf_of_a_gpt2_run_continues_as_our_sampler_and_transformers_do(llama_cpp, tmp_path, cache_dir):
+def trained(tmp_path: Path, cache_dir: Path, *flags: str) -> Path:
+    """The best.pt of a tiny run of two steps on the classic poems."""
     cfg = parse_args([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={tmp_path / 'run'}",
-                      *TINY_SHAPE, "--max_steps=2", "--eval_interval=2", "--tokenizer=sentencepiece",
-                      f"--vocab_size={SP_VOCAB}"])
+                      *TINY_SHAPE, "--max_steps=2", "--eval_interval=2", *flags])
     make_trainer(cfg).train()
-    checkpoint = widened(RunFolder(tmp_path / "run").best, tmp_path / "wide.pt")
+    return RunFolder(tmp_path / "run").best
+
+
+SENTENCEPIECE = ("--tokenizer=sentencepiece", f"--vocab_size={SP_VOCAB}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_export_gguf_of_a_run_continues_as_our_sampler_and_transformers_do(llama_cpp, tmp_path, cache_dir, arch):
+    """gpt2 as GPT-2, llama as Qwen3: llama.cpp splits the prompt into our ids and continues it with our sampler's
+    greedy ids, over the whole context (a llama's rotary positions at every offset, through its key/value cache)."""
+    checkpoint = widened(trained(tmp_path, cache_dir, f"--arch={arch}", "--block_size=48", *SENTENCEPIECE),
+                         tmp_path / "wide.pt")
     out = tmp_path / "model"
     assert export.main([str(checkpoint), str(out), "--gguf"]) == 0
     state, model, tokenizer = ours(checkpoint)
+    assert state["config"]["arch"] == arch
+    assert json.loads((out / "config.json").read_text())["model_type"] == {"gpt2": "gpt2", "llama": "qwen3"}[arch]
     prompt = "春眠不觉晓，"
     ids = tokenizer.encode(prompt)
-    new = state["config"]["block_size"] - len(ids)  # the whole context: GPT-2's positions end there
+    new = state["config"]["block_size"] - len(ids)  # the whole context: the model's positions end there
     theirs = llama_greedy(llama_cpp, out / "model.gguf", prompt, new)
     assert theirs["prompt"] == ids
     mine = list(new_ids(model, ids, "fp32", new, 0.0, 0, 1.0))  # temperature 0: the argmax
-    assert len(set(mine)) > 3  # a continuation that says something, not one token repeated
+    assert new > 40 and len(set(mine)) > 3  # a continuation that says something, not one token repeated
     assert theirs["generated"] == mine == transformers_greedy(out, ids, new)
     assert "model.gguf" in json.loads((out / export.EXPORT_MARKER).read_text())["files"]
     # an export without --gguf over it removes the earlier GGUF file: it would hold other weights than the folder
@@ -235,6 +253,31 @@ def test_an_init_from_checkpoint_with_gguf_is_refused_before_anything_is_written
     assert export.main([str(tmp_path / "init_from.pt"), str(out), "--gguf"]) == 2
     said = capsys.readouterr().err
     assert "--init_from folder's" in said and "--tokenizer sentencepiece" in said
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_llama_checkpoints_of_a_char_or_init_from_tokenizer_with_gguf_are_refused_before_anything_is_written(
+        tmp_path, cache_dir, capsys):
+    """A llama run on characters, and a llama run started (--init_from) from that run's Qwen3 export: neither has a
+    sentencepiece model for llama.cpp, and neither export writes a file."""
+    from gpt_trainer.commands.train import main as train_main
+
+    char = trained(tmp_path, cache_dir, "--arch=llama")
+    start, run, out = tmp_path / "start", tmp_path / "from-start", tmp_path / "out"
+    capsys.readouterr()
+    assert export.main([str(char), str(out), "--gguf"]) == 2
+    said = capsys.readouterr().err
+    assert "char-level" in said and "byte-fallback" in said and "--tokenizer sentencepiece" in said
+    assert not out.exists()
+    assert export.main([str(char), str(start)]) == 0
+    shape = [flag for flag in TINY_SHAPE if not flag.startswith(("--n_layer", "--n_head", "--n_embd"))]
+    assert train_main([f"--init_from={start}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}",
+                       f"--output_dir={run}", *shape, "--max_steps=1", "--eval_interval=1"]) == 0
+    capsys.readouterr()
+    assert export.main([str(RunFolder(run).latest), str(out), "--gguf"]) == 2
+    said = capsys.readouterr().err
+    assert "--init_from folder's" in said and "--tokenizer sentencepiece" in said and "Traceback" not in said
     assert not out.exists()
 
 
