@@ -26,6 +26,9 @@ class ModelShape:
     n_embd: int
 
 
+# the same shapes serve both architectures (--arch): their blocks hold about the same parameters (llama's SwiGLU MLP,
+# hidden width 8/3 x n_embd rounded up to a multiple of 8, about GPT-2's 4 x n_embd GELU MLP); llama adds an output
+# layer of its own (vocabulary x n_embd) and drops the position table. docs/training.md lists both counts.
 MODEL_PRESETS: dict[str, ModelShape] = {
     "tiny": ModelShape(6, 6, 384),  # the classic baby GPT
     "small": ModelShape(12, 12, 768),  # GPT-2 124M
@@ -34,6 +37,9 @@ MODEL_PRESETS: dict[str, ModelShape] = {
     "xl": ModelShape(48, 25, 1600),  # GPT-2 1.5B
 }
 
+ARCHITECTURES = ("gpt2", "llama")  # gpt_trainer.model.gpt.ARCHS
+DEFAULT_ARCH = "gpt2"
+EARLIER_ARCH = "gpt2"  # what a checkpoint or config.json written before --arch existed holds, whatever the default
 CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
 CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
@@ -65,6 +71,10 @@ def _flag(default, help: str, **argparse_kwargs):
 @dataclass(frozen=True)
 class TrainConfig:
     # model
+    arch: str = _flag(DEFAULT_ARCH, "Architecture: gpt2 (learned positions, LayerNorm, GELU MLP, biases, tied "
+                                    "embeddings) or llama (Qwen3's layout: rotary positions, RMSNorm, QK-norm, SwiGLU "
+                                    "MLP, no biases, its own output layer; exports as Qwen3ForCausalLM).",
+                      choices=list(ARCHITECTURES))
     model_size: str = _flag("tiny", "Model preset.", choices=list(MODEL_PRESETS))
     n_layer: int | None = _flag(None, "Override the preset's layer count.")
     n_head: int | None = _flag(None, "Override the preset's attention-head count.")
@@ -201,7 +211,8 @@ class TrainConfig:
         if self.init_from:
             return f"from {self.init_from} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
         changed = "" if shape == MODEL_PRESETS[self.model_size] else " with overrides"
-        return f"{self.model_size}{changed} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
+        arch = "" if self.arch == DEFAULT_ARCH else f" {self.arch}"
+        return f"{self.model_size}{arch}{changed} ({self.n_layer} layers x {self.n_embd} wide, {self.n_head} heads)"
 
     @property
     def final_lr(self) -> float:
@@ -268,6 +279,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head needs an equal share "
                          f"of the width. Pick --n_embd as a multiple of {cfg.n_head} (e.g. {suggestion}) or change "
                          f"--n_head.")
+    if cfg.arch == "llama" and not cfg.n_embd % cfg.n_head and cfg.n_embd // cfg.n_head % 2:
+        raise UsageError(f"--arch llama turns each head's dimensions in pairs (rotary positions), but n_embd="
+                         f"{cfg.n_embd} / n_head={cfg.n_head} gives heads of {cfg.n_embd // cfg.n_head}, an odd "
+                         f"number. Pick --n_embd and --n_head whose quotient is even (e.g. --n_embd "
+                         f"{2 * cfg.n_embd}).")
     if cfg.min_lr is not None and cfg.min_lr > cfg.learning_rate:
         raise UsageError(f"--min_lr {cfg.min_lr:g} is above --learning_rate {cfg.learning_rate:g}: the schedule would "
                          f"climb instead of decaying. Give a --min_lr at most the peak (default: a tenth of it).")

@@ -77,3 +77,12 @@ def test_compile_auto_resolves_off_on_the_cpu_in_config_json(tiny_argv, tmp_path
 def test_bad_compile_flags_are_refused(tiny_argv, flags, message, capsys):
     assert main(tiny_argv(*flags)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_compiled_llama_trains_the_same_losses_as_eager(tiny_cfg, monkeypatch):
+    """--arch llama's rotary positions and norms go through dynamo's capture as gpt2's blocks do."""
+    eager = losses(trainer_for(tiny_cfg, "--arch=llama", "--compile=false"))
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    trainer = trainer_for(tiny_cfg, "--arch=llama", "--compile=true")
+    assert isinstance(trainer.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert losses(trainer) == pytest.approx(eager, rel=1e-5)

@@ -74,3 +74,63 @@ def test_the_training_help_names_every_other_command():
 
     assert build_parser().epilog == OTHER_COMMANDS
     assert set(re.findall(r"(?:: |; )([a-z]+)", OTHER_COMMANDS)) == set(COMMANDS)
+
+
+# ---- --arch ---------------------------------------------------------------------------------------------------------
+def test_every_architecture_the_flag_offers_is_a_model_and_gpt2_is_the_default():
+    from gpt_trainer.config import ARCHITECTURES
+    from gpt_trainer.model.gpt import ARCHS
+
+    assert list(ARCHITECTURES) == list(ARCHS)
+    assert parse_args([]).arch == "gpt2" and parse_args(["--arch=llama"]).arch == "llama"
+    assert parse_args(["--arch=llama", "--model_size=small"]).model_label() == \
+        "small llama (12 layers x 768 wide, 12 heads)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch=gpt3"], "argument --arch: invalid choice: 'gpt3' (choose from 'gpt2', 'llama')"),
+    (["--arch=llama", "--n_head=4", "--n_embd=36"], "gives heads of 9, an odd number"),
+])
+def test_a_bad_arch_exits_2_with_a_sentence_and_writes_nothing(tiny_argv, tmp_path, capsys, argv, message):
+    from gpt_trainer.commands.train import main
+
+    assert main(tiny_argv(*argv)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(tiny_argv("--arch=gpt2", "--n_head=4", "--n_embd=36", "--dry_run")) == 0  # odd heads: llama's alone
+
+
+def files_of(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_resumed_run_keeps_its_arch_and_another_given_is_refused_before_anything_changes(tiny_argv, tmp_path,
+                                                                                          capsys):
+    import json
+
+    from gpt_trainer.commands.train import main
+    from gpt_trainer.train import checkpoint
+
+    out = tmp_path / "out"
+    assert main(tiny_argv("--arch=llama", "--max_steps=2", "--eval_interval=2")) == 0
+    assert main(tiny_argv("--resume", "--max_steps=3", "--eval_interval=3")) == 0  # a bare --resume
+    saved = checkpoint.load(out / "checkpoints" / "latest.pt")
+    assert saved["config"]["arch"] == "llama" and saved["trainer"]["step"] == 3
+    assert "blocks.0.mlp.gate.weight" in saved["model"]
+    assert json.loads((out / "config.json").read_text())["arch"] == "llama"
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(tiny_argv("--resume", "--arch=gpt2", "--max_steps=4")) == 2
+    err = capsys.readouterr().err
+    assert "the model shape differs (arch: checkpoint 'llama', now 'gpt2')" in err and "--arch" in err
+    assert files_of(out) == before
+
+
+def test_a_run_recorded_before_arch_existed_is_a_gpt2_whatever_the_default():
+    from gpt_trainer.model.gpt import GPTConfig
+    from gpt_trainer.plan.resolve import recorded_flags
+
+    old = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}  # a checkpoint's config from before --arch
+    assert recorded_flags(old)["arch"] == "gpt2" and GPTConfig.from_flags(old, 50).arch == "gpt2"
+    assert recorded_flags({**old, "arch": "llama"})["arch"] == "llama"

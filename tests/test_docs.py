@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LANDING_PAGES = ("README.md", "README.zh-CN.md")
 MAX_LANDING_BYTES = 15 * 1024  # issue 19: the landing page stays at most 15 KB
 TOPICS = {"training.md", "data.md", "tracking.md", "sweeps.md", "distributed.md", "docker.md", "troubleshooting.md",
-          "flags.md", "benchmarks.md", "development.md", "clusters.md", "huggingface.md", "memory.md"}
+          "flags.md", "benchmarks.md", "development.md", "clusters.md", "huggingface.md", "memory.md", "gguf.md"}
 
 FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 COMMAND_LANGUAGES = ("bash", "sh", "shell", "console")

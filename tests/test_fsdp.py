@@ -78,6 +78,19 @@ def test_fsdp_with_activation_checkpointing_trains_the_same_losses_as_ddp(tmp_pa
     assert largest_difference(train_losses(tmp_path / "fsdp-ac"), ddp) <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_fsdp_trains_llama_with_the_losses_of_one_process(tmp_path, cache_dir):
+    """--arch llama sharded over two processes (each materialising its slices of the same initial weights) against
+    one process accumulating the two processes' micro-batches: the same losses from the first step on."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    train(one, cache_dir, "--arch=llama", "--max_steps=10", "--gradient_accumulation_steps=2", processes=1)
+    train(fsdp, cache_dir, "--arch=llama", "--max_steps=10", "--parallel=fsdp", "--activation_checkpointing")
+    assert checkpoint.load(one / "checkpoints" / "latest.pt")["config"]["arch"] == "llama"
+    assert checkpoint.load(fsdp / "checkpoints" / "latest", lazy=True)["config"]["arch"] == "llama"
+    assert list(train_losses(one)) == list(range(1, 11))
+    assert largest_difference(train_losses(fsdp), train_losses(one)) <= TOLERANCE
+
+
 def checkpoints(out: Path) -> tuple[list[str], list[str]]:
     """The kinds of a run folder's latest and best checkpoints present (latest.pt or the sharded latest/, ...)."""
     present = [[path.name for path in RunFolder(out).checkpoint_kinds(name) if path.exists()]

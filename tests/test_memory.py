@@ -242,3 +242,62 @@ def test_the_documented_tables_are_the_formula_s(page):
 
     text = (Path(__file__).resolve().parents[1] / page).read_text(encoding="utf-8")
     assert memory.table(False) in text and memory.table(True) in text, f"{page} drifted: python -m gpt_trainer.memory"
+
+
+# ---- --arch llama ---------------------------------------------------------------------------------------------------
+@functools.cache
+def llama_model(preset: str) -> torch.nn.Module:
+    shape = MODEL_PRESETS[preset]
+    flags = {"block_size": BLOCK, "n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+             "dropout": 0.0, "arch": "llama"}
+    torch.manual_seed(0)
+    return model.build_model(flags, VOCAB, "cpu").train()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_the_llama_activation_estimate_is_within_20_percent_of_what_forward_saves(preset, checkpointing, precision):
+    net = llama_model(preset)
+    net.cfg = dataclasses.replace(net.cfg, activation_checkpointing=checkpointing)
+    tokens = torch.randint(VOCAB, (BATCH, BLOCK + 1), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        measured = model.saved_activation_bytes(net, tokens[:, :-1], tokens[:, 1:])
+    plan = estimate(MODEL_PRESETS[preset], precision, BATCH, BLOCK, activation_checkpointing=checkpointing,
+                    vocab_size=VOCAB, arch="llama")
+    # autocast's weight copies are saved for backward unless the block is recomputed there
+    estimated = kept_activation_bytes(plan.setup) + (0 if checkpointing else plan.compute_copies)
+    print(f"llama {preset} {precision} checkpointing={checkpointing}: measured {measured:,} B, estimated "
+          f"{estimated:,} B")
+    assert abs(estimated - measured) <= 0.2 * measured
+    gpt2 = kept_activation_bytes(dataclasses.replace(plan.setup, arch="gpt2"))
+    assert kept_activation_bytes(plan.setup) != gpt2  # the control: the plan computes llama's block, not gpt2's
+
+
+def test_llama_weights_gradients_and_adamw_state_are_exact_for_ddp_and_divided_for_fsdp():
+    shape, net = MODEL_PRESETS["tiny"], llama_model("tiny")
+    count = parameter_count(shape, VOCAB, BLOCK, "llama")
+    assert count == net.num_params() and count != parameter_count(shape, VOCAB, BLOCK)
+    assert list(net.buffers()) == []  # the rotary tables are made per forward, not buffers the plan would miss
+    one = estimate(shape, "fp32", BATCH, BLOCK, vocab_size=VOCAB, arch="llama")
+    assert (one.parameters, one.gradients, one.optimizer) == (count * 4, count * 4, 2 * count * 4)
+    # under autocast every matrix but the embedding (read by index) is cast once: the untied output layer too
+    assert estimate(shape, "bf16", BATCH, BLOCK, vocab_size=VOCAB, arch="llama").compute_copies == \
+        2 * (count - VOCAB * shape.n_embd)
+    fsdp = estimate(shape, "bf16", BATCH, BLOCK, "fsdp", 4, vocab_size=VOCAB, arch="llama")
+    shard = -(-count // 4)
+    root = 2 * VOCAB * shape.n_embd + shape.n_embd  # embedding, output layer, final norm
+    gathered = root + 2 * memory.block_parameters(shape.n_embd, "llama", shape.n_head)
+    assert fsdp.parameters == shard * 4 and fsdp.gradients == shard * 4 + gathered * 4
+    assert fsdp.compute_copies == gathered * 2
+
+
+def test_dry_run_plans_the_llama_it_would_train(tiny_argv, tmp_path, capsys):
+    plans = {}
+    for arch in ("gpt2", "llama"):
+        assert main(tiny_argv("--dry_run", f"--arch={arch}", "--model_size=small", "--n_layer=12", "--n_head=12",
+                              "--n_embd=768", "--block_size=256", "--batch_size=16")) == 0
+        plans[arch] = json.loads(capsys.readouterr().out)
+    assert plans["llama"]["arch"] == "llama"
+    assert plans["llama"]["memory_estimate_gib"] != plans["gpt2"]["memory_estimate_gib"]
+    assert not (tmp_path / "out").exists()

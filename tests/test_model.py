@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from gpt_trainer.config import MODEL_PRESETS
-from gpt_trainer.model.gpt import GPT, GPTConfig, build_model, sample_next, saved_activation_bytes
+from gpt_trainer.model.gpt import GPT, GPTConfig, KVCache, build_model, sample_next, saved_activation_bytes
 
 
 def expected_params(vocab: int, block: int, layers: int, width: int) -> int:
@@ -219,3 +219,151 @@ def test_activation_checkpointing_flag_is_read_from_flags_and_old_checkpoints_de
     assert GPTConfig.from_flags(flags, 50).activation_checkpointing is False  # an old checkpoint's config lacks it
     assert GPTConfig.from_flags({**flags, "activation_checkpointing": True}, 50).activation_checkpointing is True
     assert build_model({**flags, "activation_checkpointing": True}, 50, "cpu").cfg.activation_checkpointing
+
+
+# ---- --arch llama ---------------------------------------------------------------------------------------------------
+def llama_params(vocab: int, layers: int, heads: int, width: int) -> int:
+    hidden = 8 * math.ceil(width * 8 / 3 / 8)  # 8/3 of the width, rounded up to a multiple of 8
+    per_block = 4 * width * width + 3 * width * hidden + 2 * width + 2 * (width // heads)  # attention, SwiGLU, norms
+    return layers * per_block + 2 * vocab * width + width  # embedding and output layer apart; no position table
+
+
+@pytest.mark.parametrize("size", list(MODEL_PRESETS))
+def test_every_preset_builds_as_llama_with_the_expected_parameter_count(size):
+    shape = MODEL_PRESETS[size]
+    with torch.device("meta"):
+        gpt2 = GPT(GPTConfig(50257, 1024, shape.n_layer, shape.n_head, shape.n_embd))
+        llama = GPT(GPTConfig(50257, 1024, shape.n_layer, shape.n_head, shape.n_embd, arch="llama"))
+    assert llama.num_params() == llama_params(50257, shape.n_layer, shape.n_head, shape.n_embd)
+    # the blocks hold about what gpt2's hold (SwiGLU's 8/3 x 3 matrices against GELU's 4 x 2); the rest is the
+    # output layer of its own less the position table
+    blocks = [sum(p.numel() for p in model.blocks.parameters()) for model in (gpt2, llama)]
+    assert abs(blocks[1] - blocks[0]) < 0.01 * blocks[0]
+    assert llama.num_params() - gpt2.num_params() == blocks[1] - blocks[0] + (50257 - 1024) * shape.n_embd \
+        - shape.n_embd
+
+
+def test_the_swiglu_width_is_8_thirds_rounded_up_to_a_multiple_of_8():
+    assert [GPTConfig(10, 8, 1, 2, width, arch="llama").mlp_hidden for width in (32, 128, 384, 768)] == \
+        [88, 344, 1024, 2048]
+    assert GPTConfig(10, 8, 1, 2, 128).mlp_hidden == 512  # gpt2: 4 x the width
+
+
+def llama(seed: int = 0, awake: bool = True, **shape) -> GPT:
+    """A small llama; `awake`: its zero-initialised residual projections drawn too, so that every block's attention
+    and MLP change the output (at initialisation each block is the identity)."""
+    shape = {"vocab_size": 50, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **shape}
+    torch.manual_seed(seed)
+    model = GPT.create(GPTConfig(**shape, arch="llama"))
+    if awake:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.normal_(0.0, 0.02)
+    return model
+
+
+def test_llama_has_no_biases_its_own_output_layer_and_blocks_that_start_as_the_identity():
+    model = llama(awake=False, n_layer=3)
+    params = dict(model.named_parameters())
+    assert not any(name.endswith(".bias") for name in params) and "wpe.weight" not in params
+    assert model.lm_head.weight is not model.wte.weight
+    assert {name for name, p in params.items() if p.dim() == 1 and torch.equal(p, torch.ones_like(p))} == \
+        {name for name, p in params.items() if p.dim() == 1}  # every gain 1: ln_1, ln_2, ln_f, q_norm, k_norm
+    zero = {name for name, p in params.items() if not p.any()}
+    assert zero == {f"blocks.{i}.{part}.proj.weight" for i in range(3) for part in ("attn", "mlp")}
+    for name, p in params.items():
+        if p.dim() == 2 and name not in zero:
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # every block adds zero to the residual stream: the logits skip them
+        assert torch.equal(model(idx, idx)[0], model.lm_head(model.ln_f(model.wte(idx))))
+
+
+def test_llama_trains_every_parameter():
+    model = llama(dropout=0.1).train()
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_later_token_never_changes_an_earlier_logit(arch):
+    torch.manual_seed(0)
+    model = (llama() if arch == "llama" else GPT.create(GPTConfig(50, 16, 2, 2, 32))).eval()
+    idx = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[0, 9:] = (changed[0, 9:] + 1) % 50
+    with torch.no_grad():
+        before, after = model(idx, idx)[0], model(changed, changed)[0]
+    assert torch.equal(before[:, :9], after[:, :9])
+    assert not torch.allclose(before[:, 9:], after[:, 9:])  # the control: the changed positions did change
+
+
+def test_llama_logits_with_the_key_value_cache_at_their_absolute_positions_equal_a_full_forward():
+    """Token by token with the cache (each rotated at its own position) gives the logits of one forward over the
+    whole sequence; the control: a cache whose new tokens are all turned as position 0 does not."""
+    model = llama().eval()
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(idx, idx)[0]
+
+        def stepwise(start_of) -> torch.Tensor:
+            """The logits of positions 3 to 11: the prompt's last, then one per token fed with the cache."""
+            caches = [KVCache() for _ in model.blocks]
+            first, _ = model(idx[:, :4], caches=caches)
+            steps = [model(idx[:, t:t + 1], caches=caches, start=start_of(t))[0] for t in range(4, 12)]
+            return torch.cat([first, *steps], dim=1)
+        torch.testing.assert_close(stepwise(lambda t: t), full[:, 3:], rtol=0, atol=1e-5)
+        assert (stepwise(lambda t: 0)[:, 1:] - full[:, 4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("new_tokens", [5, 30])  # 30 runs past block_size: the window is encoded again from 0
+def test_llama_kv_cache_generation_matches_full_recomputation(new_tokens):
+    model = llama(vocab_size=40).eval()
+    prompt = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(prompt, new_tokens, temperature=0), naive_greedy(model, prompt, new_tokens))
+
+
+def test_llama_weight_decay_spares_gains_and_the_embedding_but_not_the_output_layer():
+    model = llama()
+    decay, no_decay = model.optimizer_groups(0.1)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.lm_head.weight) in decayed and id(model.wte.weight) not in decayed
+    assert {name for name, p in model.named_parameters() if id(p) in decayed} == {
+        name for name, p in model.named_parameters() if p.dim() == 2 and name != "wte.weight"}
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_llama_activation_checkpointing_gives_the_plain_gradients():
+    plain, checkpointed = llama(n_layer=3), llama(n_layer=3, activation_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    loss, plain_calls, _ = forward_backward(plain.train(), idx)
+    ckpt_loss, ckpt_calls, _ = forward_backward(checkpointed.train(), idx)
+    assert (plain_calls, ckpt_calls) == (3, 6) and torch.equal(loss, ckpt_loss)
+    ckpt_params = dict(checkpointed.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(ckpt_params[name].grad, p.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_seed_gives_the_same_llama_and_flags_without_arch_give_gpt2():
+    flags = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+    torch.manual_seed(3)
+    one = build_model({**flags, "arch": "llama"}, 50, "cpu").state_dict()
+    torch.manual_seed(3)
+    two = build_model({**flags, "arch": "llama"}, 50, "cpu").state_dict()
+    assert all(torch.equal(value, two[key]) for key, value in one.items())
+    assert GPTConfig.from_flags(flags, 50).arch == "gpt2"  # a checkpoint from before --arch
+    assert "wpe.weight" in build_model(flags, 50, "cpu").state_dict()
+
+
+def test_llama_flops_count_the_output_layer_but_not_the_embedding_lookup():
+    model = llama()
+    c = model.cfg
+    matrices = sum(p.numel() for name, p in model.named_parameters() if name != "wte.weight")
+    assert model.flops_per_token() == 6 * matrices + 12 * c.n_layer * c.n_embd * c.block_size
+    gpt2 = GPT.create(GPTConfig(50, 16, 2, 2, 32))
+    assert gpt2.flops_per_token() == 6 * gpt2.num_params() + 12 * 2 * 32 * 16  # as measured before --arch

@@ -17,7 +17,7 @@ LAYERS = [
     "errors", "config",
     "system.hardware", "system.distributed", "system.compiling", "system.rundir", "system",
     "data.tokenizer", "data.corpora", "data.tokens", "data.batches", "data",
-    "model.gpt", "model.hf", "model",
+    "model.gpt", "model.qwen3", "model.hf", "model.gguf", "model",
     "plan.memory", "plan.autobatch", "plan.resolve", "plan.run_plan", "plan",
     "tracking.base", "tracking.wandb_records", "tracking.tensorboard", "tracking.wandb", "tracking.swanlab", "tracking",
     "train.metrics", "train.checkpoint", "train.health", "train.parallelize", "train.trainer", "train",

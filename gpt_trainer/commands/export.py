@@ -1,8 +1,13 @@
-"""Export a checkpoint as a Hugging Face transformers model folder (GPT-2 architecture, fast tokenizer, generation
-defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom code.
+"""Export a checkpoint as a Hugging Face transformers model folder (GPT-2 for --arch gpt2, Qwen3 for --arch llama; fast
+tokenizer, generation defaults and a model card) that `AutoModelForCausalLM` and `AutoTokenizer` load with no custom
+code.
 
     python -m gpt_trainer.export output_demo/checkpoints/best.pt my-poet   (the demo's best checkpoint)
     python -m gpt_trainer export output_demo/checkpoints/best.pt my-poet --overwrite
+    python -m gpt_trainer.export output_demo/checkpoints/best.pt my-poet --gguf   # also my-poet/model.gguf
+
+--gguf also writes the model as one GGUF file (model.gguf), for llama.cpp and ollama (model/gguf.py); it needs the
+run's sentencepiece tokenizer and is refused, before anything is written, for a char or an --init_from one.
 
 A sharded checkpoint (an --parallel fsdp run's folder, checkpoints/best or latest) is consolidated on the CPU in this
 one process; a run's output_dir stands for its latest checkpoint.
@@ -31,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import CHINESE_PROMPTS, ENGLISH_PROMPTS, TrainConfig
+from ..config import CHINESE_PROMPTS, EARLIER_ARCH, ENGLISH_PROMPTS, TrainConfig
 from ..data.tokenizer import tokenizer_from_dict
 from ..errors import UsageError, notice
-from ..model import hf
+from ..model import gguf, hf
 from ..model.gpt import GPTConfig
 from ..system.rundir import MARKER as RUN_MARKER
 from ..system.rundir import RunFolder, check_writable_folder
@@ -45,7 +50,7 @@ from .sample import CHECKPOINT_HELP, checkpoint_path, model_from_checkpoint
 # every file an export may write: --overwrite replaces these (and removes those of an earlier export this one does
 # not write)
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer.model", "README.md")
+                "tokenizer_config.json", "tokenizer.model", "README.md", "model.gguf")
 EXPORT_MARKER = ".gpt-trainer-export"  # what makes a folder an export's: written by the export, with its files' names
 # the named corpora's licences (the text's, which is what a model trained on it inherits); anything else is unknown
 CORPUS_LICENCES = {
@@ -65,6 +70,12 @@ NOT_REPLAYED = {"compile", "no_compile", "cache_dir", "resume", "overwrite", "dr
                 "allow_new_data", "prepare_workers"}
 # flags that hold a local path: the card shows only its last part (a full path would go to the Hub with the card)
 PATH_FLAGS = ("data_path", "output_dir", "init_from")
+# per --arch: the model card's tag, the transformers class, and what makes it the same architecture as ours
+ARCH_CARDS = {
+    "gpt2": ("gpt2", "GPT-2", "pre-LayerNorm, tanh GELU, learned positions, tied embeddings"),
+    "llama": ("qwen3", "Qwen3 (`Qwen3ForCausalLM`)", "pre-RMSNorm, rotary positions, RMSNorm on each head's queries "
+                                                     "and keys, SwiGLU MLP, no biases, an output layer of its own"),
+}
 # the model card's tag for the tokenizer kind (an --init_from folder's tokenizer gets none)
 KIND_TAGS = {"char": ", character-level", "sentencepiece": ", sentencepiece"}
 # the usual spellings of special tokens (sentencepiece's, GPT-2's, BERT's) by the role transformers gives them
@@ -199,7 +210,7 @@ def bare_name(path: str) -> str:
 def training_command(config: dict) -> str:
     """The command that trained it, rebuilt from the flags that differ from the defaults, paths as bare names."""
     defaults = TrainConfig().to_dict()
-    config = {**config, "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0 -> the flag's cuda
+    config = {"arch": EARLIER_ARCH, **config, "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0: cuda
     if config.get("tokenizer") != "sentencepiece":
         config.pop("vocab_size", None)  # the char vocabulary's size is the corpus's, an hf one the folder's
     if config.get("init_from"):
@@ -237,7 +248,9 @@ def model_card(state: dict, ids: dict, name: str) -> str:
         licence, about_licence = "unknown", (f"set it yourself: the licence of `{bare_name(base)}`, the model it "
                                              f"started from, applies as well as the text's")
     corpus = f"`{state.get('corpus')}`" + (f" (--data_path {bare_name(config['data_path'])})" if own_text else "")
-    origin = (f"fine-tuned with gpt-trainer from the GPT-2 folder `{bare_name(base)}`" if base
+    arch = config.get("arch") or EARLIER_ARCH
+    tag, their_class, same = ARCH_CARDS[arch]
+    origin = (f"fine-tuned with gpt-trainer from the {their_class.split()[0]} folder `{bare_name(base)}`" if base
               else "trained from scratch with gpt-trainer")
     steps, batch, block = trainer["step"], step_batch(state), config["block_size"]
     best = trainer.get("best_val_loss", math.inf)
@@ -259,15 +272,15 @@ def model_card(state: dict, ids: dict, name: str) -> str:
 library_name: transformers
 license: {licence}
 {"license_name: public-domain" + chr(10) if licence == "other" else ""}\
-tags: [gpt2, text-generation, gpt-trainer{KIND_TAGS.get(kind, "")}]
+tags: [{tag}, text-generation, gpt-trainer{KIND_TAGS.get(kind, "")}]
 pipeline_tag: text-generation
 ---
 
 # {name}
 
-A small GPT {origin}, exported as transformers' GPT-2 (the same architecture:
-pre-LayerNorm, tanh GELU, learned positions, tied embeddings). Layers: {config["n_layer"]}, heads: \
-{config["n_head"]}, width: {config["n_embd"]}, context: {block} tokens, vocabulary: {state["vocab_size"]}.
+A small GPT {origin} (--arch {arch}), exported as transformers' {their_class}, the same \
+architecture: {same}. Layers: {config["n_layer"]}, heads: {config["n_head"]}, width: {config["n_embd"]}, context: \
+{block} tokens, vocabulary: {state["vocab_size"]}.
 
 - Corpus: {corpus}. Licence: {licence} ({about_licence}).
 - Training: {steps:,} steps x {batch * block:,} tokens per step ({batch} sequences x {block} tokens) = \
@@ -288,7 +301,7 @@ print(tokenizer.decode(model.generate(**tokenizer({prompt}, return_tensors="pt")
 
 `generation_config.json` holds the run's sampling settings (temperature {config["temperature"]}, top-k \
 {config["top_k"]}, top-p {config["top_p"]}). The prompt and the new tokens together must fit in the context of \
-{block} tokens: transformers' GPT-2 does not slide the window as `python -m gpt_trainer.sample` does.
+{block} tokens: transformers does not slide the window as `python -m gpt_trainer.sample` does.
 """
 
 
@@ -300,8 +313,8 @@ def to_json(value: dict) -> bytes:
 def save_weights(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    n_layer = GPTConfig.from_flags(state["config"], state["vocab_size"]).n_layer
-    save_file(hf.to_hf(state["model"], n_layer), str(path), metadata={"format": "pt"})
+    shape = GPTConfig.from_flags(state["config"], state["vocab_size"])
+    save_file(hf.export_weights(state["model"], shape), str(path), metadata={"format": "pt"})
 
 
 def export_files(state: dict, name: str) -> dict[str, bytes]:
@@ -314,7 +327,7 @@ def export_files(state: dict, name: str) -> dict[str, bytes]:
                   "top_p": config["top_p"],
                   # transformers' GPT-2 cannot go past its context: a longer budget would fail every call
                   "max_new_tokens": min(config["sample_tokens"], shape.block_size - 1)}
-    return {"config.json": to_json(hf.gpt2_config(shape, ids)), "generation_config.json": to_json(generation),
+    return {"config.json": to_json(hf.export_config(shape, ids)), "generation_config.json": to_json(generation),
             **tokenizer_files(tokenizer, shape.block_size, ids), "README.md": model_card(state, ids, name).encode()}
 
 
@@ -396,9 +409,26 @@ def move_into_place(staging: Path, out: Path, earlier: list[str]) -> None:
         notice(f"note: kept files that are not the export's in {out}: {', '.join(kept)}.")
 
 
-def export(checkpoint_path: Path, out: Path, overwrite: bool = False) -> Path:
+def check_gguf(state: dict) -> None:
+    """--gguf writes llama.cpp's sentencepiece vocabulary, which only the run's own sentencepiece tokenizer gives."""
+    kind = state["tokenizer"]["kind"]
+    if kind == "char":
+        raise UsageError(f"--gguf: this checkpoint's tokenizer is char-level: {gguf.CHAR_PROBLEM}. GGUF export needs "
+                         f"a sentencepiece tokenizer: {gguf.SENTENCEPIECE_FIX}; the transformers folder (without "
+                         f"--gguf) works for a char model.")
+    if kind != "sentencepiece":
+        raise UsageError(f"--gguf: this checkpoint's tokenizer is its --init_from folder's (tokenizer.json), which "
+                         f"has no sentencepiece model for llama.cpp to read. GGUF export needs the run's own "
+                         f"sentencepiece tokenizer: {gguf.SENTENCEPIECE_FIX}; the transformers folder (without --gguf) "
+                         f"works for this model.")
+
+
+def export(checkpoint_path: Path, out: Path, overwrite: bool = False, gguf_type: str | None = None) -> Path:
+    """The folder (with `gguf_type`, also model.gguf in that precision)."""
     earlier = check_destination(out, overwrite)
     state = read_checkpoint(checkpoint_path)
+    if gguf_type:
+        check_gguf(state)
     out.parent.mkdir(parents=True, exist_ok=True)
     with named_as(out):
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
@@ -407,15 +437,20 @@ def export(checkpoint_path: Path, out: Path, overwrite: bool = False) -> Path:
             save_weights(state, staging / "model.safetensors")
         files = export_files(state, out.name)
         # no date in it: the same checkpoint exports to the same bytes
-        written = {"written_by": "python -m gpt_trainer.export", "files": sorted(["model.safetensors", *files])}
+        weights = ["model.safetensors", *(["model.gguf"] if gguf_type else [])]
+        written = {"written_by": "python -m gpt_trainer.export", "files": sorted([*weights, *files])}
         for name, data in {**files, EXPORT_MARKER: to_json(written)}.items():
             with named_as(out / name):
                 (staging / name).write_bytes(data)
+        if gguf_type:  # from the staged folder: the GGUF file holds what the transformers folder holds
+            with named_as(out / "model.gguf"):
+                gguf.write_gguf(staging, staging / "model.gguf", gguf_type)
         # mkdtemp and safetensors make private files: give the folder the modes any file the user writes gets
         mask = os.umask(0o022)
         os.umask(mask)
         os.chmod(staging, 0o777 & ~mask)
-        os.chmod(staging / "model.safetensors", 0o666 & ~mask)
+        for name in weights:
+            os.chmod(staging / name, 0o666 & ~mask)
         with named_as(out):
             move_into_place(staging, out, earlier)
     finally:
@@ -430,10 +465,24 @@ def export_command(argv: list[str] | None) -> int:
                                                    "earlier export with --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export's files in OUT_DIR (other files are kept)")
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write OUT_DIR/model.gguf, the model for llama.cpp and ollama (needs a sentencepiece "
+                             "tokenizer)")
+    parser.add_argument("--gguf_type", choices=gguf.GGUF_TYPES,
+                        help="the GGUF file's weight precision: f32 (the default: the weights as trained) or f16 (half "
+                             "the size; rounding may change a near-tie in greedy decoding)")
     args = parser.parse_args(argv)
-    out = export(args.checkpoint.expanduser(), args.out_dir.expanduser(), args.overwrite)
+    if args.gguf_type and not args.gguf:
+        raise UsageError(f"--gguf_type {args.gguf_type} is given without --gguf, so no GGUF file would be written. "
+                         f"Add --gguf, or drop --gguf_type.")
+    gguf_type = (args.gguf_type or "f32") if args.gguf else None
+    out = export(args.checkpoint.expanduser(), args.out_dir.expanduser(), args.overwrite, gguf_type)
     print(f"exported {args.checkpoint} to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
           f"and AutoTokenizer.from_pretrained({str(out)!r}).")
+    if gguf_type:
+        print(f"wrote {out / 'model.gguf'} ({gguf_type}) for llama.cpp (llama-completion -m "
+              f"{shlex.quote(str(out / 'model.gguf'))} -no-cnv -p PROMPT) and ollama (a Modelfile with FROM "
+              f"./model.gguf); see docs/gguf.md.")
     return 0
 
 

@@ -1,5 +1,8 @@
-"""A GPT in one file: pre-LayerNorm blocks, fused scaled-dot-product attention, GELU MLP, tied embeddings,
-GPT-2 initialisation, generation with a key/value cache, and the one factory every caller builds it with.
+"""A GPT in one file, of two architectures (--arch): gpt2 (pre-LayerNorm blocks, learned positions, GELU MLP, biases,
+tied embeddings, GPT-2's initialisation) and llama (Qwen3's layout: pre-RMSNorm blocks, rotary positions, RMSNorm on
+each head's queries and keys, SwiGLU MLP, no biases, an output layer of its own, zero-initialised residual
+projections). Both use fused scaled-dot-product attention and generate with a key/value cache; `ARCHS` holds the few
+parts in which they differ, and every caller builds the model through one factory.
 
 Every model is built on the meta device (no memory) and then materialised: its tensors allocated where it runs and
 initialised one whole tensor at a time on the CPU (`GPT.init_weights`), so a process sharding it with FSDP never holds
@@ -10,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..config import EARLIER_ARCH
 from ..errors import notice
 from ..system.hardware import autocast
 
@@ -31,12 +35,23 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     activation_checkpointing: bool = False  # recompute each block's activations in backward (training only)
+    arch: str = "gpt2"  # a key of ARCHS
 
     @classmethod
     def from_flags(cls, flags: Mapping, vocab_size: int) -> GPTConfig:
-        """The shape a run's flags describe: a TrainConfig's `to_dict()` or the `config` a checkpoint holds."""
+        """The shape a run's flags describe: a TrainConfig's `to_dict()` or the `config` a checkpoint holds (one
+        written before --arch existed is a gpt2)."""
         return cls(vocab_size, flags["block_size"], flags["n_layer"], flags["n_head"], flags["n_embd"],
-                   flags.get("dropout", 0.0), bool(flags.get("activation_checkpointing", False)))
+                   flags.get("dropout", 0.0), bool(flags.get("activation_checkpointing", False)),
+                   flags.get("arch") or EARLIER_ARCH)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        return ARCHS[self.arch].mlp_hidden(self.n_embd)
 
 
 def build_model(flags: Mapping, vocab_size: int, device: torch.device | str) -> GPT:
@@ -61,19 +76,56 @@ class KVCache:
         self.values: torch.Tensor | None = None
 
 
+RMS_EPSILON = 1e-6  # llama's RMSNorm epsilon, Qwen3's
+ROPE_BASE = 10000.0  # the rotary embedding's base (rope_theta)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learnable gain, normalised in float32 and cast back before the gain, as
+    transformers' Qwen3RMSNorm computes it (an exported model gives our logits)."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPSILON):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def rotary(start: int, length: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, head_dim) of the rotary angles of positions start.. start+length-1, computed in float32,
+    each frequency repeated over both halves of a head: the half-split ("rotate_half", NEOX) layout that transformers'
+    Qwen3 and llama.cpp use, so exported q and k weights need no permutation."""
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Each pair (i, i + head_dim/2) of a head's dimensions turned by its position's angle."""
+    half = x.size(-1) // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        arch = ARCHS[cfg.arch]
         self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=arch.bias)
+        self.q_norm, self.k_norm = arch.qk_norm(cfg.head_dim), arch.qk_norm(cfg.head_dim)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=arch.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.qkv(x).split(C, dim=2))
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:  # before caching: the cache holds keys already turned to their absolute positions
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:  # generation: append this step's keys/values to those of earlier positions
             if cache.keys is not None:
                 k = torch.cat([cache.keys, k], dim=2)
@@ -91,42 +143,71 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's: 4 x the width, tanh GELU."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
+class SwiGLU(nn.Module):
+    """llama's: a SiLU-gated product of two projections, then the projection back (Shazeer 2020)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+
+
+def swiglu_hidden(width: int) -> int:
+    """SwiGLU's hidden width: 8/3 of the model's, so that its three matrices hold about what GELU's two of 4 x the
+    width do, rounded up to a multiple of 8 for the GPU's matrix units (344 for 128, 1024 for 384, 2048 for 768)."""
+    return -(-8 * width // 24) * 8
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        arch = ARCHS[cfg.arch]
+        self.ln_1 = arch.norm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.ln_2 = arch.norm(cfg.n_embd)
+        self.mlp = arch.mlp(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         """The modules, on the default device, with torch's default weights: `GPT.create` (and `build_model`) make a
-        model to use, built on the meta device and materialised with GPT-2's initialisation."""
+        model to use, built on the meta device and materialised with its architecture's initialisation."""
         super().__init__()
         self.cfg = cfg
+        arch = ARCHS[cfg.arch]
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # positions: learned vectors added to the tokens', or (None) rotary angles applied inside attention
+        self.wpe = None if arch.rotary else nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = arch.norm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: the output projection is the embedding matrix
+        self.tie()
+
+    def tie(self) -> None:
+        if ARCHS[self.cfg.arch].tied:
+            self.lm_head.weight = self.wte.weight  # the output projection is the embedding matrix
 
     @classmethod
     def create(cls, cfg: GPTConfig, device: torch.device | str = "cpu") -> GPT:
@@ -140,11 +221,16 @@ class GPT(nn.Module):
         """Give a model built on the meta device its memory on `device` (under FSDP: this process's slices only; shard
         it first) and its initial weights (init_weights)."""
         self.to_empty(device=device)
-        self.lm_head.weight = self.wte.weight  # to_empty gave the unsharded output layer a tensor of its own
+        self.tie()  # to_empty gave the unsharded tied output layer a tensor of its own
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
+        """The architecture's initial weights, drawn on the CPU one whole tensor at a time (a sharded parameter keeps
+        its own slice of each), so a seed gives the same weights however the model is spread."""
+        ARCHS[self.cfg.arch].init(self)
+
+    @torch.no_grad()
+    def init_gpt2(self) -> None:
         """GPT-2's initialisation, drawn on the CPU one whole tensor at a time, in the order that constructing the
         model on the CPU and initialising it drew them, so that a seed gives the weights, and leaves the random state,
         it always gave: first each module's own reset_parameters, in construction order (the LayerNorms' ones and
@@ -170,6 +256,23 @@ class GPT(nn.Module):
                 keep_whole(self.get_parameter(name), drawn_normal(p, 0.02 / math.sqrt(2 * self.cfg.n_layer)))
 
     @torch.no_grad()
+    def init_llama(self) -> None:
+        """llama's initialisation, modded-nanogpt's and nanochat's: every matrix N(0, 0.02) (the embedding, qkv, the
+        MLP's gate and up, the output layer), drawn in the order of the parameters; the norms' gains 1; the residual
+        projections (attention's and the MLP's output) zero, so that each block starts as the identity and the
+        residual stream does not grow with depth."""
+        with torch.device("meta"):
+            shapes = GPT(self.cfg)
+        for name, p in shapes.named_parameters():
+            if p.dim() == 1:
+                whole = torch.ones(p.shape, device="cpu")
+            elif name.endswith("proj.weight"):
+                whole = torch.zeros(p.shape, device="cpu")
+            else:
+                whole = drawn_normal(p, 0.02)
+            keep_whole(self.get_parameter(name), whole)
+
+    @torch.no_grad()
     def load_whole(self, state: Mapping[str, torch.Tensor]) -> None:
         """Whole tensors by name (every key of an unsharded model's state_dict, with its shape) into this model; a
         sharded parameter keeps its own slice of each, so --init_from's weights start a sharded run too."""
@@ -185,8 +288,12 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list[KVCache] | None = None,
                 start: int = 0):
         T = idx.size(1)
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x, rope = self.wte(idx), None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:  # the angles of positions start.., computed once for every block
+            rope = rotary(start, T, self.cfg.head_dim, idx.device)
+        x = self.drop(x)
         # Activation checkpointing keeps only each block's input for backward and recomputes the block there. The
         # non-reentrant form restores the RNG state, so dropout draws the same masks and gradients are unchanged; the
         # blocks stay unwrapped, so state_dict keys (and FSDP2's per-block sharding) are the same either way.
@@ -194,9 +301,9 @@ class GPT(nn.Module):
                      and torch.is_grad_enabled())
         for i, block in enumerate(self.blocks):
             if recompute:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, None if caches is None else caches[i])
+                x = block(x, rope, None if caches is None else caches[i])
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # generation needs only the last position
@@ -205,17 +312,21 @@ class GPT(nn.Module):
         return logits, loss
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices only: biases, LayerNorm gains and embeddings stay undecayed."""
-        embeddings = {id(self.wte.weight), id(self.wpe.weight)}
+        """Decay matrices only: biases, norm gains and embeddings stay undecayed (llama's own output layer is a matrix
+        like the others; gpt2's is the embedding)."""
+        embeddings = {id(module.weight) for module in (self.wte, self.wpe) if module is not None}
         decay, no_decay = [], []
         for p in self.parameters():
             (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM appendix B)."""
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM appendix B). An
+        embedding that is only looked up multiplies nothing: llama's token embedding is left out (gpt2's is the output
+        layer too; its small position table stays counted, as the numbers measured before --arch counted it)."""
         c = self.cfg
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        looked_up = 0 if ARCHS[c.arch].tied else self.wte.weight.numel()
+        return 6 * (self.num_params() - looked_up) + 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -245,6 +356,27 @@ class GPT(nn.Module):
                 logits, _ = self(window, caches=caches)
             else:
                 logits, _ = self(next_token, caches=caches, start=start)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What an architecture chooses; everything else is shared."""
+    norm: Callable[[int], nn.Module]  # before attention, the MLP and the output layer
+    qk_norm: Callable[[int], nn.Module]  # on each head's queries and keys, over head_dim
+    mlp: Callable[[GPTConfig], nn.Module]
+    mlp_hidden: Callable[[int], int]  # the MLP's hidden width for a model width
+    bias: bool  # in attention's Linears (the MLP's choose their own)
+    rotary: bool  # rotary positions in attention; else a learned position table
+    tied: bool  # the output layer is the token embedding
+    init: Callable[[GPT], None]
+
+
+ARCHS = {
+    "gpt2": Arch(norm=nn.LayerNorm, qk_norm=lambda dim: nn.Identity(), mlp=MLP, mlp_hidden=lambda width: 4 * width,
+                 bias=True, rotary=False, tied=True, init=GPT.init_gpt2),
+    "llama": Arch(norm=RMSNorm, qk_norm=RMSNorm, mlp=SwiGLU, mlp_hidden=swiglu_hidden, bias=False, rotary=True,
+                  tied=False, init=GPT.init_llama),
+}
 
 
 def keep_whole(param: torch.Tensor, whole: torch.Tensor) -> None:

@@ -1,21 +1,26 @@
-"""Our GPT in Hugging Face transformers' GPT-2 layout, and back. The architectures are the same (pre-LayerNorm, tanh
-GELU, learned positions, biases, tied embeddings), so the mapping is exact, with two traps: GPT-2's `Conv1D` stores
-its weights as (in, out), the transpose of `nn.Linear`, and its config's defaults (token ids 50256, exact GELU in some
-variants) do not fit a small vocabulary. Only this module knows transformers' names and folder layout (--init_from
-reads a folder with safetensors, tokenizers and torch; transformers itself is not needed)."""
+"""Our GPT in Hugging Face transformers' layouts, and back, and the model folders --init_from starts from. --arch gpt2
+is transformers' GPT-2 (here): the architectures are the same (pre-LayerNorm, tanh GELU, learned positions, biases,
+tied embeddings), so the mapping is exact, with two traps: GPT-2's `Conv1D` stores its weights as (in, out), the
+transpose of `nn.Linear`, and its config's defaults (token ids 50256, exact GELU in some variants) do not fit a small
+vocabulary. --arch llama is transformers' Qwen3 (its names in qwen3.py). Only these modules know transformers' names
+and folder layout (--init_from reads a folder with safetensors, tokenizers and torch; transformers itself is not
+needed)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config import MODEL_PRESETS, ModelShape, TrainConfig, validate
 from ..data.tokenizer import HFTokenizer
 from ..errors import UsageError
+from . import qwen3
 from .gpt import GPT, GPTConfig
 
 LAYER_NORM_EPSILON = 1e-5  # torch's nn.LayerNorm default, which our model uses; GPT-2's too
@@ -79,25 +84,26 @@ def gpt2_config(cfg: GPTConfig, special_ids: dict[str, int | None]) -> dict:
     }
 
 
+def read_folder_config(folder: Path) -> GPTConfig:
+    """The shape (and --arch) a transformers folder describes: a GPT-2 one is a gpt2, a Qwen3 one a llama; any other
+    architecture, a variant our model does not compute the same way, or a config.json whose sizes are not sizes, is
+    refused with what differs."""
+    config = read_config_json(folder)
+    return read_qwen3_config(folder, config) if config.get("model_type") == "qwen3" else read_gpt2_config(folder)
+
+
 def read_gpt2_config(folder: Path) -> GPTConfig:
-    """The shape a transformers GPT-2 folder describes; a folder of another architecture, a GPT-2 variant our model
-    does not compute the same way, or a config.json whose sizes are not sizes, is refused with what differs."""
+    """The shape a transformers GPT-2 folder describes (see read_folder_config)."""
     config = read_config_json(folder)
     if config.get("model_type") != "gpt2":
         architectures = config.get("architectures")
         names = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
         raise UsageError(f"--init_from: {folder} holds a {config.get('model_type') or 'unknown'} model ({names}); "
-                         f"only GPT-2 (model_type gpt2) has this project's architecture.")
+                         f"only GPT-2 (model_type gpt2: --arch gpt2) and Qwen3 (model_type qwen3: --arch llama) have "
+                         f"this project's architectures.")
     # a key left out means GPT2Config's default
     sizes = {key: config.get(key, default) for key, default in SIZES.items()}
-    wrong = [f"{key} is {json.dumps(value)}" for key, value in sizes.items()
-             if not isinstance(value, int) or isinstance(value, bool) or value < 1]
-    if wrong:
-        raise UsageError(f"--init_from: {folder / 'config.json'} gives sizes that are not whole numbers of at least 1 "
-                         f"({'; '.join(wrong)}): {DAMAGED}.")
-    if sizes["n_embd"] % sizes["n_head"]:
-        raise UsageError(f"--init_from: {folder / 'config.json'} gives n_embd {sizes['n_embd']}, which does not divide "
-                         f"by n_head {sizes['n_head']} (each head takes an equal share of the width): {DAMAGED}.")
+    check_sizes(folder, sizes, "n_embd", "n_head")
     differs = [f"{key} is {json.dumps(config[key])}, not {json.dumps(want)}" for key, want in REQUIRED.items()
                if config.get(key, want) != want]
     n_inner = config.get("n_inner")
@@ -113,6 +119,29 @@ def read_gpt2_config(folder: Path) -> GPTConfig:
         raise UsageError(f"--init_from: {folder} is a GPT-2 variant this project's model does not compute the same "
                          f"way: {'; '.join(differs)}.")
     return GPTConfig(sizes["vocab_size"], sizes["n_positions"], sizes["n_layer"], sizes["n_head"], sizes["n_embd"])
+
+
+def read_qwen3_config(folder: Path, config: dict) -> GPTConfig:
+    """The llama shape a transformers Qwen3 folder's config.json describes (see read_folder_config)."""
+    sizes = qwen3.sizes_of(config)
+    check_sizes(folder, sizes, "hidden_size", "num_attention_heads")
+    differs = qwen3.unmapped(config, sizes)
+    if differs:
+        raise UsageError(f"--init_from: {folder} is a Qwen3 variant this project's llama does not compute the same "
+                         f"way: {'; '.join(differs)}.")
+    return qwen3.shape_of(sizes)
+
+
+def check_sizes(folder: Path, sizes: dict, width: str, heads: str) -> None:
+    """Sizes that are whole numbers of at least 1, and a width its heads divide."""
+    wrong = [f"{key} is {json.dumps(value)}" for key, value in sizes.items()
+             if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+    if wrong:
+        raise UsageError(f"--init_from: {folder / 'config.json'} gives sizes that are not whole numbers of at least 1 "
+                         f"({'; '.join(wrong)}): {DAMAGED}.")
+    if sizes[width] % sizes[heads]:
+        raise UsageError(f"--init_from: {folder / 'config.json'} gives {width} {sizes[width]}, which does not divide "
+                         f"by {heads} {sizes[heads]} (each head takes an equal share of the width): {DAMAGED}.")
 
 
 def read_config_json(folder: Path) -> dict:
@@ -149,10 +178,54 @@ def json_kind(value) -> str:
     return {list: "array", str: "string"}.get(type(value), "number")
 
 
-# ---- --init_from: a transformers GPT-2 folder as the start of a run --------------------------------------------------
+# ---- --init_from: a transformers GPT-2 or Qwen3 folder as the start of a run ----------------------------------------
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")
 # buffers of older GPT-2 code (the causal mask) and the tied output matrix: not weights of their own
 IGNORED = re.compile(r"^(lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias))$")
+
+
+def gpt2_names(cfg: GPTConfig) -> set[str]:
+    """The tensors a GPT-2 folder of our shape holds (the `transformer.` prefix dropped)."""
+    return {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} | {
+        f"h.{i}.{theirs}.{part}" for i in range(cfg.n_layer) for theirs in BLOCK_NAMES.values()
+        for part in ("weight", "bias")}
+
+
+def from_gpt2_folder(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A GPT-2 folder's weights as ours, the positions past cfg.block_size left out."""
+    ours = from_hf(state, cfg.n_layer)
+    ours["wpe.weight"] = ours["wpe.weight"][: cfg.block_size]
+    return ours
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How transformers names one of our architectures."""
+    name: str  # the architecture's name in sentences
+    names: Callable[[GPTConfig], set[str]]  # the tensors of a folder of a shape
+    layer: re.Pattern  # a tensor name of a block, its index the group
+    ignored: re.Pattern  # tensors a folder may hold that are not weights of their own
+    to_ours: Callable[[dict, GPTConfig], dict]
+    to_theirs: Callable[[dict, int], dict]  # our (cleaned) state and layers -> theirs
+    config_json: Callable[[GPTConfig, dict], dict]  # our shape and special ids -> config.json
+
+
+LAYOUTS = {
+    "gpt2": Layout("GPT-2", gpt2_names, re.compile(r"^h\.(\d+)\."), IGNORED, from_gpt2_folder, to_hf, gpt2_config),
+    "llama": Layout("Qwen3", qwen3.weight_names, qwen3.LAYER, qwen3.IGNORED,
+                    lambda state, cfg: qwen3.from_qwen3(state, cfg.n_layer),
+                    lambda state, n_layer: qwen3.to_qwen3(clean_state(state), n_layer), qwen3.qwen3_config),
+}
+
+
+def export_weights(state: dict, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's model state under transformers' names for its architecture."""
+    return LAYOUTS[cfg.arch].to_theirs(state, cfg.n_layer)
+
+
+def export_config(cfg: GPTConfig, special_ids: dict[str, int | None]) -> dict:
+    """config.json of the transformers class for the architecture."""
+    return LAYOUTS[cfg.arch].config_json(cfg, special_ids)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -196,27 +269,25 @@ def read_weights(folder: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     return {key.removeprefix("transformer."): value for key, value in clean_state(state).items()}
 
 
-def gpt2_state(folder: Path, cfg: GPTConfig, meta: bool = False) -> dict[str, torch.Tensor]:
-    """The folder's weights as the state of our model of shape `cfg` (positions past cfg.block_size left out), checked
-    against it: a missing, unexpected or misshapen tensor is refused by name, and so is one that is not floating point
-    or holds a NaN or an infinity (`meta`: names and shapes only, nothing loaded)."""
+def folder_state(folder: Path, cfg: GPTConfig, meta: bool = False) -> dict[str, torch.Tensor]:
+    """The folder's weights as the state of our model of shape `cfg` (a GPT-2's positions past cfg.block_size left
+    out), checked against it: a missing, unexpected or misshapen tensor is refused by name, and so is one that is not
+    floating point or holds a NaN or an infinity (`meta`: names and shapes only, nothing loaded)."""
+    layout = LAYOUTS[cfg.arch]
     state = read_weights(folder, meta)
-    layers = len({key.split(".")[1] for key in state if key.startswith("h.")})
+    layers = len({found.group(1) for key in state if (found := layout.layer.match(key))})
     if cfg.n_layer > layers:  # said before the names are listed: a config.json may claim a billion layers
-        raise UsageError(f"--init_from: the weights in {folder} do not fit the GPT-2 its config.json describes: it "
-                         f"says {cfg.n_layer} layers, the weights hold {layers}.")
-    expected = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"} | {
-        f"h.{i}.{theirs}.{part}" for i in range(cfg.n_layer) for theirs in BLOCK_NAMES.values()
-        for part in ("weight", "bias")}
+        raise UsageError(f"--init_from: the weights in {folder} do not fit the {layout.name} its config.json "
+                         f"describes: it says {cfg.n_layer} layers, the weights hold {layers}.")
+    expected = layout.names(cfg)
     missing = sorted(expected - state.keys(), key=natural)
-    unexpected = sorted((key for key in state.keys() - expected if not IGNORED.match(key)), key=natural)
+    unexpected = sorted((key for key in state.keys() - expected if not layout.ignored.match(key)), key=natural)
     if missing or unexpected:
         said = [f"missing {listed(missing)}"] if missing else []
         said += [f"unexpected {listed(unexpected)}"] if unexpected else []
-        raise UsageError(f"--init_from: the weights in {folder} do not fit the GPT-2 its config.json describes "
-                         f"({cfg.n_layer} layers): {'; '.join(said)}.")
-    ours = from_hf(state, cfg.n_layer)
-    ours["wpe.weight"] = ours["wpe.weight"][: cfg.block_size]
+        raise UsageError(f"--init_from: the weights in {folder} do not fit the {layout.name} its config.json "
+                         f"describes ({cfg.n_layer} layers): {'; '.join(said)}.")
+    ours = layout.to_ours(state, cfg)
     with torch.device("meta"):  # the shapes our model has, nothing allocated
         wanted = {key: tuple(value.shape) for key, value in GPT(cfg).state_dict().items()}
     wrong = [f"{key} is {tuple(ours[key].shape)}, not {shape}" for key, shape in wanted.items()
@@ -271,7 +342,7 @@ def folder_tokenizer(folder: Path, vocab_size: int | None = None) -> HFTokenizer
     model's vocabulary (`vocab_size`, default config.json's)."""
     from tokenizers import BertWordPieceTokenizer, Tokenizer
 
-    vocab_size = vocab_size or read_gpt2_config(folder).vocab_size
+    vocab_size = vocab_size or read_folder_config(folder).vocab_size
     try:
         if (folder / "tokenizer.json").is_file():
             json_text = Tokenizer.from_file(str(folder / "tokenizer.json")).to_str()
@@ -299,17 +370,18 @@ def init_tokenizer(cfg: TrainConfig) -> HFTokenizer | None:
 
 
 def load_gpt2_folder(folder: Path, block_size: int | None = None) -> tuple[GPTConfig, dict, HFTokenizer]:
-    """A transformers GPT-2 folder as (our model's shape, its state, the tokenizer), every part checked; `block_size`:
-    fewer positions than the folder's n_positions."""
-    cfg = read_gpt2_config(folder)
+    """A transformers GPT-2 or Qwen3 folder as (our model's shape, its state, the tokenizer), every part checked;
+    `block_size`: fewer positions than the folder's (n_positions, max_position_embeddings)."""
+    cfg = read_folder_config(folder)
     if block_size is not None:
         cfg.block_size = block_size
-    return cfg, gpt2_state(folder, cfg), folder_tokenizer(folder, cfg.vocab_size)
+    return cfg, folder_state(folder, cfg), folder_tokenizer(folder, cfg.vocab_size)
 
 
 def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> TrainConfig:
-    """The run's configuration with --init_from's shape: --n_layer, --n_head, --n_embd and --block_size (n_positions)
-    from the folder, unless `given` on the command line, where they must agree (--block_size may be smaller); a given
+    """The run's configuration with --init_from's shape: --arch (gpt2 for a GPT-2 folder, llama for a Qwen3 one),
+    --n_layer, --n_head, --n_embd and --block_size (n_positions, max_position_embeddings) from the folder, unless
+    `given` on the command line, where they must agree (--block_size may be smaller); a given
     --model_size must describe the same shape (with the shape flags given beside it), and a preset with it names the
     run. Its config.json and tokenizer are checked here, its weights by init_weights: a bad folder stops the run
     before anything is written."""
@@ -317,12 +389,12 @@ def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> T
         return cfg
     folder = Path(cfg.init_from)
     if not folder.is_dir():
-        raise UsageError(f"--init_from {folder}: no such folder. Give the folder of a transformers GPT-2 model "
-                         f"(config.json, the weights and the tokenizer).")
-    shape = read_gpt2_config(folder)
+        raise UsageError(f"--init_from {folder}: no such folder. Give the folder of a transformers GPT-2 or Qwen3 "
+                         f"model (config.json, the weights and the tokenizer).")
+    shape = read_folder_config(folder)
     folder_shape = ModelShape(shape.n_layer, shape.n_head, shape.n_embd)
-    conflicts = [f"--{name} {getattr(cfg, name)} (the folder's: {getattr(shape, name)})" for name in SHAPE_FLAGS
-                 if name in given and getattr(cfg, name) != getattr(shape, name)]
+    conflicts = [f"--{name} {getattr(cfg, name)} (the folder's: {getattr(shape, name)})" for name in
+                 ("arch", *SHAPE_FLAGS) if name in given and getattr(cfg, name) != getattr(shape, name)]
     asked = MODEL_PRESETS[cfg.model_size]
     # the preset sets the shape flags not given beside it (those given were compared above)
     if "model_size" in given and any(getattr(asked, name) != getattr(shape, name) for name in SHAPE_FLAGS
@@ -339,8 +411,8 @@ def settle_init_from(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> T
         shape.block_size = cfg.block_size
     folder_tokenizer(folder, shape.vocab_size)
     named = next((name for name, preset in MODEL_PRESETS.items() if preset == folder_shape), cfg.model_size)
-    settled = dataclasses.replace(cfg, model_size=named, n_layer=shape.n_layer, n_head=shape.n_head,
-                                  n_embd=shape.n_embd, block_size=shape.block_size)
+    settled = dataclasses.replace(cfg, arch=shape.arch, model_size=named, n_layer=shape.n_layer,
+                                  n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size)
     validate(settled)
     return settled
 
@@ -351,9 +423,9 @@ def init_weights(cfg: TrainConfig, load: bool = True) -> dict[str, torch.Tensor]
     returned as our model's state for the trainer to start from; without it (a run resumed from its checkpoint, whose
     weights win) only their names and shapes are read, and None is returned."""
     folder = Path(cfg.init_from)
-    shape = read_gpt2_config(folder)
+    shape = read_folder_config(folder)
     shape.block_size = cfg.block_size
-    weights = gpt2_state(folder, shape, meta=not load)
+    weights = folder_state(folder, shape, meta=not load)
     return weights if load else None
 
 

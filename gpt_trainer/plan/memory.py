@@ -3,8 +3,8 @@ their gradients, AdamW's state, what the forward pass keeps for the backward pas
 between steps, and a fixed allowance for the CUDA context - and, when that is more than the GPU holds, the change of
 flags that fits.
 
-The activation formula follows gpt_trainer/model.py operation by operation (tests/test_memory.py compares it with the
-bytes a real forward pass saves). Per token and block, with C the width, H the heads, a the bytes of an activation
+The activation formula follows gpt_trainer/model/gpt.py operation by operation (tests/test_memory.py compares it with
+the bytes a real forward pass saves). Per token and block, with C the width, H the heads, a the bytes of an activation
 (2 under bf16/fp16 autocast, 4 in fp32) and r = 4 (the residual stream stays fp32 under autocast):
   ln_1 and ln_2 keep their inputs (2 x r x C) and their mean and 1/std (4 x 4 bytes); the qkv, proj, fc and MLP proj
   Linears keep their inputs (ln_1's output C, the attention output C, ln_2's output C, the GELU output 4C, x a);
@@ -13,6 +13,14 @@ bytes a real forward pass saves). Per token and block, with C the width, H the h
   dropout with p > 0 keeps a one-byte mask (2 per block, one after the embeddings). Together 2rC + 14aC + 16 + 4H
   bytes (+ 2C with dropout): 64C + 4H + 16 in fp32, 36C + 4H + 16 in bf16 (32C + ... under FSDP's bf16 policy, where
   the residual stream is bf16 too: r = 2).
+--arch llama's block, with h the SwiGLU width (8/3 C rounded up) and n = 4 where the norms normalise an fp32 copy of a
+narrower input (n = 0 where the input is fp32 already): the RMSNorms ln_1 and ln_2 keep their inputs (2 x r x C), the
+normalised values the gain multiplies (2 x r x C) and 1/rms (2 x 4 bytes); QK-norm keeps the same of q and k over each
+head (2 x a x C, 2H x 4 bytes, and their fp32 copies 2 x n x C); qkv keeps its input (a x C) and its output (3C x a:
+v is a view of it); attention keeps the rotated q and k (2 x a x C), its output (C x a) and the log-sum-exp (H x 4);
+the MLP keeps ln_2's output once per Linear that reads it (a x C, twice under autocast, which casts it for each), and
+the gate's output, the SiLU's, the up projection's and their product (4h x a). Rotary positions add one cos and one sin
+table per forward (T x head_dim x 4 bytes each, shared by every block).
 Outside the blocks: the token ids (8 bytes), ln_f's input and output, and the fp32 log-probabilities the loss keeps
 (4V bytes per token, V the vocabulary: often the largest single tensor). While the loss is back-propagated two more
 fp32 B x T x V tensors exist (the gradients of the log-probabilities and of the logits), and the caller holds the
@@ -42,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MODEL_PRESETS, ModelShape, TrainConfig
+from ..model.gpt import swiglu_hidden
 from ..system.hardware import MEMORY_MARGIN, device_name, usable_gpu_memory
 
 GIB = 2**30
@@ -64,6 +73,7 @@ class Setup:
     vocab_size: int
     dropout: float = 0.0
     accumulation: int = 1  # micro-batches per optimizer step: memory does not depend on it, suggestions keep it
+    arch: str = "gpt2"  # --arch
 
     @property
     def sharded(self) -> bool:
@@ -79,21 +89,34 @@ class Setup:
         return self.activation_bytes if self.sharded else RESIDUAL_BYTES
 
 
-def parameter_count(shape: ModelShape, vocab_size: int, block_size: int) -> int:
-    """The parameters of gpt_trainer.model.GPT (the output projection is tied to the token embedding)."""
-    C = shape.n_embd
-    return vocab_size * C + block_size * C + shape.n_layer * block_parameters(C) + 2 * C
+def parameter_count(shape: ModelShape, vocab_size: int, block_size: int, arch: str = "gpt2") -> int:
+    """The parameters of gpt_trainer.model.gpt.GPT: gpt2's output projection is tied to the token embedding and it
+    has a position table; llama has an output projection of its own and no position table."""
+    C, blocks = shape.n_embd, shape.n_layer * block_parameters(shape.n_embd, arch, shape.n_head)
+    if arch == "llama":
+        return 2 * vocab_size * C + blocks + C
+    return vocab_size * C + block_size * C + blocks + 2 * C
 
 
-def block_parameters(C: int) -> int:
-    """One block: two LayerNorms (2C each), qkv (3C x C + 3C), proj (C x C + C), fc (4C x C + 4C), proj (4C x C + C)."""
+def block_parameters(C: int, arch: str = "gpt2", n_head: int = 1) -> int:
+    """One block. gpt2: two LayerNorms (2C each), qkv (3C x C + 3C), proj (C x C + C), fc (4C x C + 4C), proj
+    (4C x C + C). llama: two RMSNorms (C each), qkv (3C x C), the q and k norms (C / n_head each), proj (C x C), and
+    SwiGLU's gate, up and down (3 x C x h)."""
+    if arch == "llama":
+        return 4 * C * C + 3 * C * swiglu_hidden(C) + 2 * C + 2 * (C // n_head)
     return 12 * C * C + 13 * C
 
 
 def block_activation_bytes(s: Setup) -> int:
-    """What one block's forward keeps for its backward, per micro-batch (the formula in the module's docstring)."""
-    C, H, a = s.shape.n_embd, s.shape.n_head, s.activation_bytes
-    per_token = 2 * s.residual_bytes * C + 14 * a * C + 2 * 2 * FP32 + H * FP32
+    """What one block's forward keeps for its backward, per micro-batch (the formulas in the module's docstring)."""
+    C, H, a, r = s.shape.n_embd, s.shape.n_head, s.activation_bytes, s.residual_bytes
+    if s.arch == "llama":
+        copies = 2 * FP32 * C * (a != FP32) + 2 * FP32 * C * (r != FP32)  # norms' fp32 copies of narrower inputs
+        ln_2_out = a * C * (1 if a == FP32 else 2)  # cast once for the gate and once for the up projection
+        per_token = (4 * r * C + 2 * a * C + 2 * FP32 + 3 * H * FP32 + copies + 7 * a * C + ln_2_out
+                     + 4 * a * swiglu_hidden(C))
+    else:
+        per_token = 2 * r * C + 14 * a * C + 2 * 2 * FP32 + H * FP32
     if s.dropout > 0:
         per_token += 2 * MASK_BYTES * C
     return s.micro_batch * s.block_size * per_token
@@ -104,8 +127,14 @@ def kept_activation_bytes(s: Setup) -> int:
     tests/test_memory.py compares with the bytes a real forward saves. With activation checkpointing, only each
     block's input is kept (the recomputed block is added by `estimate`)."""
     C, tokens = s.shape.n_embd, s.micro_batch * s.block_size
-    embeddings = tokens * 8 + s.block_size * 8 + (tokens * MASK_BYTES * C if s.dropout > 0 else 0)  # ids, positions
-    head = tokens * (s.residual_bytes * C + 2 * FP32 + s.activation_bytes * C + FP32 * s.vocab_size + 8)
+    mask = tokens * MASK_BYTES * C if s.dropout > 0 else 0
+    logprobs = FP32 * s.vocab_size + 8
+    if s.arch == "llama":  # the rotary tables; ln_f keeps its input, the normalised values and 1/rms
+        embeddings = tokens * 8 + 2 * s.block_size * (C // s.shape.n_head) * FP32 + mask
+        head = tokens * (2 * s.residual_bytes * C + FP32 + s.activation_bytes * C + logprobs)
+    else:  # ids, positions; ln_f keeps its input, mean and 1/std
+        embeddings = tokens * 8 + s.block_size * 8 + mask
+        head = tokens * (s.residual_bytes * C + 2 * FP32 + s.activation_bytes * C + logprobs)
     if s.activation_checkpointing:
         blocks = s.shape.n_layer * tokens * s.residual_bytes * C
     else:
@@ -217,7 +246,7 @@ def gib(n: int) -> str:
 def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: int, parallel: str = "ddp",
              processes: int = 1, activation_checkpointing: bool = False, vocab_size: int = 50257,
              dropout: float = 0.0, capacity: int | None = None, device: str = "the CPU",
-             accumulation: int = 1) -> MemoryPlan:
+             accumulation: int = 1, arch: str = "gpt2") -> MemoryPlan:
     """Bytes per GPU of one training step (forward, backward, AdamW step) of gpt_trainer.model.GPT.
 
     DDP (and one process): every process holds all weights, gradients and optimizer state, and with several processes
@@ -226,8 +255,8 @@ def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: in
     and their fp32 gradients before they are reduce-scattered. bf16/fp16 under DDP: autocast caches a half-precision
     copy of every weight matrix during the step (and again during each token's forward when sampling)."""
     s = Setup(shape, precision, micro_batch, block_size, parallel, processes, activation_checkpointing, vocab_size,
-              dropout, accumulation)
-    count = parameter_count(shape, vocab_size, block_size)
+              dropout, accumulation, arch)
+    count = parameter_count(shape, vocab_size, block_size, arch)
     half = precision != "fp32"
     C = shape.n_embd
     if s.sharded:
@@ -238,7 +267,8 @@ def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: in
         optimizer = 2 * shard * FP32
     else:
         parameters = count * FP32
-        compute_copies = 2 * (count - block_size * C) if half else 0  # every matrix but the position embedding
+        looked_up = vocab_size * C if arch == "llama" else block_size * C  # tables read by index, never cast
+        compute_copies = 2 * (count - looked_up) if half else 0  # every other matrix
         gradients = count * FP32 * (2 if processes > 1 else 1)
         optimizer = 2 * count * FP32
     activations = kept_activation_bytes(s)
@@ -256,8 +286,9 @@ def gathered_parameters(s: Setup) -> int:
     embeddings, the tied output layer, the final norm: FSDP keeps it gathered from the forward to the end of the
     backward), the block running and the next one being gathered."""
     C = s.shape.n_embd
-    root = s.vocab_size * C + s.block_size * C + 2 * C
-    return root + 2 * block_parameters(C)
+    root = parameter_count(s.shape, s.vocab_size, s.block_size, s.arch) - s.shape.n_layer * block_parameters(
+        C, s.arch, s.shape.n_head)
+    return root + 2 * block_parameters(C, s.arch, s.shape.n_head)
 
 
 def generation_bytes(s: Setup) -> int:
@@ -267,8 +298,12 @@ def generation_bytes(s: Setup) -> int:
     block's forward over the window (the MLP's two 4C-wide ones, its input, the residual stream twice); and the last
     position's logits with the few fp32 copies sampling makes of them."""
     C, window, a = s.shape.n_embd, s.block_size, s.activation_bytes
-    cache = (3 * s.shape.n_layer + 2) * window * C * a
-    widest = window * C * (9 * a + 2 * s.residual_bytes)
+    if s.arch == "llama":  # the cache keeps the rotated keys (C) and the qkv output v views (3C); SwiGLU's 3 h-wide
+        cache = (4 * s.shape.n_layer + 2) * window * C * a
+        widest = window * (3 * swiglu_hidden(C) * a + C * (a + 2 * s.residual_bytes))
+    else:
+        cache = (3 * s.shape.n_layer + 2) * window * C * a
+        widest = window * C * (9 * a + 2 * s.residual_bytes)
     return cache + widest + s.vocab_size * (a + 4 * FP32)
 
 
@@ -285,7 +320,7 @@ def plan_for_flags(cfg: TrainConfig, vocab_size: int, precision: str, micro_batc
     """The memory plan of a run's flags."""
     return estimate(ModelShape(cfg.n_layer, cfg.n_head, cfg.n_embd), precision, micro_batch, cfg.block_size,
                     cfg.parallel, processes, cfg.activation_checkpointing, vocab_size, cfg.dropout, capacity, device,
-                    accumulation)
+                    accumulation, cfg.arch)
 
 
 def plan_for_run(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, micro_batch: int,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CORPORA, DATA_FLAGS, TrainConfig, build_parser, validate
+from ..config import CORPORA, DATA_FLAGS, EARLIER_ARCH, TrainConfig, build_parser, validate
 from ..errors import UsageError
 from ..model import hf
 from ..system.distributed import World
@@ -22,7 +22,7 @@ from .autobatch import check_batch_flags
 OPTIMISATION_FLAGS = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "batch_size",
                       "gradient_accumulation_steps", "max_steps", "epochs", "dropout", "max_bad_steps")
 # flags that say what the run is, its text and tokens and its model's shape: on --resume, a bare one keeps the run's
-RUN_FLAGS = (*DATA_FLAGS, "model_size", "n_layer", "n_head", "n_embd", "block_size")
+RUN_FLAGS = (*DATA_FLAGS, "arch", "model_size", "n_layer", "n_head", "n_embd", "block_size")
 # ways of saying one thing: a flag of a group given on --resume replaces what the run recorded for the whole group
 SAID_TOGETHER = (("use_chinese", "data_path", "corpus"), ("tokenizer", "init_from"), ("max_steps", "epochs"))
 FLAG_TYPES = typing.get_type_hints(TrainConfig)
@@ -93,10 +93,10 @@ def keep_run_values(cfg: TrainConfig, recorded: dict, given: frozenset[str]) -> 
 
 
 def recorded_flags(recorded: dict) -> dict:
-    """The flags a run recorded. Its description holds two of them resolved: `corpus` is the text's name (for a named
-    corpus the --corpus that gives the same text; with --data_path none was given) and `vocab_size` the vocabulary's
-    (--vocab_size's only for sentencepiece, the one tokenizer that reads it)."""
-    flags = dict(recorded)
+    """The flags a run recorded (a run from before --arch: gpt2). Its description holds two of them resolved: `corpus`
+    is the text's name (for a named corpus the --corpus that gives the same text; with --data_path none was given)
+    and `vocab_size` the vocabulary's (--vocab_size's only for sentencepiece, the one tokenizer that reads it)."""
+    flags = {"arch": EARLIER_ARCH, **recorded}  # a run recorded before --arch existed trained a gpt2
     if flags.get("data_path") or flags.get("corpus") not in CORPORA:
         flags["corpus"] = None
     if flags.get("tokenizer") != "sentencepiece":

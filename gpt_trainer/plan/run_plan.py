@@ -157,10 +157,12 @@ def format_lr(lr: float) -> str:
 
 
 def tags(cfg: TrainConfig, device: torch.device, precision: str, world: World) -> list[str]:
-    """The run's tags for wandb and SwanLab: model size, precision, what it ran on, then --wandb_tags."""
+    """The run's tags for wandb and SwanLab: model size, architecture, precision, what it ran on, then
+    --wandb_tags."""
     if device.type == "cuda":
         hardware = "single-gpu" if world.size == 1 else f"{world.size}-gpus"
     else:
         hardware = "cpu" if world.size == 1 else f"cpu-{world.size}-processes"
-    return [t for t in (cfg.model_size, precision, hardware, *(t.strip() for t in cfg.wandb_tags.split(","))) if t]
+    return [t for t in (cfg.model_size, cfg.arch, precision, hardware, *(t.strip() for t in cfg.wandb_tags.split(",")))
+            if t]
 

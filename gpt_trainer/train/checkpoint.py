@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..config import TrainConfig
+from ..config import EARLIER_ARCH, TrainConfig
 from ..errors import CheckpointNotFinished, CheckpointNotWritten, UsageError, notice
 from ..system import distributed
 from ..system.rundir import SHARDED_FILES, RunFolder
@@ -63,7 +63,7 @@ from ..system.rundir import SHARDED_FILES, RunFolder
 FORMAT_VERSION = 3
 SHARD_FILE_BYTES = 128 << 20  # the size of a sharded checkpoint's files (file_numbers says why)
 FULL_DISK_BYTES = 1 << 20  # a write that failed with less free than this failed for want of space
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer")
+SHAPE_FIELDS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "tokenizer")
 # the top-level keys of each format (format 3 is format 2 without its scheduler, which is no longer needed); a file
 # without them is not a checkpoint of ours
 PARTS = {"format_version", "model", "optimizer", "scaler", "rng", "config", "vocab_size", "tokenizer", "corpus",
@@ -866,7 +866,8 @@ def check_same_text(saved: dict, digest: str, allowed: bool, path: Path) -> None
 def check_same_shape(saved: dict, cfg: TrainConfig, tokenizer, path: Path) -> None:
     """A checkpoint only fits a model of the same shape and vocabulary; say exactly what differs."""
     current = {**{k: getattr(cfg, k) for k in SHAPE_FIELDS}, "vocabulary size": tokenizer.vocab_size}
-    before = {**{k: saved["config"].get(k) for k in SHAPE_FIELDS}, "vocabulary size": saved["vocab_size"]}
+    recorded = {"arch": EARLIER_ARCH, **saved["config"]}  # a checkpoint from before --arch holds a gpt2
+    before = {**{k: recorded.get(k) for k in SHAPE_FIELDS}, "vocabulary size": saved["vocab_size"]}
     diffs = [f"{k}: checkpoint {before[k]!r}, now {current[k]!r}" for k in current if before[k] != current[k]]
     if not diffs and saved["tokenizer"] != tokenizer.to_dict():
         diffs = ["vocabulary: same size, different tokens (another corpus?)"]
@@ -874,7 +875,7 @@ def check_same_shape(saved: dict, cfg: TrainConfig, tokenizer, path: Path) -> No
         started = saved["config"].get("init_from")
         origin = f" (it started from --init_from {started})" if started and started != cfg.init_from else ""
         raise UsageError(
-            f"cannot resume from {path}: the model shape differs ({'; '.join(diffs)}). Pass the same --model_size, "
-            f"overrides, --init_from and data as the original run{origin} (see its config.json), or train into a new "
-            f"--output_dir."
+            f"cannot resume from {path}: the model shape differs ({'; '.join(diffs)}). Pass the same --arch, "
+            f"--model_size, overrides, --init_from and data as the original run{origin} (see its config.json), or "
+            f"train into a new --output_dir."
         )

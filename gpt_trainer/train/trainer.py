@@ -22,7 +22,7 @@ from ..data.batches import TrainBatches, to_device, validation_windows
 from ..data.tokens import TokenData
 from ..errors import Diverged, OutOfMemory, WeightsNotFinite, is_out_of_memory
 from ..model.gpt import empty_model, generate_text
-from ..model.hf import gpt2_state
+from ..model.hf import folder_state
 from ..plan.run_plan import RunPlan
 from ..system import distributed
 from ..system.distributed import all_reduce
@@ -66,7 +66,7 @@ class Trainer:
         self.parallel = parallelize(self.model, plan)
         # --init_from: a fresh run starts from the folder's weights; a resumed one from its checkpoint's (restore)
         if cfg.init_from and plan.resume_from is None:
-            start = start_weights if start_weights is not None else gpt2_state(Path(cfg.init_from), self.model.cfg)
+            start = start_weights if start_weights is not None else folder_state(Path(cfg.init_from), self.model.cfg)
             self.model.load_whole(start)
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
