@@ -33,13 +33,20 @@ class GroupSetting:
     weight_decay: float
 
 
-def group_settings(cfg: TrainConfig) -> list[GroupSetting]:
-    """The flags' settings for each parameter group, in the order build_optimizer makes the groups: AdamW's decayed
-    matrices and undecayed rest; under muon first Muon's block matrices (--muon_learning_rate, --muon_weight_decay)."""
-    adamw = [GroupSetting(cfg.learning_rate, cfg.weight_decay), GroupSetting(cfg.learning_rate, 0.0)]
-    if cfg.optimizer == "muon":
-        return [GroupSetting(cfg.muon_learning_rate, cfg.muon_weight_decay), *adamw]
-    return adamw
+# the kinds of parameter group: Muon's block matrices, AdamW's decayed matrices, AdamW's undecayed rest
+MUON, DECAY, REST = "muon", "decay", "rest"
+ADAMW_ROLES = (DECAY, REST)  # torch.optim.AdamW's groups (--optimizer adamw) carry no role: theirs by position
+
+
+def group_settings(cfg: TrainConfig) -> dict[str, GroupSetting]:
+    """The flags' settings for each kind of parameter group (under muon --learning_rate and --weight_decay are the
+    AdamW groups')."""
+    return {MUON: GroupSetting(cfg.muon_learning_rate, cfg.muon_weight_decay),
+            DECAY: GroupSetting(cfg.learning_rate, cfg.weight_decay), REST: GroupSetting(cfg.learning_rate, 0.0)}
+
+
+def roles(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [group.get("role", ADAMW_ROLES[i]) for i, group in enumerate(optimizer.param_groups)]
 
 
 def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -50,40 +57,44 @@ def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The run's optimizer over `model`'s parameters (after sharding, which replaces them), at learning rate 0 until
     set_learning_rates gives each group its step's."""
-    settings = group_settings(cfg)
     if cfg.optimizer == "adamw":
         groups = model.optimizer_groups(cfg.weight_decay)
         # fused: one kernel for the whole update instead of several per parameter, and one that skips a bad step on
         # the device (found_inf): so on the CPU too, where the tests prove that no step waits
         return torch.optim.AdamW(groups, lr=0.0, betas=ADAMW_BETAS, fused=True)
     matrices = {id(p) for p in block_matrices(model)}
-    rest = [{**group, "params": [p for p in group["params"] if id(p) not in matrices]}
-            for group in model.optimizer_groups(settings[1].weight_decay)]
-    groups = [{"params": block_matrices(model), "muon": True, "momentum": cfg.muon_momentum}, *rest]
-    for group, setting in zip(groups, settings):
-        group["weight_decay"] = setting.weight_decay
+    groups = [{"params": block_matrices(model), "role": MUON, "momentum": cfg.muon_momentum}]
+    for group, role in zip(model.optimizer_groups(cfg.weight_decay), ADAMW_ROLES):
+        params = [p for p in group["params"] if id(p) not in matrices]
+        if params:  # no empty group: torch's sharded optimizer state maps one to the wrong group (torch 2.13)
+            groups.append({"params": params, "role": role})
+    settings = group_settings(cfg)
+    for group in groups:
+        group["weight_decay"] = settings[group["role"]].weight_decay
     return MuonAdamW(groups)
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: TrainConfig, multiplier: float) -> None:
     """Each group's learning rate for the next step: its peak times the schedule's `multiplier`."""
-    for group, setting in zip(optimizer.param_groups, group_settings(cfg)):
-        group["lr"] = setting.peak_lr * multiplier
+    settings = group_settings(cfg)
+    for group, role in zip(optimizer.param_groups, roles(optimizer)):
+        group["lr"] = settings[role].peak_lr * multiplier
 
 
 def apply_flags(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """After a restore: this start's flags rule the weight decay and the momentum (a restored optimizer carries the
     saved ones), and every AdamW group is fused again, to skip on the device whichever AdamW wrote the checkpoint."""
-    for group, setting in zip(optimizer.param_groups, group_settings(cfg)):
-        group["weight_decay"] = setting.weight_decay
-        if group.get("muon"):
+    settings = group_settings(cfg)
+    for group, role in zip(optimizer.param_groups, roles(optimizer)):
+        group["weight_decay"] = settings[role].weight_decay
+        if role == MUON:
             group["momentum"] = cfg.muon_momentum
         else:
             group["fused"] = True
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked `muon`, fused AdamW for the others, as one optimizer: one state_dict for every
+    """Muon for the group whose role is MUON, fused AdamW for the others, as one optimizer: one state_dict for every
     checkpoint layout, one set of groups for the schedule. It skips a bad step on the device like torch's fused
     optimizers: the `found_inf` attribute step_unless sets, a 0-dim float tensor, 1 to skip."""
 
@@ -91,8 +102,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict]):
         for group in groups:
-            group.setdefault("muon", False)
-            group["fused"] = not group["muon"]
+            group["fused"] = group["role"] != MUON
         super().__init__(groups, {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True,
                                   "betas": ADAMW_BETAS, "eps": 1e-8})
 
@@ -101,7 +111,7 @@ class MuonAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if group["muon"]:
+            if group["role"] == MUON:
                 for p in params:
                     self.muon_update(p, group, found_inf)
             elif params:
