@@ -13,7 +13,9 @@ from gpt_trainer.plan.resolve import resolve
 from gpt_trainer.system.distributed import World
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
-from gpt_trainer.train import checkpoint
+from gpt_trainer.commands import benchmark
+from gpt_trainer.train import checkpoint, optimizers
+from gpt_trainer.train import trainer as trainer_module
 from gpt_trainer.train.optimizers import MuonAdamW, block_matrices
 from tests.conftest import make_trainer
 from tests.test_trainer import QUIET, optimizer_state, waits_in_quiet_steps
@@ -146,3 +148,16 @@ def test_a_resume_with_another_optimizer_is_refused_and_old_runs_are_adamw(run_c
     with pytest.raises(UsageError, match="trained with --optimizer adamw"):
         run_cfg("--resume", "--optimizer=muon", recorded={"learning_rate": 1e-3})  # written before --optimizer
     assert run_cfg("--resume", recorded={"learning_rate": 1e-3}).optimizer == "adamw"
+
+
+def test_the_benchmark_times_muon_with_the_defaults_a_run_resolves(monkeypatch):
+    built = []
+
+    def spy(model, cfg):
+        built.append(optimizers.build_optimizer(model, cfg))
+        return built[-1]
+    monkeypatch.setattr(trainer_module, "build_optimizer", spy)
+    row = benchmark.benchmark(["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2",
+                               "--steps=1", "--warmup=0", "--device=cpu", "--optimizer=muon"])
+    assert row["timed_steps"] == 1 and len(built) == 1 and isinstance(built[0], MuonAdamW)
+    assert built[0].param_groups[0]["lr"] == pytest.approx(0.02 * built[0].param_groups[1]["lr"] / 3e-3)
