@@ -14,11 +14,14 @@ from gpt_trainer.system.distributed import World
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
 from gpt_trainer.commands import benchmark
+from gpt_trainer.plan import autobatch
 from gpt_trainer.train import checkpoint, optimizers
 from gpt_trainer.train import trainer as trainer_module
-from gpt_trainer.train.optimizers import MuonAdamW, block_matrices
+from gpt_trainer.train.optimizers import MuonAdamW
 from tests.conftest import make_trainer
 from tests.test_trainer import QUIET, optimizer_state, waits_in_quiet_steps
+
+TRIAL_OPTIMIZERS = autobatch.trial_optimizers  # the real one, which a test spies on
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def test_one_muon_step_is_torch_s_muon_step_and_the_rest_torch_s_fused_adamw(run
     cfg = run_cfg("--optimizer=muon", "--muon_weight_decay=0.1", "--weight_decay=0.05")
     trainer = make_trainer(cfg)
     model, ours = trainer.model, trainer.optimizer
-    matrices = {id(p) for p in block_matrices(model)}
+    matrices = {id(p) for p in model.block_matrices()}
     copies = {id(p): p.detach().clone().requires_grad_() for p in model.parameters()}
     muon_params = [copies[id(p)] for p in model.parameters() if id(p) in matrices]
     torch_muon = torch.optim.Muon(muon_params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1)
@@ -161,3 +164,26 @@ def test_the_benchmark_times_muon_with_the_defaults_a_run_resolves(monkeypatch):
                                "--steps=1", "--warmup=0", "--device=cpu", "--optimizer=muon"])
     assert row["timed_steps"] == 1 and len(built) == 1 and isinstance(built[0], MuonAdamW)
     assert built[0].param_groups[0]["lr"] == pytest.approx(0.02 * built[0].param_groups[1]["lr"] / 3e-3)
+
+
+def test_the_batch_search_s_trial_step_keeps_the_state_of_the_run_s_optimizer(run_cfg, monkeypatch):
+    """--batch_size auto measures a real step on the GPU (faked here: the CPU has no allocator statistics)."""
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *args: 0)
+    made = []
+
+    def spy(model, cfg):
+        made.append((model, TRIAL_OPTIMIZERS(model, cfg)))
+        return made[-1][1]
+    monkeypatch.setattr(autobatch, "trial_optimizers", spy)
+    for optimizer, kinds in (("adamw", [torch.optim.AdamW]), ("muon", [torch.optim.Muon, torch.optim.AdamW])):
+        measure, _ = autobatch.step_peak_bytes(run_cfg(f"--optimizer={optimizer}"), 50, torch.device("cpu"), "fp32")
+        measure(2)
+        model, trial = made[-1]
+        assert [type(o) for o in trial] == kinds
+        held = {id(p): set(o.state[p]) for o in trial for p in o.state}
+        assert len(held) == len(list(model.parameters()))  # every parameter stepped, by one optimizer
+        matrices = {id(p) for p in model.block_matrices()}
+        assert all(held[key] == ({"momentum_buffer"} if optimizer == "muon" and key in matrices
+                                 else {"step", "exp_avg", "exp_avg_sq"}) for key in held)

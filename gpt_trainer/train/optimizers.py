@@ -49,11 +49,6 @@ def roles(optimizer: torch.optim.Optimizer) -> list[str]:
     return [group.get("role", ADAMW_ROLES[i]) for i, group in enumerate(optimizer.param_groups)]
 
 
-def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The 2-D weights inside the transformer blocks: the parameters Muon updates."""
-    return [p for p in model.blocks.parameters() if p.dim() == 2]
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The run's optimizer over `model`'s parameters (after sharding, which replaces them), at learning rate 0 until
     set_learning_rates gives each group its step's."""
@@ -62,8 +57,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         # fused: one kernel for the whole update instead of several per parameter, and one that skips a bad step on
         # the device (found_inf): so on the CPU too, where the tests prove that no step waits
         return torch.optim.AdamW(groups, lr=0.0, betas=ADAMW_BETAS, fused=True)
-    matrices = {id(p) for p in block_matrices(model)}
-    groups = [{"params": block_matrices(model), "role": MUON, "momentum": cfg.muon_momentum}]
+    matrices = {id(p) for p in model.block_matrices()}
+    groups = [{"params": model.block_matrices(), "role": MUON, "momentum": cfg.muon_momentum}]
     for group, role in zip(model.optimizer_groups(cfg.weight_decay), ADAMW_ROLES):
         params = [p for p in group["params"] if id(p) not in matrices]
         if params:  # no empty group: torch's sharded optimizer state maps one to the wrong group (torch 2.13)
