@@ -1,6 +1,7 @@
 """--optimizer: which parameters Muon and AdamW get, our Muon step against torch.optim.Muon's, a bad step skipped on
 the device without a wait, exact resume, and the flags that are refused."""
 
+import json
 import math
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from gpt_trainer.system.distributed import World
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
 from gpt_trainer.commands import benchmark
+from gpt_trainer.commands.train import main
 from gpt_trainer.plan import autobatch
 from gpt_trainer.train import checkpoint, optimizers
 from gpt_trainer.train import trainer as trainer_module
 from gpt_trainer.train.optimizers import MuonAdamW
 from tests.conftest import make_trainer
+from tests.test_cli import snapshot
 from tests.test_trainer import QUIET, optimizer_state, waits_in_quiet_steps
 
 TRIAL_OPTIMIZERS = autobatch.trial_optimizers  # the real one, which a test spies on
@@ -187,3 +190,19 @@ def test_the_batch_search_s_trial_step_keeps_the_state_of_the_run_s_optimizer(ru
         matrices = {id(p) for p in model.block_matrices()}
         assert all(held[key] == ({"momentum_buffer"} if optimizer == "muon" and key in matrices
                                  else {"step", "exp_avg", "exp_avg_sq"}) for key in held)
+
+
+def test_refused_optimizer_flags_end_in_a_sentence_with_nothing_written(tiny_argv, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = tiny_argv(f"--output_dir={out}", "--max_steps=2", "--log_interval=1", "--eval_interval=2")
+    assert main([*argv, "--muon_momentum=0.9"]) == 2
+    assert not out.exists() and "--optimizer muon" in capsys.readouterr().err
+    assert main([*argv, "--optimizer=muon"]) == 0
+    recorded = json.loads((out / "config.json").read_text())
+    assert (recorded["optimizer"], recorded["muon_learning_rate"], recorded["learning_rate"]) == ("muon", 0.02, 3e-3)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--optimizer=adamw", "--max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the run trained with --optimizer muon") and err.count("\n") == 1
+    assert snapshot(out) == before
