@@ -44,6 +44,11 @@ CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin"
 CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
 ENGLISH_PROMPTS = "ROMEO:,The "
+OPTIMIZERS = ("adamw", "muon")
+# the defaults of --optimizer muon (measured on Song ci: docs/training.md), set by plan/resolve.py where none is given
+MUON_DEFAULTS = {"learning_rate": 3e-3, "weight_decay": 0.0, "muon_learning_rate": 0.02, "muon_momentum": 0.95,
+                 "muon_weight_decay": 0.0}
+MUON_FLAGS = ("muon_learning_rate", "muon_momentum", "muon_weight_decay")  # only --optimizer muon reads them
 CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
 # Unicode categories a run name may not hold: control characters (a newline, a tab, NUL) and line/paragraph breaks
 LINE_BREAKS_AND_CONTROLS = ("Cc", "Zl", "Zp")
@@ -119,10 +124,23 @@ class TrainConfig:
                                                 "processes).")
     epochs: float = _flag(1.0, "Passes over the training tokens (ignored when --max_steps is given).")
     max_steps: int | None = _flag(None, "Optimizer steps to run; wins over --epochs.")
-    learning_rate: float = _flag(3e-4, "Peak learning rate.")
+    optimizer: str = _flag("adamw", "adamw: AdamW for every parameter. muon: Muon (orthogonalised Nesterov "
+                                    "momentum) for the 2-D weights inside the transformer blocks and AdamW for the "
+                                    "rest (embeddings, head, norms, biases), which --learning_rate and "
+                                    "--weight_decay then set.", choices=list(OPTIMIZERS))
+    learning_rate: float = _flag(3e-4, f"Peak learning rate (AdamW's; under --optimizer muon its groups', default "
+                                       f"{MUON_DEFAULTS['learning_rate']:g}).")
     min_lr: float | None = _flag(None, "Learning rate at the end of the cosine decay (default: learning_rate / 10).")
     warmup_steps: int = _flag(100, "Linear warm-up steps before the cosine decay.")
-    weight_decay: float = _flag(0.1, "AdamW weight decay (matrices only; not biases, norms or embeddings).")
+    weight_decay: float = _flag(0.1, "AdamW weight decay (matrices only; not biases, norms or embeddings; under "
+                                     f"--optimizer muon default {MUON_DEFAULTS['weight_decay']:g}: only a head not "
+                                     "tied to the embedding is such a matrix).")
+    muon_learning_rate: float | None = _flag(None, "--optimizer muon: Muon's peak learning rate (default "
+                                                   f"{MUON_DEFAULTS['muon_learning_rate']:g}), on the same schedule.")
+    muon_momentum: float | None = _flag(None, "--optimizer muon: Muon's Nesterov momentum (default "
+                                              f"{MUON_DEFAULTS['muon_momentum']:g}).")
+    muon_weight_decay: float | None = _flag(None, "--optimizer muon: Muon's weight decay (default "
+                                                  f"{MUON_DEFAULTS['muon_weight_decay']:g}).")
     grad_clip: float = _flag(1.0, "Clip the global gradient norm to this (0 disables).")
     max_bad_steps: int = _flag(5, "Stop after this many optimizer steps in a row with a non-finite loss or gradient "
                                   "(each one is skipped, never applied). Checked where the run reads the GPU anyway: "
@@ -255,6 +273,7 @@ RANGES = {
     "dropout": FRACTION_BELOW_1, "vocab_size": Range(2), "train_split": FRACTION_OPEN, "batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1, "epochs": POSITIVE, "max_steps": AT_LEAST_1, "learning_rate": POSITIVE,
     "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+    "muon_learning_rate": POSITIVE, "muon_momentum": FRACTION_BELOW_1, "muon_weight_decay": NON_NEGATIVE,
     "seed": NON_NEGATIVE, "peak_tflops": POSITIVE, "prepare_workers": NON_NEGATIVE, "eval_interval": AT_LEAST_1,
     "eval_steps": AT_LEAST_1,
     "log_interval": AT_LEAST_1, "save_interval": AT_LEAST_1, "sample_tokens": Range(0, MAX_SAMPLE_TOKENS),
@@ -287,6 +306,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.min_lr is not None and cfg.min_lr > cfg.learning_rate:
         raise UsageError(f"--min_lr {cfg.min_lr:g} is above --learning_rate {cfg.learning_rate:g}: the schedule would "
                          f"climb instead of decaying. Give a --min_lr at most the peak (default: a tenth of it).")
+    muon_only = [f"--{name}" for name in MUON_FLAGS if getattr(cfg, name) is not None]
+    if muon_only and cfg.optimizer != "muon":
+        raise UsageError(f"{' and '.join(muon_only)} set Muon, but --optimizer {cfg.optimizer} trains without it: add "
+                         f"--optimizer muon, or drop {' and '.join(muon_only)}.")
     if cfg.resume is not None and cfg.overwrite:
         raise UsageError("--resume continues the run in output_dir and --overwrite replaces it: give one of them.")
     if cfg.allow_new_data and cfg.resume is None:

@@ -437,7 +437,8 @@ def test_a_sharded_checkpoint_is_split_into_small_files_each_listed_and_checked(
 def test_file_numbers_fill_files_in_order_and_never_split_a_tensor(monkeypatch):
     monkeypatch.setattr(checkpoint, "SHARD_FILE_BYTES", 100)
     tensors = {"model": {"a": torch.zeros(10), "b": torch.zeros(20)},  # 40 and 80 bytes
-               "optimizer": {"a": {"exp_avg": torch.zeros(5), "step": torch.tensor(1.0)}, "c": {"big": torch.zeros(60)}}}
+               "optimizer": {"a": {"exp_avg": torch.zeros(5), "step": torch.tensor(1.0)},
+                             "c": {"big": torch.zeros(60)}}}
     assert checkpoint.file_numbers(tensors) == {"model.a": 1, "model.b": 2, "optimizer.a.exp_avg": 2,  # 100 fits
                                                 "optimizer.a.step": 3, "optimizer.c.big": 4}
 

@@ -156,7 +156,8 @@ def test_training_resumes_from_checkpoints_of_earlier_formats(tmp_path, cache_di
 
 
 ZERO_IS_VALID = {"prepare_workers",  # 0: every usable core
-                 "dropout", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "sample_tokens", "top_k"}
+                 "dropout", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "sample_tokens", "top_k",
+                 "muon_momentum", "muon_weight_decay"}
 HINTS = typing.get_type_hints(TrainConfig)
 NUMERIC_FLAGS = [name for name, hint in HINTS.items() if {int, float} & {hint, *typing.get_args(hint)}]
 

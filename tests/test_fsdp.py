@@ -508,3 +508,62 @@ def test_fsdp_resumes_from_best_when_a_shard_of_latest_is_damaged(fsdp_run, tmp_
                      r"recorded when it was written\).* Resuming from \S+best \(step \d\) instead", done.stderr)
     assert f"resumed from {out / 'checkpoints' / 'best'} at step" in done.stdout
     assert checkpoint.load(out / "checkpoints" / "latest", lazy=True)["trainer"]["step"] == 6
+
+
+# ---- --optimizer muon: each process orthogonalises the whole of each matrix and keeps its rows ---------------------
+# torch's Newton-Schulz iterates in bfloat16: a last-bit difference in how the processes sum a gradient can move an
+# entry of the orthogonalised update by one bfloat16 step, so the losses agree less closely than AdamW's
+MUON_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def muon_ddp_12_steps(tmp_path_factory, cache_dir) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("muon-ddp12")
+    train(out, cache_dir, "--max_steps=12", "--parallel=ddp", "--optimizer=muon")
+    return train_losses(out)
+
+
+@pytest.fixture(scope="module")
+def muon_fsdp_12_steps(tmp_path_factory, cache_dir) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("muon-fsdp12")
+    train(out, cache_dir, "--max_steps=12", "--parallel=fsdp", "--optimizer=muon")
+    return train_losses(out)
+
+
+@pytest.mark.slow
+def test_muon_under_fsdp_trains_the_losses_of_ddp_and_of_one_process(tmp_path, cache_dir, muon_ddp_12_steps,
+                                                                      muon_fsdp_12_steps):
+    # one process: two accumulated micro-batches of 4 are the two processes' global batch of 8
+    train(tmp_path / "one", cache_dir, "--max_steps=12", "--gradient_accumulation_steps=2", "--optimizer=muon",
+          processes=1)
+    assert list(muon_ddp_12_steps) == list(range(1, 13))
+    assert largest_difference(muon_fsdp_12_steps, muon_ddp_12_steps) <= MUON_TOLERANCE
+    assert largest_difference(train_losses(tmp_path / "one"), muon_ddp_12_steps) <= MUON_TOLERANCE
+    # the control: a run without Muon's update (AdamW) gives other losses, so the comparison above can fail
+    train(tmp_path / "adamw", cache_dir, "--max_steps=12", "--parallel=fsdp")
+    assert largest_difference(train_losses(tmp_path / "adamw"), muon_ddp_12_steps) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumes_from_fsdp_to_ddp_to_one_process_and_back_without_a_seam(tmp_path, cache_dir,
+                                                                                    muon_ddp_12_steps,
+                                                                                    muon_fsdp_12_steps):
+    """Muon's momentum and AdamW's moments and step counts travel through every layout: the sharded folder, latest.pt
+    and back (a bare --resume keeps --optimizer muon and its rates). Resumed in its own layout a run continues bit for
+    bit; the layouts themselves differ within MUON_TOLERANCE."""
+    out = tmp_path / "out"
+    train(out, cache_dir, "--max_steps=3", "--parallel=fsdp", "--optimizer=muon")
+    assert checkpoints(out)[0] == ["latest"]
+    train(out, cache_dir, "--max_steps=6", "--parallel=fsdp", "--resume")
+    losses = train_losses(out)
+    assert [losses[step] for step in range(1, 7)] == [muon_fsdp_12_steps[step] for step in range(1, 7)]
+    train(out, cache_dir, "--max_steps=8", "--parallel=ddp", "--resume")
+    train(out, cache_dir, "--max_steps=10", "--gradient_accumulation_steps=2", "--resume", processes=1)
+    assert checkpoints(out)[0] == ["latest.pt"]
+    train(out, cache_dir, "--max_steps=11", "--gradient_accumulation_steps=1", "--parallel=fsdp", "--resume")
+    train(out, cache_dir, "--max_steps=12", "--parallel=fsdp", "--resume")
+    losses = train_losses(out)
+    assert list(losses) == list(range(1, 13))
+    assert largest_difference(losses, muon_ddp_12_steps) <= MUON_TOLERANCE
+    saved = checkpoint.load(out / "checkpoints" / "latest", lazy=True)
+    assert saved["config"]["optimizer"] == "muon"

@@ -277,3 +277,18 @@ def test_nccl_a_process_out_of_memory_ends_the_other_within_seconds_naming_it(tm
         pytest.skip("needs two GPUs")
     _, between = out_of_memory_on_rank_1(tmp_path, cache_dir, "--device=cuda", one_node=True)
     assert between < 2 * HEARTBEAT_S + FAILED_PEER_GRACE_S + 10
+
+
+@pytest.mark.parametrize("precision", ["--fp32", "--bf16"])
+def test_muon_steps_that_neither_log_evaluate_nor_save_never_wait_for_the_gpu(tiny_cfg, precision):
+    """The same for --optimizer muon (its flags written out: tiny_cfg does not resolve muon's defaults), a bad step
+    among the quiet ones: Muon's select and AdamW's found_inf both stay on the GPU."""
+    if precision == "--bf16" and not bf16_supported(GPU):
+        pytest.skip("this GPU has no bf16")
+    trainer = gpu_trainer(tiny_cfg, precision, *QUIET, "--optimizer=muon", "--muon_learning_rate=0.02",
+                          "--muon_momentum=0.95", "--muon_weight_decay=0", "--learning_rate=3e-3")
+    forward = trainer.forward
+    trainer.parallel.forward = lambda x, y: (lambda out: (out[0], out[1] * (math.nan if trainer.step == 3 else 1)))(
+        forward(x, y))
+    train_watching_quiet_steps(trainer, lambda on: torch.cuda.set_sync_debug_mode("error" if on else 0), from_step=2)
+    assert trainer.step == 6 and trainer.health.read().bad_steps == 1

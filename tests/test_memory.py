@@ -18,6 +18,9 @@ from gpt_trainer.config import MODEL_PRESETS, ModelShape, parse_args
 from gpt_trainer.model import gpt as model
 from gpt_trainer.plan import memory
 from gpt_trainer.plan.memory import GIB, estimate, kept_activation_bytes, parameter_count, plan_for_flags
+from gpt_trainer.plan.resolve import resolve
+from gpt_trainer.system.distributed import World
+from gpt_trainer.train.optimizers import build_optimizer
 
 VOCAB, BATCH, BLOCK = 1000, 2, 128  # small enough that `small` (12 x 768) measures in seconds
 
@@ -111,6 +114,23 @@ def test_weights_gradients_and_adamw_state_are_exact_for_ddp_and_divided_for_fsd
         assert fsdp.gradients == shard * 4 + gathered * 4  # the shard, and the gathered units' before reduce-scatter
         assert fsdp.compute_copies == gathered * 2  # bf16
         assert fsdp.activations < ddp.activations  # FSDP's bf16 policy keeps the residual stream in bf16 too
+
+
+def test_muon_s_state_is_what_its_optimizer_holds_and_shown_by_name(tiny_argv):
+    """--optimizer muon: one momentum buffer for each block matrix, AdamW's two moments for the rest."""
+    shape = MODEL_PRESETS["tiny"]
+    net = preset_model("tiny")
+    cfg = resolve(parse_args(tiny_argv("--optimizer=muon")), frozenset({"optimizer"}), World()).cfg
+    optimizer = build_optimizer(net, cfg)
+    tokens = torch.randint(VOCAB, (1, 9))
+    net(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    optimizer.step()
+    moment_bytes = sum(t.nbytes for state in optimizer.state.values() for k, t in state.items() if k != "step")
+    muon = estimate(shape, "fp32", BATCH, BLOCK, "ddp", 1, vocab_size=VOCAB, optimizer="muon")
+    assert muon.optimizer == moment_bytes < estimate(shape, "fp32", BATCH, BLOCK, vocab_size=VOCAB).optimizer
+    assert "Muon+AdamW state" in muon.describe()[0]
+    fsdp = estimate(shape, "bf16", BATCH, BLOCK, "fsdp", 2, vocab_size=VOCAB, optimizer="muon")
+    assert fsdp.optimizer == pytest.approx(moment_bytes / 2, abs=8)
 
 
 class PeakLiveBytes(TorchDispatchMode):

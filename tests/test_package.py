@@ -20,7 +20,8 @@ LAYERS = [
     "model.gpt", "model.qwen3", "model.hf", "model.gguf", "model",
     "plan.memory", "plan.autobatch", "plan.resolve", "plan.run_plan", "plan",
     "tracking.base", "tracking.wandb_records", "tracking.tensorboard", "tracking.wandb", "tracking.swanlab", "tracking",
-    "train.metrics", "train.checkpoint", "train.health", "train.parallelize", "train.trainer", "train",
+    "train.metrics", "train.checkpoint", "train.health", "train.optimizers", "train.parallelize", "train.trainer",
+    "train",
     "commands.failures", "commands.train", "commands.demo", "commands.sample", "commands.export", "commands.sweep",
     "commands.doctor", "commands.benchmark", "commands.prepare", "commands",
     # `python -m gpt_trainer.sample` and the others as in earlier versions: each only runs its command

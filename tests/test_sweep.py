@@ -34,8 +34,9 @@ def test_every_sweep_file_validates_against_wandbs_schema_and_names_real_flags(p
 
 def test_the_top_level_grid_is_the_one_asked_for():
     params = load_sweep(str(ROOT / "sweep_config.yaml"))["parameters"]
-    assert params["batch_size"]["values"] == [8, 16, 32]
-    assert params["learning_rate"]["values"] == [1e-5, 5e-5, 1e-4]
+    assert params["optimizer"]["value"] == "muon"  # explicit: the file does not depend on the default
+    assert params["muon_learning_rate"]["values"] == [0.01, 0.02, 0.04]
+    assert params["learning_rate"]["values"] == [1.5e-3, 3e-3, 6e-3]
     assert params["model_size"]["value"] == "tiny" and params["use_chinese"]["value"] is True
 
 
@@ -52,8 +53,8 @@ def test_every_grid_combination_as_the_agent_renders_it_passes_dry_run(tmp_path,
         capsys.readouterr()
         assert cli.main([*args, "--dry_run", f"--cache_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}"]) == 0
         resolved = json.loads(capsys.readouterr().out)
-        assert (resolved["batch_size"], resolved["learning_rate"], resolved["use_chinese"]) == \
-            (combo["batch_size"], combo["learning_rate"], True)
+        assert (resolved["optimizer"], resolved["muon_learning_rate"], resolved["learning_rate"]) == \
+            ("muon", combo["muon_learning_rate"], combo["learning_rate"])
 
 
 def test_under_an_agent_each_run_gets_its_own_output_dir(monkeypatch):

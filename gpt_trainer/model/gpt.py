@@ -320,6 +320,10 @@ class GPT(nn.Module):
             (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def block_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the transformer blocks (the parameters --optimizer muon gives Muon)."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores (PaLM appendix B). An
         embedding that is only looked up multiplies nothing: llama's token embedding is left out (gpt2's is the output

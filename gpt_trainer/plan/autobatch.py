@@ -40,10 +40,10 @@ def largest_that_fits(peak_bytes_of: Callable[[int], int], memory_limit: int, la
 def step_peak_bytes(cfg: TrainConfig, vocab_size: int, device: torch.device,
                     precision: str) -> tuple[Callable[[int], int], int]:
     """(a function of the micro-batch size: the memory the allocator reserved at the peak of one real training step
-    of this model - forward, backward, AdamW step -, the model's parameter bytes). Eager steps are measured: compiled
-    ones need less, so the answer errs on the safe side."""
+    of this model - forward, backward, the run's optimizer step -, the model's parameter bytes). Eager steps are
+    measured: compiled ones need less, so the answer errs on the safe side."""
     model = build_model(cfg.to_dict(), vocab_size, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=True)
+    optimizers = trial_optimizers(model, cfg)
 
     def peak_bytes_of(batch_size: int) -> int:
         torch.cuda.empty_cache()
@@ -53,11 +53,23 @@ def step_peak_bytes(cfg: TrainConfig, vocab_size: int, device: torch.device,
             with autocast(device, precision):
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             return torch.cuda.max_memory_reserved(device)
         finally:
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
     return peak_bytes_of, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def trial_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """torch's own optimizers keeping the state the run's keeps: fused AdamW's two moments for every parameter, or under
+    --optimizer muon Muon's one momentum buffer for each block matrix (train/optimizers.MuonAdamW's update makes a few
+    temporaries of one matrix at a time besides: the margin covers them) and AdamW's for the rest."""
+    if cfg.optimizer != "muon":
+        return [torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=True)]
+    matrices = model.block_matrices()
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    return [torch.optim.Muon(matrices, weight_decay=0.0), torch.optim.AdamW(rest, lr=cfg.learning_rate, fused=True)]
 
 
 def search(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, world: World) -> tuple[int, str]:

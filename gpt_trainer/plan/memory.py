@@ -74,6 +74,7 @@ class Setup:
     dropout: float = 0.0
     accumulation: int = 1  # micro-batches per optimizer step: memory does not depend on it, suggestions keep it
     arch: str = "gpt2"  # --arch
+    optimizer: str = "adamw"  # --optimizer: muon keeps one moment for the block matrices instead of two
 
     @property
     def sharded(self) -> bool:
@@ -105,6 +106,12 @@ def block_parameters(C: int, arch: str = "gpt2", n_head: int = 1) -> int:
     if arch == "llama":
         return 4 * C * C + 3 * C * swiglu_hidden(C) + 2 * C + 2 * (C // n_head)
     return 12 * C * C + 13 * C
+
+
+def block_matrix_parameters(C: int, arch: str = "gpt2") -> int:
+    """One block's 2-D weights, Muon's, each with one momentum buffer instead of two moments. gpt2: qkv, proj, fc,
+    proj; llama: qkv, proj, gate, up, down."""
+    return 4 * C * C + 3 * C * swiglu_hidden(C) if arch == "llama" else 12 * C * C
 
 
 def block_activation_bytes(s: Setup) -> int:
@@ -149,7 +156,7 @@ class MemoryPlan:
     parameters: int  # fp32 master weights (this process's shard under FSDP)
     compute_copies: int  # bf16/fp16 copies of the weights: autocast's cache (DDP) or the gathered FSDP units
     gradients: int  # fp32 (under DDP with several processes: and the copy in DDP's buckets)
-    optimizer: int  # AdamW: two fp32 moments per parameter
+    optimizer: int  # AdamW: two fp32 moments per parameter; Muon: one for each block matrix
     activations: int  # kept by the forward for the backward (+ one recomputed block with checkpointing)
     logits: int  # the logits held by the caller and the two fp32 gradients of the loss's backward
     sampling: int  # generating text between steps: the key/value cache and the weights gathered or cast for it
@@ -219,9 +226,9 @@ class MemoryPlan:
         copies = f", {gib(self.compute_copies)} {s.precision} copies" if self.compute_copies else ""
         lines = [f"memory per GPU (estimated: {s.precision}, micro-batch {s.micro_batch} x block {s.block_size}, "
                  f"{where}): weights {gib(self.parameters)} GiB fp32{copies}, gradients {gib(self.gradients)}, "
-                 f"AdamW state {gib(self.optimizer)}, activations {gib(self.activations)}, logits "
-                 f"{gib(self.logits)}, sampling {gib(self.sampling)} (between steps: the larger of it and a step "
-                 f"counts), CUDA context and fragmentation {gib(self.overhead)} (assumed)"]
+                 f"{OPTIMIZER_NAMES[s.optimizer]} state {gib(self.optimizer)}, activations {gib(self.activations)}, "
+                 f"logits {gib(self.logits)}, sampling {gib(self.sampling)} (between steps: the larger of it and a "
+                 f"step counts), CUDA context and fragmentation {gib(self.overhead)} (assumed)"]
         if self.capacity is None:
             lines.append(f"memory total {gib(self.total)} GiB (what one GPU would need); on {self.device}: not checked")
             return lines
@@ -243,10 +250,13 @@ def gib(n: int) -> str:
     return f"{n / GIB:.1f}"
 
 
+OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon+AdamW"}
+
+
 def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: int, parallel: str = "ddp",
              processes: int = 1, activation_checkpointing: bool = False, vocab_size: int = 50257,
              dropout: float = 0.0, capacity: int | None = None, device: str = "the CPU",
-             accumulation: int = 1, arch: str = "gpt2") -> MemoryPlan:
+             accumulation: int = 1, arch: str = "gpt2", optimizer: str = "adamw") -> MemoryPlan:
     """Bytes per GPU of one training step (forward, backward, AdamW step) of gpt_trainer.model.GPT.
 
     DDP (and one process): every process holds all weights, gradients and optimizer state, and with several processes
@@ -255,29 +265,30 @@ def estimate(shape: ModelShape, precision: str, micro_batch: int, block_size: in
     and their fp32 gradients before they are reduce-scattered. bf16/fp16 under DDP: autocast caches a half-precision
     copy of every weight matrix during the step (and again during each token's forward when sampling)."""
     s = Setup(shape, precision, micro_batch, block_size, parallel, processes, activation_checkpointing, vocab_size,
-              dropout, accumulation, arch)
-    count = parameter_count(shape, vocab_size, block_size, arch)
-    half = precision != "fp32"
+              dropout, accumulation, arch, optimizer)
     C = shape.n_embd
+    count = parameter_count(shape, vocab_size, block_size, arch)
+    one_moment = shape.n_layer * block_matrix_parameters(C, arch) if optimizer == "muon" else 0  # Muon's momentum alone
+    half = precision != "fp32"
     if s.sharded:
         shard = math.ceil(count / processes)
         parameters = shard * FP32
         compute_copies = gathered_parameters(s) * s.activation_bytes
         gradients = shard * FP32 + gathered_parameters(s) * FP32
-        optimizer = 2 * shard * FP32
+        optimizer_bytes = (2 * shard - math.ceil(one_moment / processes)) * FP32
     else:
         parameters = count * FP32
         looked_up = vocab_size * C if arch == "llama" else block_size * C  # tables read by index, never cast
         compute_copies = 2 * (count - looked_up) if half else 0  # every other matrix
         gradients = count * FP32 * (2 if processes > 1 else 1)
-        optimizer = 2 * count * FP32
+        optimizer_bytes = (2 * count - one_moment) * FP32
     activations = kept_activation_bytes(s)
     if activation_checkpointing:
         activations += block_activation_bytes(s)  # the block being recomputed in the backward pass
     tokens = micro_batch * block_size
     logits = tokens * vocab_size * (s.activation_bytes + 2 * FP32)
     sampling = generation_bytes(s) + compute_copies  # the same weights gathered (FSDP) or cast (autocast) again
-    return MemoryPlan(s, parameters, compute_copies, gradients, optimizer, activations, logits, sampling,
+    return MemoryPlan(s, parameters, compute_copies, gradients, optimizer_bytes, activations, logits, sampling,
                       OVERHEAD_BYTES, capacity, device)
 
 
@@ -320,7 +331,7 @@ def plan_for_flags(cfg: TrainConfig, vocab_size: int, precision: str, micro_batc
     """The memory plan of a run's flags."""
     return estimate(ModelShape(cfg.n_layer, cfg.n_head, cfg.n_embd), precision, micro_batch, cfg.block_size,
                     cfg.parallel, processes, cfg.activation_checkpointing, vocab_size, cfg.dropout, capacity, device,
-                    accumulation, cfg.arch)
+                    accumulation, cfg.arch, cfg.optimizer)
 
 
 def plan_for_run(cfg: TrainConfig, vocab_size: int, device: torch.device, precision: str, micro_batch: int,

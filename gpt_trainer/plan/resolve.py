@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CORPORA, DATA_FLAGS, EARLIER_ARCH, TrainConfig, build_parser, validate
+from ..config import CORPORA, DATA_FLAGS, EARLIER_ARCH, MUON_DEFAULTS, TrainConfig, build_parser, validate
 from ..errors import UsageError
 from ..model import hf
 from ..system.distributed import World
@@ -20,9 +20,10 @@ from .autobatch import check_batch_flags
 
 # flags that change the optimisation: on --resume, a changed value takes effect from the resumed step
 OPTIMISATION_FLAGS = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "batch_size",
-                      "gradient_accumulation_steps", "max_steps", "epochs", "dropout", "max_bad_steps")
+                      "gradient_accumulation_steps", "max_steps", "epochs", "dropout", "max_bad_steps",
+                      "muon_learning_rate", "muon_momentum", "muon_weight_decay")
 # flags that say what the run is, its text and tokens and its model's shape: on --resume, a bare one keeps the run's
-RUN_FLAGS = (*DATA_FLAGS, "arch", "model_size", "n_layer", "n_head", "n_embd", "block_size")
+RUN_FLAGS = (*DATA_FLAGS, "arch", "model_size", "n_layer", "n_head", "n_embd", "block_size", "optimizer")
 # ways of saying one thing: a flag of a group given on --resume replaces what the run recorded for the whole group
 SAID_TOGETHER = (("use_chinese", "data_path", "corpus"), ("tokenizer", "init_from"), ("max_steps", "epochs"))
 FLAG_TYPES = typing.get_type_hints(TrainConfig)
@@ -46,12 +47,33 @@ def resolve(cfg: TrainConfig, given: frozenset[str], world: World, recorded: dic
     processes and the device's precision (check_flags)."""
     kept = frozenset()
     if cfg.resume is not None:
+        check_same_optimizer(cfg, recorded or {}, given)
         cfg, kept = keep_run_values(cfg, recorded or {}, given)
+    cfg = optimizer_defaults(cfg, given | kept)
     cfg = hf.settle_init_from(cfg, given | kept)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     check_flags(cfg, world, precision)
     return Resolved(cfg, kept, world, device, precision)
+
+
+def optimizer_defaults(cfg: TrainConfig, settled: frozenset[str]) -> TrainConfig:
+    """--optimizer muon's own defaults (config.MUON_DEFAULTS) for the flags neither given nor kept from the resumed
+    run, so that config.json records what the run uses; adamw's are the flags' own."""
+    if cfg.optimizer != "muon":
+        return cfg
+    return dataclasses.replace(cfg, **{name: value for name, value in MUON_DEFAULTS.items() if name not in settled})
+
+
+def check_same_optimizer(cfg: TrainConfig, recorded: dict, given: frozenset[str]) -> None:
+    """A run goes on with the optimizer it started with: the other one has no state to continue from."""
+    if "optimizer" not in given or not recorded:
+        return
+    ran = recorded_flags(recorded)["optimizer"]
+    if cfg.optimizer != ran:
+        raise UsageError(f"--resume: the run trained with --optimizer {ran}, and --optimizer {cfg.optimizer} would "
+                         f"start without its state. Drop --optimizer to continue with {ran}, or start a new run "
+                         f"(another --output_dir, or --overwrite) with {cfg.optimizer}.")
 
 
 def check_flags(cfg: TrainConfig, world: World, precision: str) -> None:
@@ -93,10 +115,13 @@ def keep_run_values(cfg: TrainConfig, recorded: dict, given: frozenset[str]) -> 
 
 
 def recorded_flags(recorded: dict) -> dict:
-    """The flags a run recorded (a run from before --arch: gpt2). Its description holds two of them resolved: `corpus`
-    is the text's name (for a named corpus the --corpus that gives the same text; with --data_path none was given)
-    and `vocab_size` the vocabulary's (--vocab_size's only for sentencepiece, the one tokenizer that reads it)."""
+    """The flags a run recorded (a run from before --arch: gpt2; from before --optimizer: adamw). Its description
+    holds two of them resolved: `corpus` is the text's name (for a named corpus the --corpus that gives the same text;
+    with --data_path none was given) and `vocab_size` the vocabulary's (--vocab_size's only for sentencepiece, the one
+    tokenizer that reads it)."""
     flags = {"arch": EARLIER_ARCH, **recorded}  # a run recorded before --arch existed trained a gpt2
+    if recorded:
+        flags.setdefault("optimizer", "adamw")  # runs from before --optimizer trained with AdamW
     if flags.get("data_path") or flags.get("corpus") not in CORPORA:
         flags["corpus"] = None
     if flags.get("tokenizer") != "sentencepiece":

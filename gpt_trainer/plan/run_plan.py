@@ -62,9 +62,12 @@ class RunPlan:
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based): the schedule is a function of the plan and the step
         alone, so a resumed run (with changed flags or not) needs no saved scheduler state."""
+        return self.cfg.learning_rate * self.lr_scale(step)
+
+    def lr_scale(self, step: int) -> float:
+        """The schedule's multiplier of every peak learning rate at optimizer step `step` (0-based)."""
         cfg = self.cfg
-        return cfg.learning_rate * lr_multiplier(step, self.warmup_steps, self.total_steps,
-                                                 cfg.final_lr / cfg.learning_rate)
+        return lr_multiplier(step, self.warmup_steps, self.total_steps, cfg.final_lr / cfg.learning_rate)
 
     def flags(self) -> dict:
         """Every flag with the value that runs: --batch_size auto, --global_batch_size and a shortened warm-up

@@ -8,11 +8,9 @@ is decided on the device too: `step_unless` hands the optimizer a `found_inf` te
 fused optimizers, and their kernel leaves the weights and moments untouched and takes back its step count when it is 1.
 
 Where the line is: an optimizer must take `found_inf`, as torch's fused ones do (AdamW, Adam, SGD and Adagrad with
-fused=True). One without it (torch.optim.Muon in torch 2.13) is refused by `step_unless`; skipping with it on the device
-needs a select of its own: keep a copy of the weights and of each state tensor (with its state made before the first
-step, Muon's momentum starts at zeros), and after the step copy them back where the step was bad (`torch.where`), at
-the memory of one more copy of both. Zeroing the update through a learning rate tensor is no skip: a NaN gradient
-still enters the moments, and Muon reads its learning rate as a Python number (a sync)."""
+fused=True), or say it honours it (`skips_on_device`, as train/optimizers.MuonAdamW does: torch.optim.Muon in torch
+2.13 takes none). Any other is refused by `step_unless`. Zeroing the update through a learning rate tensor is no skip:
+a NaN gradient still enters the moments."""
 
 from __future__ import annotations
 
@@ -67,7 +65,8 @@ class StepHealth:
 def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """optimizer.step(), which leaves everything as it was where `skip` (a 0-dim float32 device tensor) is 1: decided
     on the device, nothing waits for it."""
-    if not all(group.get("fused") for group in optimizer.param_groups):
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    if not (fused or getattr(optimizer, "skips_on_device", False)):
         raise TypeError(f"{type(optimizer).__name__} without fused=True takes no found_inf, so a bad step could not be "
                         f"skipped on the device: build it with fused=True, or give it an on-device select (see "
                         f"train/health.py)")

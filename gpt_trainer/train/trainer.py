@@ -32,6 +32,7 @@ from .checkpoint import Checkpointer
 from .health import StepHealth, step_unless
 from .parallelize import parallelize
 from .metrics import ThroughputWindow
+from .optimizers import apply_flags, build_optimizer, set_learning_rates
 
 
 def perplexity(loss: float) -> float:
@@ -70,12 +71,8 @@ class Trainer:
             self.model.load_whole(start)
         if world.rank:  # every process starts from the same weights (seeded above) but draws its own dropout masks
             torch.manual_seed(cfg.seed + world.rank)
-        self.optimizer = torch.optim.AdamW(  # after sharding, which replaces the parameters
-            self.model.optimizer_groups(cfg.weight_decay), lr=plan.lr_at(0), betas=(0.9, 0.95),
-            # one kernel for the whole update instead of several per parameter, and one that skips a bad step on the
-            # device (found_inf): so on the CPU too, where the tests prove that no step waits
-            fused=True,
-        )
+        self.optimizer = build_optimizer(self.model, cfg)  # after sharding, which replaces the parameters
+        set_learning_rates(self.optimizer, cfg, plan.lr_scale(0))
         self.batches = TrainBatches(data.train, cfg.block_size, cfg.seed, plan.global_batch, world.rank, world.size,
                                     device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
@@ -114,8 +111,7 @@ class Trainer:
         gradient norm is not finite is skipped, never applied, and counted (fp16 gradient overflow is the scaler's
         to skip: it lowers its scale and that is no bad step). Nothing here waits for the device: the skip is decided
         there, and the next step's batch is started once this one's work is enqueued."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.plan.lr_at(self.step)
+        set_learning_rates(self.optimizer, self.cfg, self.plan.lr_scale(self.step))
         loss = self.accumulate_gradients()
         self.scaler.unscale_(self.optimizer)  # (fp16: its found_inf, read on the device by update below)
         grad_norm = self.parallel.clip_gradients(self.cfg.grad_clip or math.inf)
@@ -367,14 +363,12 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a loaded checkpoint: every part loads what it saved. This start's flags rule what comes
-        next: the learning rate is the plan's at each step, and the weight decay is set again here because the
-        restored optimizer carries the saved one."""
+        next: the learning rates are the plan's at each step, and the weight decay and momentum are set again here
+        because the restored optimizer carries the saved ones."""
         self.checkpointer.restore(state)
         if self.world.rank:  # the saved RNG states are the main process's: the others draw their own masks again
             torch.manual_seed(self.cfg.seed + self.world.rank + self.step * self.world.size)
-        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay  # group 0 holds the decayed matrices
-        for group in self.optimizer.param_groups:  # fused, to skip on the device, whichever AdamW wrote the checkpoint
-            group["fused"] = True
+        apply_flags(self.optimizer, self.cfg)
 
     def state_dict(self) -> dict:  # the loop's own counters; the other parts save their own state
         epoch_loss, epoch_steps = torch.stack([self.epoch_loss, self.epoch_steps]).tolist()

@@ -1,0 +1,156 @@
+"""The optimizer a run trains with (--optimizer): AdamW for every parameter, or Muon for the 2-D weights inside the
+transformer blocks and AdamW for the rest (embeddings, head, norms and biases). Either one skips a bad step on the
+device (train/health.step_unless hands it a found_inf tensor), and each parameter group has its own peak learning rate
+and weight decay, all on the run's one warm-up/cosine schedule.
+
+Muon here is torch.optim.Muon's math (torch 2.13: Nesterov momentum, orthogonalised by torch's own Newton-Schulz
+iteration, the default learning rate adjustment), applied so that a step marked bad changes nothing. torch's Muon takes
+no found_inf, so our step computes each matrix's new momentum and weight out of place and keeps the old ones where the
+step is bad (torch.where). That costs one matrix's temporaries at a time; the other way, a copy of every weight and
+momentum buffer kept for a select after the step, costs a whole extra copy of both, so we took this one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+# torch's Muon internals, so that ours is its math: the same coefficients, iteration and learning rate adjustment
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
+from torch.optim._muon import _zeropower_via_newtonschulz
+from torch.optim.adamw import adamw
+
+from ..config import TrainConfig
+
+ADAMW_BETAS = (0.9, 0.95)
+NS_COEFFICIENTS, NS_STEPS, NS_EPS = (DEFAULT_A, DEFAULT_B, DEFAULT_C), DEFAULT_NS_STEPS, EPS  # torch.optim.Muon's
+
+
+@dataclass(frozen=True)
+class GroupSetting:
+    """What the flags set for one parameter group: its peak learning rate and its weight decay."""
+    peak_lr: float
+    weight_decay: float
+
+
+# the kinds of parameter group: Muon's block matrices, AdamW's decayed matrices, AdamW's undecayed rest
+MUON, DECAY, REST = "muon", "decay", "rest"
+ADAMW_ROLES = (DECAY, REST)  # torch.optim.AdamW's groups (--optimizer adamw) carry no role: theirs by position
+
+
+def group_settings(cfg: TrainConfig) -> dict[str, GroupSetting]:
+    """The flags' settings for each kind of parameter group (under muon --learning_rate and --weight_decay are the
+    AdamW groups')."""
+    return {MUON: GroupSetting(cfg.muon_learning_rate, cfg.muon_weight_decay),
+            DECAY: GroupSetting(cfg.learning_rate, cfg.weight_decay), REST: GroupSetting(cfg.learning_rate, 0.0)}
+
+
+def roles(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [group.get("role", ADAMW_ROLES[i]) for i, group in enumerate(optimizer.param_groups)]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimizer over `model`'s parameters (after sharding, which replaces them), at learning rate 0 until
+    set_learning_rates gives each group its step's."""
+    if cfg.optimizer == "adamw":
+        groups = model.optimizer_groups(cfg.weight_decay)
+        # fused: one kernel for the whole update instead of several per parameter, and one that skips a bad step on
+        # the device (found_inf): so on the CPU too, where the tests prove that no step waits
+        return torch.optim.AdamW(groups, lr=0.0, betas=ADAMW_BETAS, fused=True)
+    matrices = {id(p) for p in model.block_matrices()}
+    groups = [{"params": model.block_matrices(), "role": MUON, "momentum": cfg.muon_momentum}]
+    for group, role in zip(model.optimizer_groups(cfg.weight_decay), ADAMW_ROLES):
+        params = [p for p in group["params"] if id(p) not in matrices]
+        if params:  # no empty group: torch's sharded optimizer state maps one to the wrong group (torch 2.13)
+            groups.append({"params": params, "role": role})
+    settings = group_settings(cfg)
+    for group in groups:
+        group["weight_decay"] = settings[group["role"]].weight_decay
+    return MuonAdamW(groups)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: TrainConfig, multiplier: float) -> None:
+    """Each group's learning rate for the next step: its peak times the schedule's `multiplier`."""
+    settings = group_settings(cfg)
+    for group, role in zip(optimizer.param_groups, roles(optimizer)):
+        group["lr"] = settings[role].peak_lr * multiplier
+
+
+def apply_flags(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """After a restore: this start's flags rule the weight decay and the momentum (a restored optimizer carries the
+    saved ones), and every AdamW group is fused again, to skip on the device whichever AdamW wrote the checkpoint."""
+    settings = group_settings(cfg)
+    for group, role in zip(optimizer.param_groups, roles(optimizer)):
+        group["weight_decay"] = settings[role].weight_decay
+        if role == MUON:
+            group["momentum"] = cfg.muon_momentum
+        else:
+            group["fused"] = True
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the group whose role is MUON, fused AdamW for the others, as one optimizer: one state_dict for every
+    checkpoint layout, one set of groups for the schedule. It skips a bad step on the device like torch's fused
+    optimizers: the `found_inf` attribute step_unless sets, a 0-dim float tensor, 1 to skip."""
+
+    skips_on_device = True  # step_unless: a found_inf is honoured although not every group is fused
+
+    def __init__(self, groups: list[dict]):
+        for group in groups:
+            group["fused"] = group["role"] != MUON
+        super().__init__(groups, {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True,
+                                  "betas": ADAMW_BETAS, "eps": 1e-8})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["role"] == MUON:
+                for p in params:
+                    self.muon_update(p, group, found_inf)
+            elif params:
+                self.adamw_update(params, group, found_inf)
+
+    def muon_update(self, p: torch.Tensor, group: dict, found_inf: torch.Tensor | None) -> None:
+        """torch.optim.Muon's step for one matrix (see _single_tensor_muon), computed out of place and kept only where
+        the step is good."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf, grad, momentum, lr = state["momentum_buffer"], p.grad, group["momentum"], group["lr"]
+        new_buf = buf.lerp(grad, 1 - momentum)
+        update = orthogonalised(grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf)
+        new_p = torch.add(p * (1 - lr * group["weight_decay"]), update, alpha=-_adjust_lr(lr, None, p.shape))
+        if found_inf is None:
+            buf.copy_(new_buf)
+            p.copy_(new_p)
+        else:
+            skip = found_inf.bool()
+            buf.copy_(torch.where(skip, buf, new_buf))
+            p.copy_(torch.where(skip, p, new_p))
+
+    def adamw_update(self, params: list[torch.Tensor], group: dict, found_inf: torch.Tensor | None) -> None:
+        """torch.optim.AdamW's fused step (its kernel leaves weights, moments and step count as they were where
+        found_inf is 1)."""
+        for p in params:
+            if not self.state[p]:  # as torch.optim.AdamW makes it for fused=True
+                self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], fused=True, found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def orthogonalised(update: torch.Tensor) -> torch.Tensor:
+    """torch's Newton-Schulz orthogonalisation of a momentum-updated gradient. Under FSDP a matrix is sharded by rows
+    and the iteration needs all of it: every process gathers the whole, orthogonalises it (the same numbers on each)
+    and keeps its own rows, which needs no further communication (src_data_rank=None)."""
+    if not isinstance(update, DTensor):
+        return _zeropower_via_newtonschulz(update, NS_COEFFICIENTS, NS_STEPS, NS_EPS)
+    whole = _zeropower_via_newtonschulz(update.full_tensor(), NS_COEFFICIENTS, NS_STEPS, NS_EPS)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
