@@ -172,7 +172,8 @@ def sweep_array(cluster: Cluster, work: Path) -> None:
     say("job array: two local sweep workers, one per node, on a grid of two trials")
     sweep_file, root = work / "grid.yaml", work / "sweep"
     params = {flag.split("=")[0][2:]: {"value": flag.split("=", 1)[1]} for flag in TRAINING if "=" in flag}
-    params.update({"fp32": {"value": True}, "report_to": {"value": "none"}, "max_steps": {"value": 20},
+    del params["report_to"]  # the local runner takes it from its own flags (--report_to=none below), not the file
+    params.update({"fp32": {"value": True}, "max_steps": {"value": 20},
                    "eval_interval": {"value": 10}, "cache_dir": {"value": str(work / "cache")},
                    "learning_rate": {"values": [0.001, 0.002]}})
     sweep_file.write_text(json.dumps({"program": str(ROOT / "train_single_gpu.py"), "method": "grid",
