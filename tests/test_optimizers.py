@@ -53,6 +53,19 @@ def test_muon_takes_the_block_matrices_and_adamw_every_other_parameter_once(run_
     assert rates["muon"] != rates["rest"] and rates["muon"] == pytest.approx(0.02 / 3e-3 * rates["rest"])
 
 
+def test_muon_on_the_llama_arch_has_a_decayed_adamw_group_for_its_own_output_layer_and_trains(run_cfg):
+    """llama's untied output layer is a matrix outside the blocks: AdamW's decayed group, beside Muon's and the
+    undecayed rest, each group with its own learning rate (gpt2 has no such group: its output layer is the
+    embedding)."""
+    trainer = make_trainer(run_cfg("--optimizer=muon", "--arch=llama", "--weight_decay=0.05", "--max_steps=2"))
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    groups = {group["role"]: [names[id(p)] for p in group["params"]] for group in trainer.optimizer.param_groups}
+    assert sorted(groups) == ["decay", "muon", "rest"] and groups["decay"] == ["lm_head.weight"]
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups if g["role"] == "decay"] == [0.05]
+    history = trainer.train().history
+    assert history and all(math.isfinite(row["train/loss"]) for row in history)
+
+
 def test_the_muon_defaults_are_resolved_and_recorded_and_adamw_is_unchanged(run_cfg):
     muon = run_cfg("--optimizer=muon")
     assert (muon.learning_rate, muon.weight_decay, muon.muon_learning_rate, muon.muon_momentum,

@@ -46,7 +46,7 @@ def group_settings(cfg: TrainConfig) -> dict[str, GroupSetting]:
 
 
 def roles(optimizer: torch.optim.Optimizer) -> list[str]:
-    return [group.get("role", ADAMW_ROLES[i]) for i, group in enumerate(optimizer.param_groups)]
+    return [group["role"] if "role" in group else ADAMW_ROLES[i] for i, group in enumerate(optimizer.param_groups)]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
