@@ -77,22 +77,31 @@ def listing(folder: Path) -> dict[str, str]:
 
 
 # ---- transformers loads it and computes what we compute -------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_transformers_loads_every_weight_with_no_warning(exported, kind, capfd):
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+def loaded_without_warnings(out: Path, capfd):
+    """The export in `out` loaded by AutoModelForCausalLM, having found every weight it expects and no other, and
+    having said nothing about missing, new or unused weights (in warnings or on stderr)."""
+    from transformers import AutoModelForCausalLM
 
-    _, out = exported(kind)
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert isinstance(model, GPT2LMHeadModel)
     assert {key: list(value) for key, value in info.items()} == {"missing_keys": [], "unexpected_keys": [],
                                                                  "mismatched_keys": [], "error_msgs": []}
     said = capfd.readouterr().err.lower() + " ".join(str(w.message).lower() for w in caught)
     for symptom in ("missing", "newly initialized", "not initialized", "unexpected", "not used", "mismatch"):
         assert symptom not in said, said
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_transformers_loads_every_weight_with_no_warning(exported, kind, capfd):
+    from transformers import GPT2LMHeadModel
+
+    _, out = exported(kind)
+    model = loaded_without_warnings(out, capfd)
+    assert isinstance(model, GPT2LMHeadModel)
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied, stored once
 
 

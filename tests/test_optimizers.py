@@ -3,7 +3,6 @@ the device without a wait, exact resume, and the flags that are refused."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +11,15 @@ from gpt_trainer.config import parse_args, given_flags
 from gpt_trainer.errors import UsageError
 from gpt_trainer.plan.resolve import resolve
 from gpt_trainer.system.distributed import World
-from gpt_trainer.system.rundir import RunFolder
-from gpt_trainer.tracking import Tracker
 from gpt_trainer.commands import benchmark
 from gpt_trainer.commands.train import main
 from gpt_trainer.plan import autobatch
-from gpt_trainer.train import checkpoint, optimizers
+from gpt_trainer.train import optimizers
 from gpt_trainer.train import trainer as trainer_module
 from gpt_trainer.train.optimizers import MuonAdamW
 from tests.conftest import make_trainer
 from tests.test_cli import snapshot
-from tests.test_trainer import QUIET, optimizer_state, waits_in_quiet_steps
+from tests.test_trainer import QUIET, optimizer_state, stopped_and_restored, waits_in_quiet_steps
 
 TRIAL_OPTIMIZERS = autobatch.trial_optimizers  # the real one, which a test spies on
 
@@ -133,18 +130,8 @@ def test_muon_steps_that_neither_log_evaluate_nor_save_never_wait_for_the_device
 def test_a_muon_run_resumes_exactly(run_cfg, tmp_path):
     flags = ("--optimizer=muon", "--max_steps=8", "--log_interval=1", "--eval_interval=4", "--save_interval=100")
     straight = make_trainer(run_cfg(*flags, f"--output_dir={tmp_path / 'a'}")).train()
-    cfg = run_cfg(*flags, f"--output_dir={tmp_path / 'b'}")
-    first = make_trainer(cfg)
-
-    class StopAtStep5(Tracker):  # does what the SIGTERM handler does, at a known step
-        def log(self, metrics, step):
-            if step == 5:
-                first.stop_signal = 15
-    first.tracker = StopAtStep5()
-    part_one = first.train()
+    part_one, second = stopped_and_restored(run_cfg(*flags, f"--output_dir={tmp_path / 'b'}"), 5)
     assert part_one.steps == 5
-    second = make_trainer(cfg)
-    second.restore(checkpoint.load(RunFolder(Path(cfg.output_dir)).latest))
     assert any("momentum_buffer" in s for s in second.optimizer.state.values())
     part_two = second.train()
     resumed = [r["train/loss"] for r in part_one.history + part_two.history]

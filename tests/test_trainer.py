@@ -53,24 +53,30 @@ def test_loss_falls_on_a_small_corpus(tiny_cfg, tmp_path):
     assert result.best_val_loss < losses[0] - 1.5
 
 
+def stopped_and_restored(cfg, step: int):
+    """Train `cfg` until a stop at `step` (what the SIGTERM handler does, at a known step), then restore a new trainer
+    from the run's latest checkpoint: (the first segment's result, the restored trainer, not yet trained)."""
+    first = make_trainer(cfg)
+
+    class StopAtStep(Tracker):
+        def log(self, metrics, logged_step):
+            if logged_step == step:
+                first.stop_signal = 15
+    first.tracker = StopAtStep()
+    part_one = first.train()
+    second = make_trainer(cfg)
+    second.restore(checkpoint.load(RunFolder(Path(cfg.output_dir)).latest))
+    return part_one, second
+
+
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
     flags = ("--max_steps=12", "--log_interval=1", "--eval_interval=4", "--save_interval=100", "--dropout=0.1",
              "--gradient_accumulation_steps=2")
     straight = make_trainer(tiny_cfg(*flags, f"--output_dir={tmp_path / 'a'}")).train()
 
     cfg = tiny_cfg(*flags, f"--output_dir={tmp_path / 'b'}")
-    first = make_trainer(cfg)
-
-    class StopAtStep7(Tracker):  # does what the SIGTERM handler does, at a known step
-        def log(self, metrics, step):
-            if step == 7:
-                first.stop_signal = 15
-    first.tracker = StopAtStep7()
-    part_one = first.train()
+    part_one, second = stopped_and_restored(cfg, 7)
     assert part_one.interrupted_by == 15 and part_one.steps == 7
-
-    second = make_trainer(cfg)
-    second.restore(checkpoint.load(RunFolder(Path(cfg.output_dir)).latest))
     part_two = second.train()
     resumed = [r["train/loss"] for r in part_one.history + part_two.history]
     assert resumed == [r["train/loss"] for r in straight.history]  # bit for bit
