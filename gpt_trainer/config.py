@@ -38,16 +38,22 @@ MODEL_PRESETS: dict[str, ModelShape] = {
 }
 
 ARCHITECTURES = ("gpt2", "llama")  # gpt_trainer.model.gpt.ARCHS
-DEFAULT_ARCH = "gpt2"
+DEFAULT_ARCH = "llama"  # with --optimizer muon, the recipe that won BENCHMARKS.md's comparison
 EARLIER_ARCH = "gpt2"  # what a checkpoint or config.json written before --arch existed holds, whatever the default
 CORPORA = ("chinese", "song_ci", "tang", "shakespeare", "fortunes_zh", "builtin")
 CHINESE_CORPORA = ("chinese", "song_ci", "tang", "fortunes_zh", "builtin")
 CHINESE_PROMPTS = "春江,往事"
 ENGLISH_PROMPTS = "ROMEO:,The "
 OPTIMIZERS = ("adamw", "muon")
-# the defaults of --optimizer muon (measured on Song ci: docs/training.md), set by plan/resolve.py where none is given
-MUON_DEFAULTS = {"learning_rate": 3e-3, "weight_decay": 0.0, "muon_learning_rate": 0.02, "muon_momentum": 0.95,
-                 "muon_weight_decay": 0.0}
+DEFAULT_OPTIMIZER = "muon"
+EARLIER_OPTIMIZER = "adamw"  # what a run recorded before --optimizer existed trained with, whatever the default
+# each optimizer's defaults (muon's measured on Song ci: docs/training.md) for the flags left None: a flag whose default
+# depends on --optimizer is None in the parser, filled when the TrainConfig is made
+OPTIMIZER_DEFAULTS = {
+    "muon": {"learning_rate": 3e-3, "weight_decay": 0.0, "muon_learning_rate": 0.02, "muon_momentum": 0.95,
+             "muon_weight_decay": 0.0},
+    "adamw": {"learning_rate": 3e-4, "weight_decay": 0.1},
+}
 MUON_FLAGS = ("muon_learning_rate", "muon_momentum", "muon_weight_decay")  # only --optimizer muon reads them
 CPU_AUTO_BATCH_SIZE = 16  # what --batch_size auto means on the CPU: memory is rarely the limit there, time is
 # Unicode categories a run name may not hold: control characters (a newline, a tab, NUL) and line/paragraph breaks
@@ -124,23 +130,29 @@ class TrainConfig:
                                                 "processes).")
     epochs: float = _flag(1.0, "Passes over the training tokens (ignored when --max_steps is given).")
     max_steps: int | None = _flag(None, "Optimizer steps to run; wins over --epochs.")
-    optimizer: str = _flag("adamw", "adamw: AdamW for every parameter. muon: Muon (orthogonalised Nesterov "
-                                    "momentum) for the 2-D weights inside the transformer blocks and AdamW for the "
-                                    "rest (embeddings, head, norms, biases), which --learning_rate and "
-                                    "--weight_decay then set.", choices=list(OPTIMIZERS))
-    learning_rate: float = _flag(3e-4, f"Peak learning rate (AdamW's; under --optimizer muon its groups', default "
-                                       f"{MUON_DEFAULTS['learning_rate']:g}).")
+    optimizer: str = _flag(DEFAULT_OPTIMIZER, "muon: Muon (orthogonalised Nesterov momentum) for the 2-D weights "
+                                               "inside the transformer blocks and AdamW for the rest (embeddings, "
+                                               "head, norms, biases), which --learning_rate and --weight_decay then "
+                                               "set. adamw: AdamW for every parameter (with --arch gpt2: the recipe "
+                                               "of runs before muon was the default).", choices=list(OPTIMIZERS))
+    learning_rate: float | None = _flag(None, "Peak learning rate of AdamW (of every parameter under --optimizer "
+                                              f"adamw). Default: {OPTIMIZER_DEFAULTS['muon']['learning_rate']:g} "
+                                              f"under muon, {OPTIMIZER_DEFAULTS['adamw']['learning_rate']:g} under "
+                                              "adamw.")
     min_lr: float | None = _flag(None, "Learning rate at the end of the cosine decay (default: learning_rate / 10).")
     warmup_steps: int = _flag(100, "Linear warm-up steps before the cosine decay.")
-    weight_decay: float = _flag(0.1, "AdamW weight decay (matrices only; not biases, norms or embeddings; under "
-                                     f"--optimizer muon default {MUON_DEFAULTS['weight_decay']:g}: only a head not "
-                                     "tied to the embedding is such a matrix).")
+    weight_decay: float | None = _flag(None, "AdamW weight decay (matrices only; not biases, norms or embeddings: "
+                                             "under muon only an output layer not tied to the embedding is such a "
+                                             f"matrix). Default: {OPTIMIZER_DEFAULTS['muon']['weight_decay']:g} "
+                                             f"under muon, {OPTIMIZER_DEFAULTS['adamw']['weight_decay']:g} under "
+                                             "adamw.")
     muon_learning_rate: float | None = _flag(None, "--optimizer muon: Muon's peak learning rate (default "
-                                                   f"{MUON_DEFAULTS['muon_learning_rate']:g}), on the same schedule.")
+                                                   f"{OPTIMIZER_DEFAULTS['muon']['muon_learning_rate']:g}), on the "
+                                                   "same schedule.")
     muon_momentum: float | None = _flag(None, "--optimizer muon: Muon's Nesterov momentum (default "
-                                              f"{MUON_DEFAULTS['muon_momentum']:g}).")
+                                              f"{OPTIMIZER_DEFAULTS['muon']['muon_momentum']:g}).")
     muon_weight_decay: float | None = _flag(None, "--optimizer muon: Muon's weight decay (default "
-                                                  f"{MUON_DEFAULTS['muon_weight_decay']:g}).")
+                                                  f"{OPTIMIZER_DEFAULTS['muon']['muon_weight_decay']:g}).")
     grad_clip: float = _flag(1.0, "Clip the global gradient norm to this (0 disables).")
     max_bad_steps: int = _flag(5, "Stop after this many optimizer steps in a row with a non-finite loss or gradient "
                                   "(each one is skipped, never applied). Checked where the run reads the GPU anyway: "
@@ -204,8 +216,9 @@ class TrainConfig:
     dry_run: bool = _flag(False, "Validate everything, print the resolved config as JSON and exit without training.")
 
     def __post_init__(self):
-        """The one place a TrainConfig's fields are settled: the preset fills the shape flags left unset, --no_compile
-        becomes --compile=false, --init_from selects --tokenizer hf, and ~ in --output_dir and --init_from is expanded.
+        """The one place a TrainConfig's fields are settled: the preset fills the shape flags left unset, the
+        optimizer's defaults (OPTIMIZER_DEFAULTS) the flags whose default depends on it, --no_compile becomes
+        --compile=false, --init_from selects --tokenizer hf, and ~ in --output_dir and --init_from is expanded.
         Afterwards nothing assigns to a field (a run from --init_from takes its folder's shape in a new TrainConfig:
         hf.settle_init_from)."""
         if self.no_compile:
@@ -217,6 +230,10 @@ class TrainConfig:
             object.__setattr__(self, "init_from", os.path.expanduser(self.init_from))
         if self.tokenizer is None:  # the folder's own with --init_from (another one given with it: refused by validate)
             object.__setattr__(self, "tokenizer", "hf" if self.init_from else "char")
+        if self.optimizer in OPTIMIZER_DEFAULTS:  # (an unknown one is refused by the parser or validate)
+            for name, value in OPTIMIZER_DEFAULTS[self.optimizer].items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         preset = MODEL_PRESETS.get(self.model_size)
         for name in ("n_layer", "n_head", "n_embd"):
             if getattr(self, name) is None and preset:

@@ -27,6 +27,8 @@ CLASSIC_POEMS = Path(__file__).parent / "fixtures" / "classic_poems.txt"
 TINY_SHAPE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.0",
               "--eval_steps=2", "--fp32", "--device=cpu", "--sample_tokens=8", "--report_to=none"]
 
+GPT2_ADAMW = ("--arch=gpt2", "--optimizer=adamw")  # the recipe of runs before llama + muon became the default
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where PyTorch sees a CUDA or ROCm GPU."""

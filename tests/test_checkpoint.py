@@ -20,7 +20,7 @@ from gpt_trainer.data.tokenizer import CharTokenizer
 from gpt_trainer.errors import UsageError
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.train import checkpoint
-from tests.conftest import make_trainer
+from tests.conftest import GPT2_ADAMW, make_trainer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -373,7 +373,7 @@ def test_a_sharded_checkpoint_is_safetensors_and_json_and_a_resume_from_it_is_ex
     """A resume from a sharded checkpoint trains the losses of a run never interrupted; the checkpoint is a folder of
     safetensors and JSON files (nothing pickled) whose manifest records each file's size and SHA-256; sample and export
     read its model whole, the tied output layer restored."""
-    steps = lambda n: tiny_cfg(*CONSTANT_LR, f"--max_steps={n}", "--eval_interval=2")  # noqa: E731
+    steps = lambda n: tiny_cfg(*CONSTANT_LR, *GPT2_ADAMW, f"--max_steps={n}", "--eval_interval=2")  # noqa: E731
     uninterrupted = {row["step"]: row["train/loss"] for row in make_trainer(steps(5)).train().history}
     shutil.rmtree(tmp_path / "out")
     first = make_trainer(steps(3))
@@ -418,7 +418,7 @@ def test_a_sharded_checkpoint_is_split_into_small_files_each_listed_and_checked(
     small size gives several files, tensors numbered in order and none split; all are in the manifest, a resume from
     them is exact, and damage in any one of them is found."""
     monkeypatch.setattr(checkpoint, "SHARD_FILE_BYTES", 64 << 10)
-    steps = lambda n: tiny_cfg(*CONSTANT_LR, f"--max_steps={n}", "--eval_interval=2")  # noqa: E731
+    steps = lambda n: tiny_cfg(*CONSTANT_LR, *GPT2_ADAMW, f"--max_steps={n}", "--eval_interval=2")  # noqa: E731
     uninterrupted = {row["step"]: row["train/loss"] for row in make_trainer(steps(5)).train().history}
     shutil.rmtree(tmp_path / "out")
     latest = sharded_run(steps(3)).checkpoints / "latest"

@@ -77,14 +77,16 @@ def test_the_training_help_names_every_other_command():
 
 
 # ---- --arch ---------------------------------------------------------------------------------------------------------
-def test_every_architecture_the_flag_offers_is_a_model_and_gpt2_is_the_default():
+def test_every_architecture_the_flag_offers_is_a_model_and_llama_with_muon_is_the_default():
     from gpt_trainer.config import ARCHITECTURES
     from gpt_trainer.model.gpt import ARCHS
 
     assert list(ARCHITECTURES) == list(ARCHS)
-    assert parse_args([]).arch == "gpt2" and parse_args(["--arch=llama"]).arch == "llama"
-    assert parse_args(["--arch=llama", "--model_size=small"]).model_label() == \
-        "small llama (12 layers x 768 wide, 12 heads)"
+    assert (parse_args([]).arch, parse_args([]).optimizer) == ("llama", "muon")
+    assert parse_args(["--arch=gpt2"]).arch == "gpt2"
+    assert parse_args(["--arch=gpt2", "--model_size=small"]).model_label() == \
+        "small gpt2 (12 layers x 768 wide, 12 heads)"
+    assert parse_args(["--model_size=small"]).model_label() == "small (12 layers x 768 wide, 12 heads)"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -29,7 +29,7 @@ from gpt_trainer.config import parse_args
 from gpt_trainer.errors import CheckpointNotWritten, RunStopped, UsageError, is_out_of_memory
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.train import checkpoint
-from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, script_env
+from tests.conftest import CLASSIC_POEMS, GPT2_ADAMW, TINY_SHAPE, script_env
 from tests.test_checkpoint import nanogpt_checkpoint, other_program_checkpoint, plant_code, rewrite, sharded_run
 from tests.test_distributed import free_port
 from tests.test_hf import as_dtype, broken, config_text, cut_short, make_folder, with_values
@@ -224,8 +224,8 @@ def run_name(name: Callable[[Where], str]) -> Callable[[Where], Case]:
 def diverging(w: Where) -> Case:
     """A learning rate so high that the validation loss is not finite at the first evaluation, long before
     --max_bad_steps skipped steps in a row: no checkpoint of the ruined weights is written."""
-    return Case(cli.main, w.argv("--learning_rate=1e8", "--grad_clip=0", "--max_bad_steps=50", "--eval_interval=1",
-                                 "--dropout=0", "--max_steps=60"), absent=("out/checkpoints/*",))
+    return Case(cli.main, w.argv(*GPT2_ADAMW, "--learning_rate=1e8", "--grad_clip=0", "--max_bad_steps=50",
+                                 "--eval_interval=1", "--dropout=0", "--max_steps=60"), absent=("out/checkpoints/*",))
 
 
 def full_disk(size: str) -> Callable[[Where], Case]:
@@ -234,8 +234,8 @@ def full_disk(size: str) -> Callable[[Where], Case]:
     part-way through."""
     def setup(w: Where) -> Case:
         disk = w.tmpfs(w.tmp / "disk", f"size={size}")
-        return Case(cli.main, w.argv(f"--output_dir={disk / 'out'}", "--report_to=tensorboard", "--max_steps=4",
-                                     "--eval_interval=2"), absent=("disk/out/checkpoints/.*",))
+        return Case(cli.main, w.argv(*GPT2_ADAMW, f"--output_dir={disk / 'out'}", "--report_to=tensorboard",
+                                     "--max_steps=4", "--eval_interval=2"), absent=("disk/out/checkpoints/.*",))
     return setup
 
 
@@ -872,7 +872,7 @@ def test_a_real_full_disk_during_a_sharded_save_stops_in_a_sentence_and_keeps_th
     the first latest/ (~760 KiB) fits, best/ at the same step does not. The save stops the run in words, removes its
     staging folder, and the latest checkpoint is intact."""
     disk = tmpfs(tmp_path / "disk", "size=1m")
-    cfg = parse_args(tiny_argv(f"--output_dir={disk / 'out'}", "--max_steps=4", "--eval_interval=2"))
+    cfg = parse_args(tiny_argv(*GPT2_ADAMW, f"--output_dir={disk / 'out'}", "--max_steps=4", "--eval_interval=2"))
     with pytest.raises(CheckpointNotWritten) as stopped:
         sharded_run(cfg)
     assert re.match(r"could not write the checkpoint \S+/checkpoints/best \(No space left on device.*\)\. There was no "

@@ -24,7 +24,7 @@ from gpt_trainer.model import hf
 from gpt_trainer.model.gpt import generate_text
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.train import checkpoint
-from tests.conftest import CLASSIC_POEMS, TINY_SHAPE, files_containing, make_trainer
+from tests.conftest import CLASSIC_POEMS, GPT2_ADAMW, TINY_SHAPE, files_containing, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_V1, CHECKPOINT_V2 = (ROOT / "tests" / "fixtures" / f"checkpoint_v{n}.pt" for n in (1, 2))
@@ -43,7 +43,7 @@ def trained(tmp_path_factory, cache_dir):
         if kind not in made:
             out = tmp_path_factory.mktemp(f"run-{kind}")
             cfg = parse_args([f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}", f"--output_dir={out}",
-                              *TINY_SHAPE, "--max_steps=2", "--eval_interval=2", *KINDS[kind]])
+                              *TINY_SHAPE, *GPT2_ADAMW, "--max_steps=2", "--eval_interval=2", *KINDS[kind]])
             make_trainer(cfg).train()
             made[kind] = RunFolder(out).best
         return made[kind]

@@ -17,11 +17,22 @@ import torch
 
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.train import checkpoint
-from tests.test_distributed import ENV, ROOT, TORCHRUN, launch, training
+from tests.conftest import GPT2_ADAMW
+from tests.test_distributed import ENV, ROOT, TORCHRUN, launch
+from tests.test_distributed import training as distributed_training
 
 CONSTANT_LR = ("--learning_rate=1e-3", "--min_lr=1e-3", "--warmup_steps=0", "--eval_interval=10",
                "--save_interval=10")
 TOLERANCE = 1e-5
+LLAMA_MUON = ("--arch=llama", "--optimizer=muon")  # the default recipe, given where a test is about it
+
+
+def training(out: Path, cache_dir: Path, *flags: str) -> list[str]:
+    """test_distributed.training of a new run with the GPT-2 recipe first (flags given after it win): the tests below
+    were calibrated on it, and its losses agree to TOLERANCE; the Muon tests give LLAMA_MUON. A --resume keeps the
+    run's recipe."""
+    recipe = () if "--resume" in flags else GPT2_ADAMW
+    return distributed_training(out, cache_dir, *recipe, *flags)
 
 
 def train_losses(out: Path) -> dict[int, float]:
@@ -509,7 +520,7 @@ def test_fsdp_resumes_from_best_when_a_shard_of_latest_is_damaged(fsdp_run, tmp_
     assert checkpoint.load(out / "checkpoints" / "latest", lazy=True)["trainer"]["step"] == 6
 
 
-# ---- --optimizer muon: each process orthogonalises the whole of each matrix and keeps its rows ---------------------
+# ---- the default recipe (llama + muon): each process orthogonalises the whole of each matrix, keeps its rows -----
 # torch's Newton-Schulz iterates in bfloat16: a last-bit difference in how the processes sum a gradient can move an
 # entry of the orthogonalised update by one bfloat16 step, so the losses agree less closely than AdamW's
 MUON_TOLERANCE = 1e-4
@@ -518,27 +529,28 @@ MUON_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def muon_ddp_12_steps(tmp_path_factory, cache_dir) -> dict[int, float]:
     out = tmp_path_factory.mktemp("muon-ddp12")
-    train(out, cache_dir, "--max_steps=12", "--parallel=ddp", "--optimizer=muon")
+    train(out, cache_dir, "--max_steps=12", "--parallel=ddp", *LLAMA_MUON)
     return train_losses(out)
 
 
 @pytest.fixture(scope="module")
 def muon_fsdp_12_steps(tmp_path_factory, cache_dir) -> dict[int, float]:
     out = tmp_path_factory.mktemp("muon-fsdp12")
-    train(out, cache_dir, "--max_steps=12", "--parallel=fsdp", "--optimizer=muon")
+    train(out, cache_dir, "--max_steps=12", "--parallel=fsdp", *LLAMA_MUON)
     return train_losses(out)
 
 
 @pytest.mark.slow
-def test_muon_under_fsdp_trains_the_losses_of_ddp_and_of_one_process(tmp_path, cache_dir, muon_ddp_12_steps,
-                                                                      muon_fsdp_12_steps):
+def test_the_default_recipe_under_fsdp_trains_the_losses_of_ddp_and_of_one_process(tmp_path, cache_dir,
+                                                                                    muon_ddp_12_steps,
+                                                                                    muon_fsdp_12_steps):
     # one process: two accumulated micro-batches of 4 are the two processes' global batch of 8
-    train(tmp_path / "one", cache_dir, "--max_steps=12", "--gradient_accumulation_steps=2", "--optimizer=muon",
+    train(tmp_path / "one", cache_dir, "--max_steps=12", "--gradient_accumulation_steps=2", *LLAMA_MUON,
           processes=1)
     assert list(muon_ddp_12_steps) == list(range(1, 13))
     assert largest_difference(muon_fsdp_12_steps, muon_ddp_12_steps) <= MUON_TOLERANCE
     assert largest_difference(train_losses(tmp_path / "one"), muon_ddp_12_steps) <= MUON_TOLERANCE
-    # the control: a run without Muon's update (AdamW) gives other losses, so the comparison above can fail
+    # the control: the GPT-2 recipe (AdamW) gives other losses, so the comparison above can fail
     train(tmp_path / "adamw", cache_dir, "--max_steps=12", "--parallel=fsdp")
     assert largest_difference(train_losses(tmp_path / "adamw"), muon_ddp_12_steps) > 1e-3
 
@@ -551,7 +563,7 @@ def test_a_muon_run_resumes_from_fsdp_to_ddp_to_one_process_and_back_without_a_s
     and back (a bare --resume keeps --optimizer muon and its rates). Resumed in its own layout a run continues bit for
     bit; the layouts themselves differ within MUON_TOLERANCE."""
     out = tmp_path / "out"
-    train(out, cache_dir, "--max_steps=3", "--parallel=fsdp", "--optimizer=muon")
+    train(out, cache_dir, "--max_steps=3", "--parallel=fsdp", *LLAMA_MUON)
     assert checkpoints(out)[0] == ["latest"]
     train(out, cache_dir, "--max_steps=6", "--parallel=fsdp", "--resume")
     losses = train_losses(out)

@@ -1,6 +1,9 @@
-"""Precision choice. GPU answers are simulated (monkeypatched torch.cuda / torch.version) because no GPU runs here;
-the CPU cases are real."""
+"""Precision choice, and the C heap handing memory back. GPU answers are simulated (monkeypatched torch.cuda /
+torch.version) because no GPU runs here; the CPU cases are real."""
 
+import platform
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -156,3 +159,37 @@ def test_usable_gpu_memory_is_the_free_memory_and_this_process_s_own_less_the_ma
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (26 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * gib)
     assert hardware.usable_gpu_memory(torch.device("cuda")) == int(30 * gib * (1 - hardware.MEMORY_MARGIN))
+
+
+# ---- return_freed_memory: glibc's heap hands its free pages back -------------------------------------------------
+# in a fresh process: pytest's own heap (thousands of tests' freed memory) would serve the blocks from its free lists
+HEAP_SCRIPT = """
+import ctypes, ctypes.util, os
+from gpt_trainer.system import hardware
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+before = resident()
+blocks = [libc.malloc(16 * 1024) for _ in range(8192)]  # 128 MiB below the mmap threshold: in the heap
+for block in blocks:
+    ctypes.memset(block, 1, 16 * 1024)  # touched, so resident
+for block in blocks[:-1]:  # the last one keeps the heap's top, so that free alone cannot shrink it
+    libc.free(block)
+held = resident()
+trimmed = hardware.return_freed_memory()
+print(held - before, held - resident(), trimmed)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_memory_freed_into_the_heap_goes_back_to_the_system():
+    done = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True)
+    kept_after_free, returned, trimmed = done.stdout.split()
+    assert int(kept_after_free) > 100 * 2**20  # free alone kept the pages: what follows is the trim's doing
+    assert trimmed == "True" and int(returned) > 100 * 2**20, f"only {int(returned) / 2**20:.0f} MiB went back"

@@ -21,6 +21,7 @@ from gpt_trainer.plan.memory import GIB, estimate, kept_activation_bytes, parame
 from gpt_trainer.plan.resolve import resolve
 from gpt_trainer.system.distributed import World
 from gpt_trainer.train.optimizers import build_optimizer
+from tests.conftest import GPT2_ADAMW
 
 VOCAB, BATCH, BLOCK = 1000, 2, 128  # small enough that `small` (12 x 768) measures in seconds
 
@@ -203,7 +204,8 @@ def flags_plan(flags: str, base: list[str], capacity: int, processes: int):
     (1, None),  # one 24 GiB GPU cannot hold xl's weights, gradients and AdamW state: nothing fits
 ])
 def test_a_run_that_does_not_fit_names_the_change_that_does(processes, expected):
-    base = ["--model_size=xl", "--block_size=1024", "--batch_size=8", "--gradient_accumulation_steps=2", "--bf16"]
+    base = [*GPT2_ADAMW, "--model_size=xl", "--block_size=1024", "--batch_size=8", "--gradient_accumulation_steps=2",
+            "--bf16"]
     capacity = 24 * GIB
     plan = flags_plan("", base, capacity, processes)
     lines = plan.describe()

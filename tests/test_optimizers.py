@@ -34,7 +34,7 @@ def run_cfg(tiny_argv):
 
 
 def test_muon_takes_the_block_matrices_and_adamw_every_other_parameter_once(run_cfg):
-    trainer = make_trainer(run_cfg("--optimizer=muon"))
+    trainer = make_trainer(run_cfg("--optimizer=muon", "--arch=gpt2"))  # gpt2: biases too
     groups = trainer.optimizer.param_groups
     grouped = [id(p) for group in groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in trainer.model.parameters())  # each exactly once
@@ -64,12 +64,13 @@ def test_muon_on_the_llama_arch_has_a_decayed_adamw_group_for_its_own_output_lay
 
 
 def test_the_muon_defaults_are_resolved_and_recorded_and_adamw_is_unchanged(run_cfg):
-    muon = run_cfg("--optimizer=muon")
+    muon = run_cfg()  # the default optimizer
+    assert muon.optimizer == "muon"
     assert (muon.learning_rate, muon.weight_decay, muon.muon_learning_rate, muon.muon_momentum,
             muon.muon_weight_decay) == (3e-3, 0.0, 0.02, 0.95, 0.0)
     given = run_cfg("--optimizer=muon", "--learning_rate=1e-3", "--muon_momentum=0.9")
     assert (given.learning_rate, given.muon_momentum, given.muon_learning_rate) == (1e-3, 0.9, 0.02)
-    adamw = run_cfg()
+    adamw = run_cfg("--optimizer=adamw")
     assert (adamw.optimizer, adamw.learning_rate, adamw.weight_decay, adamw.muon_learning_rate) == (
         "adamw", 3e-4, 0.1, None)
     assert type(make_trainer(adamw).optimizer) is torch.optim.AdamW
@@ -140,7 +141,7 @@ def test_a_muon_run_resumes_exactly(run_cfg, tmp_path):
 
 def test_muon_flags_without_muon_are_refused(tiny_argv):
     with pytest.raises(UsageError, match="--muon_learning_rate set Muon, but --optimizer adamw"):
-        parse_args(tiny_argv("--muon_learning_rate=0.01"))
+        parse_args(tiny_argv("--optimizer=adamw", "--muon_learning_rate=0.01"))
     with pytest.raises(UsageError, match="--muon_momentum must be in"):
         parse_args(tiny_argv("--optimizer=muon", "--muon_momentum=1"))
 
@@ -195,9 +196,9 @@ def test_the_batch_search_s_trial_step_keeps_the_state_of_the_run_s_optimizer(ru
 def test_refused_optimizer_flags_end_in_a_sentence_with_nothing_written(tiny_argv, tmp_path, capsys):
     out = tmp_path / "run"
     argv = tiny_argv(f"--output_dir={out}", "--max_steps=2", "--log_interval=1", "--eval_interval=2")
-    assert main([*argv, "--muon_momentum=0.9"]) == 2
+    assert main([*argv, "--optimizer=adamw", "--muon_momentum=0.9"]) == 2
     assert not out.exists() and "--optimizer muon" in capsys.readouterr().err
-    assert main([*argv, "--optimizer=muon"]) == 0
+    assert main(argv) == 0  # muon, the default
     recorded = json.loads((out / "config.json").read_text())
     assert (recorded["optimizer"], recorded["muon_learning_rate"], recorded["learning_rate"]) == ("muon", 0.02, 3e-3)
     before = snapshot(out)

@@ -120,7 +120,8 @@ def test_export_init_from_export_gives_the_same_weights(exported, tmp_path, cach
     shape = [flag for flag in TINY_SHAPE if not flag.startswith(("--n_layer", "--n_head", "--n_embd"))]
     assert train_main([f"--init_from={first}", f"--data_path={CLASSIC_POEMS}", f"--cache_dir={cache_dir}",
                        f"--output_dir={run.path}", *shape, "--max_steps=1", "--eval_interval=1",
-                       "--learning_rate=1e-30", "--min_lr=1e-31", "--warmup_steps=0"]) == 0
+                       "--learning_rate=1e-30", "--muon_learning_rate=1e-30", "--min_lr=1e-31",
+                       "--warmup_steps=0"]) == 0
     assert json.loads((run.path / "config.json").read_text())["arch"] == "llama"
     assert export.main([str(run.latest), str(second)]) == 0  # best.pt: only if the loss fell
     one, two = weights(first), weights(second)

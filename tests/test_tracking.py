@@ -41,12 +41,13 @@ def test_tensorboard_and_wandb_get_the_same_metrics_at_the_same_steps(poems_argv
     assert main(poems_argv("--max_steps=12", "--eval_interval=6", "--wandb_log_model", "--wandb_tags=mine")) == 0
     out = tmp_path / "out"
     [logdir] = list((out / "logs").iterdir())
-    assert re.fullmatch(r"tiny-poems\.txt-lr3e-4-bs4-\d{8}_\d{6}", logdir.name)
+    assert re.fullmatch(r"tiny-poems\.txt-lr3e-3-bs4-\d{8}_\d{6}", logdir.name)  # muon: AdamW groups at 3e-3
     tb, acc = scalars(logdir)
     [run_file] = run_files(out)
     wb = wandb_steps(run_file)
     assert tb == wb
-    expected = {"train/loss", "train/perplexity", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec",
+    expected = {"train/loss", "train/perplexity", "train/learning_rate", "train/muon_learning_rate", "train/grad_norm",
+                "train/tokens_per_sec",
                 "train/mfu", "train/epoch", "train/tokens_seen", "train/skipped_steps", "system/step_time_ms",
                 "eval/loss", "eval/perplexity", "eval/best_perplexity", "epoch/train_loss", "epoch/val_loss",
                 "epoch/val_perplexity", "final/best_perplexity", "final/total_steps", "final/total_epochs"}

@@ -14,6 +14,7 @@ from gpt_trainer.system import hardware
 from gpt_trainer.system.rundir import RunFolder
 from gpt_trainer.tracking import Tracker
 from gpt_trainer.train import checkpoint, metrics
+from gpt_trainer.train.optimizers import MuonAdamW
 from gpt_trainer.train.trainer import Diverged
 from tests.conftest import make_trainer
 
@@ -290,7 +291,7 @@ def test_out_of_memory_saves_the_last_good_state_and_says_what_to_change(tiny_ar
 def test_out_of_memory_while_the_weights_change_saves_nothing(tiny_argv, tmp_path, monkeypatch, capsys):
     from gpt_trainer.commands.train import main
 
-    run_out_of_memory_at(monkeypatch, torch.optim.AdamW, "step", 2)
+    run_out_of_memory_at(monkeypatch, MuonAdamW, "step", 2)
     assert main(tiny_argv("--max_steps=6", "--save_interval=100", "--eval_interval=100")) == 1
     err = capsys.readouterr().err
     assert "out of memory in training step 2" in err and "Nothing was saved" in err
@@ -317,9 +318,9 @@ def test_a_warmup_as_long_as_the_run_is_shortened_to_a_tenth_with_a_note(tiny_ar
     assert "--warmup_steps 100 is not shorter than the run (40 steps)" in err and "over 4 steps" in err
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["warmup_steps"] == 4
-    rates = [json.loads(row)["train/learning_rate"] for row in (tmp_path / "out" / "metrics.jsonl").read_text()
-             .splitlines() if "train/learning_rate" in row]
-    assert max(rates) == pytest.approx(3e-4, rel=1e-3)  # the peak learning rate is reached
+    rows = [json.loads(row) for row in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    for name, peak in (("train/learning_rate", 3e-3), ("train/muon_learning_rate", 0.02)):  # AdamW's groups, Muon's
+        assert max(row[name] for row in rows if name in row) == pytest.approx(peak, rel=1e-3)  # the peak is reached
 
 
 def test_every_evaluation_sets_val_best_and_best_pt_and_the_line_shows_it(tiny_argv, tmp_path, capsys):

@@ -7,7 +7,8 @@ its processes, sampled every 0.2 s. The limit: 1.3 x the plan's per-GPU total wi
 two, plus what a bare job (the launcher and two processes that import the trainer and join the group, nothing else)
 holds, measured the same way.
 
-    .venv/bin/python tools/fsdp_memory.py [--model_size medium] [--keep] [--fixed_mmap_threshold]
+    .venv/bin/python tools/fsdp_memory.py [--model_size medium] [--recipe "--arch gpt2 --optimizer adamw"] [--keep]
+        [--fixed_mmap_threshold]
 
 --fixed_mmap_threshold runs the jobs with glibc's mmap threshold fixed at 256 KiB (GLIBC_TUNABLES): every larger
 block is then mapped on its own and returned when freed. By default glibc raises the threshold after the first large
@@ -77,6 +78,8 @@ def planned_without_context(output: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_size", default="medium")
+    parser.add_argument("--recipe", default="", help='training flags added to the first run, e.g. "--arch gpt2 '
+                                                      '--optimizer adamw" (the resume keeps them)')
     parser.add_argument("--keep", action="store_true", help="keep the run folder")
     parser.add_argument("--fixed_mmap_threshold", action="store_true", help="fix glibc's mmap threshold (see above)")
     args = parser.parse_args()
@@ -89,7 +92,8 @@ def main() -> int:
         train = ["--model_size", args.model_size, "--parallel", "fsdp", "--batch_size", "1", "--block_size", "64",
                  "--use_chinese", "--eval_interval", "2", "--eval_steps", "2", "--sample_tokens", "16",
                  "--report_to", "none", "--output_dir", str(work / "run")]
-        trained, output = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *train, "--max_steps", "2"), work, env)
+        first = [*train, *args.recipe.split(), "--max_steps", "2"]
+        trained, output = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *first), work, env)
         resumed, _ = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *train, "--max_steps", "3", "--resume"),
                              work, env)
         plan = planned_without_context(output)

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, given_flags, parse_args
+from ..config import TrainConfig, parse_args
 from ..data.tokenizer import CharTokenizer
 from ..data.tokens import TokenData
 from ..errors import RunStopped, UsageError
 from ..plan.autobatch import settle_batch
-from ..plan.resolve import optimizer_defaults
 from ..plan.run_plan import RunPlan, make_plan
 from ..system.distributed import World
 from ..system.hardware import device_name, peak_memory_bytes, pick_device, resolve_precision, synchronize
@@ -62,8 +61,7 @@ def own_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def benchmark(argv: list[str]) -> dict:
     own, rest = own_flags(argv)
-    # --optimizer muon's defaults, as a training run resolves them
-    cfg = optimizer_defaults(parse_args(rest), given_flags(rest))
+    cfg = parse_args(rest)
     return measure(cfg, own.steps, own.warmup, own.tracking_overhead)
 
 

@@ -15,7 +15,7 @@ from . import train as cli
 
 DEMO_FLAGS = [
     "--use_chinese", "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=32",
-    "--max_steps=400", "--learning_rate=2e-3", "--warmup_steps=40", "--eval_interval=50", "--eval_steps=8",
+    "--max_steps=400", "--warmup_steps=40", "--eval_interval=50", "--eval_steps=8",
     "--log_interval=25", "--report_to=tensorboard", "--output_dir=./output_demo", "--cache_dir=./output_demo/cache",
     "--overwrite",
 ]

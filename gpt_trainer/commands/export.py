@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CHINESE_PROMPTS, EARLIER_ARCH, ENGLISH_PROMPTS, TrainConfig
+from ..config import CHINESE_PROMPTS, EARLIER_ARCH, EARLIER_OPTIMIZER, ENGLISH_PROMPTS, TrainConfig
 from ..data.tokenizer import tokenizer_from_dict
 from ..errors import UsageError, notice
 from ..model import gguf, hf
@@ -210,7 +210,8 @@ def bare_name(path: str) -> str:
 def training_command(config: dict) -> str:
     """The command that trained it, rebuilt from the flags that differ from the defaults, paths as bare names."""
     defaults = TrainConfig().to_dict()
-    config = {"arch": EARLIER_ARCH, **config, "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0: cuda
+    config = {"arch": EARLIER_ARCH, "optimizer": EARLIER_OPTIMIZER, **config,  # a run from before the flags
+              "device": str(config.get("device", "auto")).split(":")[0]}  # cuda:0: cuda
     if config.get("tokenizer") != "sentencepiece":
         config.pop("vocab_size", None)  # the char vocabulary's size is the corpus's, an hf one the folder's
     if config.get("init_from"):

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import MODEL_PRESETS, ModelShape, TrainConfig
+from ..config import (ARCHITECTURES, DEFAULT_ARCH, DEFAULT_OPTIMIZER, MODEL_PRESETS, OPTIMIZERS, ModelShape,
+                      TrainConfig)
 from ..model.gpt import swiglu_hidden
 from ..system.hardware import MEMORY_MARGIN, device_name, usable_gpu_memory
 
@@ -352,25 +353,28 @@ TABLE_LAYOUTS = (("1 GPU", "ddp", 1), ("DDP", "ddp", 8), ("FSDP x 2", "fsdp", 2)
 
 
 def table(activation_checkpointing: bool, micro_batch: int = TABLE_MICRO_BATCH, block_size: int = TABLE_BLOCK,
-          vocab_size: int = TABLE_VOCAB, precision: str = "bf16") -> str:
+          vocab_size: int = TABLE_VOCAB, precision: str = "bf16", arch: str = DEFAULT_ARCH,
+          optimizer: str = DEFAULT_OPTIMIZER) -> str:
     """A Markdown table of docs/memory.md: per preset and layout, the estimated GiB per GPU and the smallest of
-    TABLE_GPUS_GB it fits on."""
+    TABLE_GPUS_GB it fits on (for the default recipe unless told another)."""
     rows = [f"| preset | {' | '.join(name for name, _, _ in TABLE_LAYOUTS)} |",
             f"| --- |{' --- |' * len(TABLE_LAYOUTS)}"]
     for preset, shape in MODEL_PRESETS.items():
         cells = []
         for _, parallel, processes in TABLE_LAYOUTS:
             total = estimate(shape, precision, micro_batch, block_size, parallel, processes, activation_checkpointing,
-                             vocab_size, TABLE_DROPOUT).total
+                             vocab_size, TABLE_DROPOUT, arch=arch, optimizer=optimizer).total
             smallest = next((f"{gb} GB" for gb in TABLE_GPUS_GB if total <= gb * 10**9), "none")
             cells.append(f"{gib(total)} ({smallest})")
         rows.append(f"| {preset} | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
-def tables(micro_batch: int = TABLE_MICRO_BATCH, block_size: int = TABLE_BLOCK, vocab_size: int = TABLE_VOCAB) -> str:
+def tables(micro_batch: int = TABLE_MICRO_BATCH, block_size: int = TABLE_BLOCK, vocab_size: int = TABLE_VOCAB,
+           arch: str = DEFAULT_ARCH, optimizer: str = DEFAULT_OPTIMIZER) -> str:
     """Both tables of docs/memory.md, without and with activation checkpointing, as the page shows them."""
-    return "\n\n".join(f"{title}:\n\n{table(checkpointing, micro_batch, block_size, vocab_size)}"
+    return "\n\n".join(f"{title}:\n\n"
+                       f"{table(checkpointing, micro_batch, block_size, vocab_size, arch=arch, optimizer=optimizer)}"
                        for title, checkpointing in (("Without activation checkpointing", False),
                                                     ("With --activation_checkpointing", True)))
 
@@ -384,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro_batch", type=int, default=TABLE_MICRO_BATCH)
     parser.add_argument("--block_size", type=int, default=TABLE_BLOCK)
     parser.add_argument("--vocab_size", type=int, default=TABLE_VOCAB)
+    parser.add_argument("--arch", choices=ARCHITECTURES, default=DEFAULT_ARCH)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER)
     args = parser.parse_args(argv)
-    print(tables(args.micro_batch, args.block_size, args.vocab_size))
+    print(tables(args.micro_batch, args.block_size, args.vocab_size, args.arch, args.optimizer))
     return 0
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CORPORA, DATA_FLAGS, EARLIER_ARCH, MUON_DEFAULTS, TrainConfig, build_parser, validate
+from ..config import (CORPORA, DATA_FLAGS, EARLIER_ARCH, EARLIER_OPTIMIZER, MUON_FLAGS, TrainConfig, build_parser,
+                      validate)
 from ..errors import UsageError
 from ..model import hf
 from ..system.distributed import World
@@ -49,20 +50,11 @@ def resolve(cfg: TrainConfig, given: frozenset[str], world: World, recorded: dic
     if cfg.resume is not None:
         check_same_optimizer(cfg, recorded or {}, given)
         cfg, kept = keep_run_values(cfg, recorded or {}, given)
-    cfg = optimizer_defaults(cfg, given | kept)
     cfg = hf.settle_init_from(cfg, given | kept)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg, device)
     check_flags(cfg, world, precision)
     return Resolved(cfg, kept, world, device, precision)
-
-
-def optimizer_defaults(cfg: TrainConfig, settled: frozenset[str]) -> TrainConfig:
-    """--optimizer muon's own defaults (config.MUON_DEFAULTS) for the flags neither given nor kept from the resumed
-    run, so that config.json records what the run uses; adamw's are the flags' own."""
-    if cfg.optimizer != "muon":
-        return cfg
-    return dataclasses.replace(cfg, **{name: value for name, value in MUON_DEFAULTS.items() if name not in settled})
 
 
 def check_same_optimizer(cfg: TrainConfig, recorded: dict, given: frozenset[str]) -> None:
@@ -121,7 +113,9 @@ def recorded_flags(recorded: dict) -> dict:
     tokenizer that reads it)."""
     flags = {"arch": EARLIER_ARCH, **recorded}  # a run recorded before --arch existed trained a gpt2
     if recorded:
-        flags.setdefault("optimizer", "adamw")  # runs from before --optimizer trained with AdamW
+        flags.setdefault("optimizer", EARLIER_OPTIMIZER)
+        for name in MUON_FLAGS:  # nor any Muon setting
+            flags.setdefault(name, None)
     if flags.get("data_path") or flags.get("corpus") not in CORPORA:
         flags["corpus"] = None
     if flags.get("tokenizer") != "sentencepiece":

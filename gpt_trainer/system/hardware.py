@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import re
 import resource
 import sys
@@ -213,6 +215,20 @@ def synchronize(device: torch.device) -> None:
 def empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def return_freed_memory() -> bool:
+    """Give the pages the C heap holds free back to the system (glibc's malloc_trim); False where there is no such
+    call (macOS, musl). Once a large tensor has been freed, glibc raises its mmap threshold and keeps the memory of
+    later freed tensors in its heap, so a process that restored or wrote a checkpoint would hold the size of that
+    moment's temporaries until it exits; trimming after those few moments keeps it at what it uses, at no cost in
+    the steps between (a fixed threshold would map and fault every large block of every step instead)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 MEMORY_MARGIN = 0.10  # of the memory a run may use, kept back for what no estimate or trial step sees

@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..config import EARLIER_ARCH, TrainConfig
 from ..errors import CheckpointNotFinished, CheckpointNotWritten, UsageError, notice
 from ..system import distributed
+from ..system.hardware import return_freed_memory
 from ..system.rundir import SHARDED_FILES, RunFolder
 
 FORMAT_VERSION = 3
@@ -230,9 +231,11 @@ class Checkpointer:
         if path == self.folder.latest:
             self.saved_at = step
             distributed.note_saved(self.world, step)
+        return_freed_memory()  # the state's copies and the writer's buffers, freed into the C heap
 
     def restore(self, state: dict) -> None:
         restore(state, self.parts)
+        return_freed_memory()
 
 
 # ---- the model and the optimizer as checkpoint parts, in every layout -----------------------------------------------

@@ -6,8 +6,9 @@ and weight decay, all on the run's one warm-up/cosine schedule.
 Muon here is torch.optim.Muon's math (torch 2.13: Nesterov momentum, orthogonalised by torch's own Newton-Schulz
 iteration, the default learning rate adjustment), applied so that a step marked bad changes nothing. torch's Muon takes
 no found_inf, so our step computes each matrix's new momentum and weight out of place and keeps the old ones where the
-step is bad (torch.where). That costs one matrix's temporaries at a time; the other way, a copy of every weight and
-momentum buffer kept for a select after the step, costs a whole extra copy of both, so we took this one."""
+step is bad (torch.where). That costs the temporaries of one batch of same-shaped matrices at a time (at most
+MUON_BATCH_BYTES of them); the other way, a copy of every weight and momentum buffer kept for a select after the step,
+costs a whole extra copy of both, so we took this one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 # torch's Muon internals, so that ours is its math: the same coefficients, iteration and learning rate adjustment
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
-from torch.optim._muon import _zeropower_via_newtonschulz
 from torch.optim.adamw import adamw
 
 from ..config import TrainConfig
@@ -107,28 +107,28 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["role"] == MUON:
-                for p in params:
-                    self.muon_update(p, group, found_inf)
+                for batch in same_shape_batches(params):
+                    self.muon_update(batch, group, found_inf)
             elif params:
                 self.adamw_update(params, group, found_inf)
 
-    def muon_update(self, p: torch.Tensor, group: dict, found_inf: torch.Tensor | None) -> None:
-        """torch.optim.Muon's step for one matrix (see _single_tensor_muon), computed out of place and kept only where
-        the step is good."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf, grad, momentum, lr = state["momentum_buffer"], p.grad, group["momentum"], group["lr"]
-        new_buf = buf.lerp(grad, 1 - momentum)
-        update = orthogonalised(grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf)
-        new_p = torch.add(p * (1 - lr * group["weight_decay"]), update, alpha=-_adjust_lr(lr, None, p.shape))
-        if found_inf is None:
-            buf.copy_(new_buf)
-            p.copy_(new_p)
-        else:
-            skip = found_inf.bool()
-            buf.copy_(torch.where(skip, buf, new_buf))
-            p.copy_(torch.where(skip, p, new_p))
+    def muon_update(self, params: list[torch.Tensor], group: dict, found_inf: torch.Tensor | None) -> None:
+        """torch.optim.Muon's step (see _single_tensor_muon) for matrices of one shape, orthogonalised together,
+        computed out of place and kept only where the step is good."""
+        momentum, lr = group["momentum"], group["lr"]
+        new_bufs, updates = [], []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            new_bufs.append(state["momentum_buffer"].lerp(p.grad, 1 - momentum))
+            updates.append(p.grad.lerp(new_bufs[-1], momentum) if group["nesterov"] else new_bufs[-1])
+        skip = None if found_inf is None else found_inf.bool()
+        for p, new_buf, update in zip(params, new_bufs, orthogonalised(updates)):
+            buf = self.state[p]["momentum_buffer"]
+            new_p = torch.add(p * (1 - lr * group["weight_decay"]), update, alpha=-_adjust_lr(lr, None, p.shape))
+            buf.copy_(new_buf if skip is None else torch.where(skip, buf, new_buf))
+            p.copy_(new_p if skip is None else torch.where(skip, p, new_p))
 
     def adamw_update(self, params: list[torch.Tensor], group: dict, found_inf: torch.Tensor | None) -> None:
         """torch.optim.AdamW's fused step (its kernel leaves weights, moments and step count as they were where
@@ -146,11 +146,45 @@ class MuonAdamW(torch.optim.Optimizer):
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-def orthogonalised(update: torch.Tensor) -> torch.Tensor:
-    """torch's Newton-Schulz orthogonalisation of a momentum-updated gradient. Under FSDP a matrix is sharded by rows
-    and the iteration needs all of it: every process gathers the whole, orthogonalises it (the same numbers on each)
-    and keeps its own rows, which needs no further communication (src_data_rank=None)."""
-    if not isinstance(update, DTensor):
-        return _zeropower_via_newtonschulz(update, NS_COEFFICIENTS, NS_STEPS, NS_EPS)
-    whole = _zeropower_via_newtonschulz(update.full_tensor(), NS_COEFFICIENTS, NS_STEPS, NS_EPS)
-    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+MUON_BATCH_BYTES = 16 * 2**20  # the most matrix bytes orthogonalised in one batch: a small model's all at once
+
+
+def same_shape_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The matrices grouped by shape, in batches of at most MUON_BATCH_BYTES (at least one matrix each). One batched
+    Newton-Schulz iteration instead of one per matrix: on a small model the optimizer's step takes half the time
+    (tools/recipe_benchmark.py's shape on the CPU: 5.4 instead of 12.8 ms), and on the CPU the bits are the same."""
+    by_shape: dict[tuple, list[list[torch.Tensor]]] = {}
+    for p in params:
+        batches = by_shape.setdefault(tuple(p.shape), [[]])
+        if batches[-1] and (len(batches[-1]) + 1) * p.numel() * p.element_size() > MUON_BATCH_BYTES:
+            batches.append([])
+        batches[-1].append(p)
+    return [batch for batches in by_shape.values() for batch in batches]
+
+
+def orthogonalised(updates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """torch's Newton-Schulz orthogonalisation of momentum-updated gradients of one shape, as one batch. Under FSDP a
+    matrix is sharded by rows and the iteration needs all of it: every process gathers the whole, orthogonalises it
+    (the same numbers on each) and keeps its own rows, which needs no further communication (src_data_rank=None)."""
+    sharded = isinstance(updates[0], DTensor)
+    wholes = torch.stack([u.full_tensor() if sharded else u for u in updates])
+    results = newton_schulz(wholes).unbind()
+    if not sharded:
+        return list(results)
+    return [distribute_tensor(r, u.device_mesh, u.placements, src_data_rank=None) for r, u in zip(results, updates)]
+
+
+def newton_schulz(matrices: torch.Tensor) -> torch.Tensor:
+    """torch.optim._muon._zeropower_via_newtonschulz for a batch (batch, rows, columns) of matrices: the same
+    coefficients, bfloat16 iteration and per-matrix scaling, each matrix's result bit for bit what torch's gives it
+    (tests/test_optimizers.py holds our step to torch.optim.Muon's)."""
+    a, b, c = NS_COEFFICIENTS
+    x = matrices.bfloat16()
+    tall = matrices.size(-2) > matrices.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=NS_EPS)  # a spectral norm of at most 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..errors import notice
 from ..plan.run_plan import RunPlan
 from ..system import compiling, distributed
-from ..system.hardware import autocast
+from ..system.hardware import autocast, return_freed_memory
 from . import checkpoint
 
 
@@ -54,6 +54,9 @@ class Parallel:
 
     def after_forward_only(self) -> None:
         """After forward passes without a backward (an evaluation)."""
+
+    def after_step(self) -> None:
+        """After an optimizer step, its gradients freed."""
 
     def checkpoint_views(self, optimizer: torch.optim.Optimizer) -> tuple:
         """(model, optimizer) as a checkpoint saves and restores them: whole in a .pt, each process's slices in a
@@ -113,6 +116,13 @@ class Sharded(Parallel):
 
     def after_forward_only(self) -> None:
         self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward: free them
+
+    def after_step(self) -> None:
+        """On the CPU, the processes of the job share one machine's memory, and glibc would keep each step's freed
+        gradients, gathered weights and Muon's gathered matrices in every process's heap: give them back (a trim
+        per step of seconds; on a GPU those tensors are not in the heap)."""
+        if self.plan.device.type == "cpu":
+            return_freed_memory()
 
     @property
     def samples_here(self) -> bool:

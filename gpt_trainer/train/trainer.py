@@ -125,6 +125,7 @@ class Trainer:
         self.health.record(finite[0] if self.precision == "fp16" else applied, loss)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.parallel.after_step()
         self.step += 1
         self.updating = False
         if self.step < self.plan.total_steps:
@@ -283,6 +284,12 @@ class Trainer:
         self.epoch_loss.zero_()
         self.epoch_steps.zero_()
 
+    def muon_learning_rate(self) -> dict:
+        """Under --optimizer muon, Muon's learning rate at the next step (train/learning_rate is AdamW's groups')."""
+        if self.cfg.optimizer != "muon":
+            return {}
+        return {"train/muon_learning_rate": self.cfg.muon_learning_rate * self.plan.lr_scale(self.step)}
+
     def report(self, window: ThroughputWindow, grad_norm: torch.Tensor) -> dict:
         """Log the window's numbers (this waits for the device) and return them with the step."""
         numbers = window.read_and_reset()
@@ -290,6 +297,7 @@ class Trainer:
             "train/loss": numbers["loss"],
             "train/perplexity": perplexity(numbers["loss"]),
             "train/learning_rate": self.plan.lr_at(self.step),  # the next step's, as torch's schedulers report it
+            **self.muon_learning_rate(),
             "train/grad_norm": grad_norm.item(),
             "train/tokens_per_sec": numbers["tokens_per_sec"],
             "train/mfu": numbers["mfu"],
