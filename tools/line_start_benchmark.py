@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_benchmark import shape_flags  # noqa: E402
+from recipe_benchmark import shape_flags  # tools/ is on sys.path when a tool runs
 
-from gpt_trainer.commands.train import main  # noqa: E402
-from gpt_trainer.data import batches  # noqa: E402
-from gpt_trainer.train import trainer  # noqa: E402
+from gpt_trainer.commands.train import main
+from gpt_trainer.data import batches
+from gpt_trainer.train import trainer
 
 
 def starts_after(tokens: np.ndarray, newline: int, block_size: int, blank_line: bool) -> np.ndarray:

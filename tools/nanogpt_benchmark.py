@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from recipe_benchmark import first_reaching  # tools/ is on sys.path when a tool runs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = "song_ci_char"
@@ -79,7 +80,7 @@ def row(result: dict, target: float | None) -> str:
     if target is None:
         reached = "—"
     else:
-        reached = next((str(s) for s, loss in sorted(evals.items()) if loss <= target), "not reached")
+        reached = first_reaching(evals, target) or "not reached"
     return ("| nanoGPT (shakespeare_char recipe) | " + " | ".join(f"{evals[s]:.4f}" for s in sorted(evals))
             + f" | {reached} | {result['tokens_per_sec']:,.0f} |")
 

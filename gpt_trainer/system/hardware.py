@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import re
 import resource
 import sys
@@ -217,14 +218,21 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+@functools.cache
+def malloc_trim():
+    """glibc's malloc_trim, looked up once (finding the C library runs ldconfig); None where there is none (macOS,
+    musl)."""
+    return getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+
+
 def return_freed_memory() -> bool:
     """Give the pages the C heap holds free back to the system (glibc's malloc_trim); False where there is no such
-    call (macOS, musl). Once a large tensor has been freed, glibc raises its mmap threshold and keeps the memory of
-    later freed tensors in its heap, so a process that restored or wrote a checkpoint would hold the size of that
-    moment's temporaries until it exits; trimming after those few moments keeps it at what it uses, at no cost in
-    the steps between (a fixed threshold would map and fault every large block of every step instead)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    trim = getattr(libc, "malloc_trim", None)
+    call. Once a large tensor has been freed, glibc raises its mmap threshold and keeps the memory of later freed
+    tensors in its heap, so a process that restored or wrote a checkpoint would hold the size of that moment's
+    temporaries until it exits. Called after those moments (and after each step of a CPU FSDP job, where processes
+    share the machine), a trim costs one pass over the heap there and nothing in the steps between; a fixed mmap
+    threshold would map and fault every large block of every step instead."""
+    trim = malloc_trim()
     if trim is None:
         return False
     trim(0)
