@@ -239,6 +239,11 @@ report["differing_slices"] = [name for name, p in trainer.model.named_parameters
                                                                           world.rank, world.size))]
 for _ in range(2):
     trainer.train_step()
+torch.ones(2**22)  # a freed 16 MiB tensor: glibc as it comes would now keep 2 MiB ones in its heap when freed
+before = status("VmRSS")
+tensors = [torch.ones(2**19) for _ in range(64)]  # 128 MiB of 2 MiB tensors, a gradient's size
+del tensors[:-1]  # the last one keeps the heap's top
+report["kept_after_free"] = status("VmRSS") - before
 built.clear()
 report["samples"] = dict(trainer.samples())  # every rank generates, from its slices
 report["built_while_sampling"] = len(built)
@@ -265,9 +270,9 @@ def test_fsdp_builds_each_process_s_slices_without_the_whole_model_and_samples_f
     builds with the same seed, its resident memory never rose by the whole model's size while building (measured with
     Linux's peak RSS, reset just before; the unsharded build, measured the same way, rises by about that size), the
     samples every process generates from its slices are the unsharded model's for the same weights and seed, with no
-    model built while sampling, and whole weights loaded by name (--init_from's way) leave each process its slices.
-    Wide blocks and a small vocabulary: the whole model is much larger than any one tensor, so a process that held it
-    would show."""
+    model built while sampling, large tensors freed after training steps leave the process's memory at once, and
+    whole weights loaded by name (--init_from's way) leave each process its slices. Wide blocks and a small
+    vocabulary: the whole model is much larger than any one tensor, so a process that held it would show."""
     script = tmp_path / "build.py"
     script.write_text(BUILD_SCRIPT)
     argv = training(tmp_path / "out", cache_dir, "--n_layer=16", "--n_embd=512", "--n_head=4",
@@ -283,6 +288,7 @@ def test_fsdp_builds_each_process_s_slices_without_the_whole_model_and_samples_f
         assert report["differing_slices"] == [] and report["differing_after_load"] == []
         assert report["built_on"] == ["meta"]  # the trainer's model and init_weights' shapes: nothing allocated
         assert report["build_growth"] < 0.75 * whole
+        assert report["kept_after_free"] < 16 * mib  # large blocks go back when freed (test_hardware's control)
         assert report["unsharded_growth"] > 0.9 * whole  # the control: the same measurement sees a whole model
         assert report["built_while_sampling"] == 0 and report["resharded"]
         assert report["stopped_everywhere"] is True
@@ -520,7 +526,7 @@ def test_fsdp_resumes_from_best_when_a_shard_of_latest_is_damaged(fsdp_run, tmp_
     assert checkpoint.load(out / "checkpoints" / "latest", lazy=True)["trainer"]["step"] == 6
 
 
-# ---- the default recipe (llama + muon): each process orthogonalises the whole of each matrix, keeps its rows -----
+# ---- the default recipe (llama + muon): each process orthogonalises a share of the matrices, gets its rows of all
 # torch's Newton-Schulz iterates in bfloat16: a last-bit difference in how the processes sum a gradient can move an
 # entry of the orthogonalised update by one bfloat16 step, so the losses agree less closely than AdamW's
 MUON_TOLERANCE = 1e-4

@@ -193,3 +193,42 @@ def test_memory_freed_into_the_heap_goes_back_to_the_system():
     kept_after_free, returned, trimmed = done.stdout.split()
     assert int(kept_after_free) > 100 * 2**20  # free alone kept the pages: what follows is the trim's doing
     assert trimmed == "True" and int(returned) > 100 * 2**20, f"only {int(returned) / 2**20:.0f} MiB went back"
+
+
+# ---- return_large_blocks_when_freed: blocks of a MiB or more go back when freed, without a trim -------------------
+LARGE_BLOCKS_SCRIPT = """
+import ctypes, ctypes.util, os, sys
+from gpt_trainer.system import hardware
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+fixed = sys.argv[1] == "fixed" and hardware.return_large_blocks_when_freed()
+libc.free(libc.malloc(16 * 2**20))  # glibc's own rule: a freed 16 MiB block raises its mmap threshold past it
+before = resident()
+blocks = [libc.malloc(2 * 2**20) for _ in range(64)]  # 128 MiB of 2 MiB blocks, a gradient's size
+for block in blocks:
+    ctypes.memset(block, 1, 2 * 2**20)  # touched, so resident
+for block in blocks[:-1]:  # the last one keeps the heap's top, so that freeing below it cannot shrink the heap
+    libc.free(block)
+print(fixed, resident() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+@pytest.mark.parametrize("threshold", ["fixed", "glibc's"])
+def test_large_blocks_go_back_to_the_system_when_freed_once_asked(threshold):
+    """What a CPU FSDP process asks for (parallelize): its freed gradients and gathered weights leave at once. The
+    control, glibc as it comes, keeps them resident after they are freed."""
+    done = subprocess.run([sys.executable, "-c", LARGE_BLOCKS_SCRIPT, threshold], capture_output=True, text=True,
+                          check=True)
+    fixed, kept = done.stdout.split()
+    if threshold == "fixed":
+        assert fixed == "True" and int(kept) < 16 * 2**20, f"{int(kept) / 2**20:.0f} MiB stayed resident"
+    else:
+        assert int(kept) > 100 * 2**20  # the control: without it, freed blocks stay

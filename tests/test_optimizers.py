@@ -207,3 +207,51 @@ def test_refused_optimizer_flags_end_in_a_sentence_with_nothing_written(tiny_arg
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: the run trained with --optimizer muon") and err.count("\n") == 1
     assert snapshot(out) == before
+
+
+# ---- under FSDP, each process orthogonalises a share of each batch ------------------------------------------------
+SHARED_WORK_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from gpt_trainer.system import distributed
+from gpt_trainer.train import optimizers
+
+world = distributed.launched_world()
+distributed.start(world, torch.device("cpu"), 60.0)
+mesh = init_device_mesh("cpu", (world.size,))
+newton_schulz, given = optimizers.newton_schulz, []
+def counted(matrices):
+    given.append(len(matrices))
+    return newton_schulz(matrices)
+optimizers.newton_schulz = counted  # a spy on the real iteration: how many matrices this process orthogonalises
+torch.manual_seed(0)  # the same matrices on both processes; rows that do not split evenly, batches of 3, 2 and 1
+batches = [[torch.randn(7, 5) for _ in range(3)], [torch.randn(4, 9) for _ in range(2)], [torch.randn(3, 6)]]
+differing = []
+for wholes in batches:
+    results = optimizers.orthogonalised([distribute_tensor(w, mesh, [Shard(0)]) for w in wholes])
+    expected = newton_schulz(torch.stack(wholes))  # one process's result for the whole batch
+    differing += [i for i, (r, e) in enumerate(zip(results, expected))
+                  if r.placements != (Shard(0),) or not torch.equal(r.full_tensor(), e)]
+with open(f"{sys.argv[2]}-{world.rank}.json", "w") as f:
+    json.dump({"differing": differing, "orthogonalised": sum(given)}, f)
+distributed.stop(world, True)
+"""
+
+
+@pytest.mark.slow
+def test_under_fsdp_each_process_orthogonalises_a_share_of_the_matrices_and_gets_its_rows_of_all(tmp_path):
+    """Two gloo processes: every result is, bit for bit, what one process orthogonalising the whole batch gets, sharded
+    by rows as the weights are, and the two processes together orthogonalised each matrix once (6), not each of them
+    every matrix (12)."""
+    from tests.test_distributed import ROOT, TORCHRUN, launch
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_WORK_SCRIPT)
+    done = launch([*TORCHRUN, str(script), str(ROOT), str(tmp_path / "report")])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [report["differing"] for report in reports] == [[], []]
+    assert sum(report["orthogonalised"] for report in reports) == 6
+    assert all(report["orthogonalised"] > 0 for report in reports)

@@ -8,18 +8,15 @@ two, plus what a bare job (the launcher and two processes that import the traine
 holds, measured the same way.
 
     .venv/bin/python tools/fsdp_memory.py [--model_size medium] [--recipe "--arch gpt2 --optimizer adamw"] [--keep]
-        [--fixed_mmap_threshold]
 
---fixed_mmap_threshold runs the jobs with glibc's mmap threshold fixed at 256 KiB (GLIBC_TUNABLES): every larger
-block is then mapped on its own and returned when freed. By default glibc raises the threshold after the first large
-free, keeps later freed tensors in its heap and the job's PSS grows with what the heap keeps, not with what the
-program holds; the two runs side by side tell the two apart.
+The processes return large freed blocks to the system as they go (hardware.return_large_blocks_when_freed, which
+parallelize asks for under FSDP on the CPU); GLIBC_TUNABLES in the environment reaches every process of the jobs, to
+measure other allocator settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -47,9 +44,9 @@ def job_pss(root: psutil.Process) -> int:
     return total
 
 
-def peak_of(command: list[str], cwd: Path, env: dict) -> tuple[int, str]:
+def peak_of(command: list[str], cwd: Path) -> tuple[int, str]:
     """Run `command`; return (the peak of its process tree's PSS, its output)."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, root = 0, psutil.Process(process.pid)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
@@ -81,21 +78,16 @@ def main() -> int:
     parser.add_argument("--recipe", default="", help='training flags added to the first run, e.g. "--arch gpt2 '
                                                       '--optimizer adamw" (the resume keeps them)')
     parser.add_argument("--keep", action="store_true", help="keep the run folder")
-    parser.add_argument("--fixed_mmap_threshold", action="store_true", help="fix glibc's mmap threshold (see above)")
     args = parser.parse_args()
-    env = dict(os.environ)
-    if args.fixed_mmap_threshold:
-        env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=262144"
     work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
     try:
-        bare, _ = peak_of(torchrun("--no-python", sys.executable, "-c", BARE_RANK), work, env)
+        bare, _ = peak_of(torchrun("--no-python", sys.executable, "-c", BARE_RANK), work)
         train = ["--model_size", args.model_size, "--parallel", "fsdp", "--batch_size", "1", "--block_size", "64",
                  "--use_chinese", "--eval_interval", "2", "--eval_steps", "2", "--sample_tokens", "16",
                  "--report_to", "none", "--output_dir", str(work / "run")]
         first = [*train, *args.recipe.split(), "--max_steps", "2"]
-        trained, output = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *first), work, env)
-        resumed, _ = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *train, "--max_steps", "3", "--resume"),
-                             work, env)
+        trained, output = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *first), work)
+        resumed, _ = peak_of(torchrun(str(ROOT / "train_single_gpu.py"), *train, "--max_steps", "3", "--resume"), work)
         plan = planned_without_context(output)
         limit = 1.3 * plan * 2 * GIB + bare
         print(f"plan per process without GPU context {plan:.1f} GiB; bare job {bare / GIB:.2f} GiB; "

@@ -219,24 +219,38 @@ def empty_cache(device: torch.device) -> None:
 
 
 @functools.cache
-def malloc_trim():
-    """glibc's malloc_trim, looked up once (finding the C library runs ldconfig); None where there is none (macOS,
-    musl)."""
-    return getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+def c_library() -> ctypes.CDLL:
+    """The C library, looked up once (finding it runs ldconfig, about a millisecond)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def return_freed_memory() -> bool:
     """Give the pages the C heap holds free back to the system (glibc's malloc_trim); False where there is no such
-    call. Once a large tensor has been freed, glibc raises its mmap threshold and keeps the memory of later freed
-    tensors in its heap, so a process that restored or wrote a checkpoint would hold the size of that moment's
-    temporaries until it exits. Called after those moments (and after each step of a CPU FSDP job, where processes
-    share the machine), a trim costs one pass over the heap there and nothing in the steps between; a fixed mmap
-    threshold would map and fault every large block of every step instead."""
-    trim = malloc_trim()
+    call (macOS, musl). Once a large tensor has been freed, glibc raises its mmap threshold and keeps the memory of
+    later freed tensors in its heap, so a process that restored or wrote a checkpoint would hold the size of that
+    moment's temporaries until it exits. Called after those moments, a trim costs one pass over the heap there and
+    nothing in the steps between."""
+    trim = getattr(c_library(), "malloc_trim", None)
     if trim is None:
         return False
     trim(0)
     return True
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+LARGE_BLOCK_BYTES = 2**20
+
+
+def return_large_blocks_when_freed() -> bool:
+    """From now on every block of LARGE_BLOCK_BYTES or more is mapped on its own and given back to the system the
+    moment it is freed (glibc's mallopt: a fixed mmap threshold). For the processes of a CPU FSDP job, which share
+    one machine's memory: with glibc's rising threshold, the gathered weights, reduce-scatter buffers and gradients
+    a backward pass frees stay resident in each heap, and each of a medium model's two processes was resident for
+    0.75 GiB more at the end of the backward pass (docs/memory.md). The price is a page fault for each page of each
+    large block, about a tenth of such a step's time, which is why a single-process CPU run (the demo, a small
+    model) keeps glibc's default. False where there is no such call."""
+    mallopt = getattr(c_library(), "mallopt", None)
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
 
 
 MEMORY_MARGIN = 0.10  # of the memory a run may use, kept back for what no estimate or trial step sees

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 # torch's Muon internals, so that ours is its math: the same coefficients, iteration and learning rate adjustment
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
 from torch.optim.adamw import adamw
@@ -150,13 +150,15 @@ MUON_BATCH_BYTES = 16 * 2**20  # the most matrix bytes orthogonalised in one bat
 
 
 def same_shape_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The matrices grouped by shape, in batches of at most MUON_BATCH_BYTES (at least one matrix each). One batched
-    Newton-Schulz iteration instead of one per matrix: on a small model the optimizer's step takes half the time
-    (tools/recipe_benchmark.py's shape on the CPU: 5.4 instead of 12.8 ms), and on the CPU the bits are the same."""
+    """The matrices grouped by shape, in batches of at most MUON_BATCH_BYTES per process (at least one matrix each;
+    under FSDP each process orthogonalises a share of a batch). One batched Newton-Schulz iteration instead of one per
+    matrix: on a small model the optimizer's step takes half the time (tools/recipe_benchmark.py's shape on the CPU:
+    5.4 instead of 12.8 ms), and on the CPU the bits are the same."""
     by_shape: dict[tuple, list[list[torch.Tensor]]] = {}
     for p in params:
+        batch_bytes = MUON_BATCH_BYTES * (p.device_mesh.size() if isinstance(p, DTensor) else 1)
         batches = by_shape.setdefault(tuple(p.shape), [[]])
-        if batches[-1] and (len(batches[-1]) + 1) * p.numel() * p.element_size() > MUON_BATCH_BYTES:
+        if batches[-1] and (len(batches[-1]) + 1) * p.numel() * p.element_size() > batch_bytes:
             batches.append([])
         batches[-1].append(p)
     return [batch for batches in by_shape.values() for batch in batches]
@@ -164,14 +166,18 @@ def same_shape_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 def orthogonalised(updates: list[torch.Tensor]) -> list[torch.Tensor]:
     """torch's Newton-Schulz orthogonalisation of momentum-updated gradients of one shape, as one batch. Under FSDP a
-    matrix is sharded by rows and the iteration needs all of it: every process gathers the whole, orthogonalises it
-    (the same numbers on each) and keeps its own rows, which needs no further communication (src_data_rank=None)."""
-    sharded = isinstance(updates[0], DTensor)
-    wholes = torch.stack([u.full_tensor() if sharded else u for u in updates])
-    results = newton_schulz(wholes).unbind()
-    if not sharded:
-        return list(results)
-    return [distribute_tensor(r, u.device_mesh, u.placements, src_data_rank=None) for r, u in zip(results, updates)]
+    matrix is sharded by rows and the iteration needs all of it: one all-to-all gives each process a share of the
+    batch's matrices whole, each process orthogonalises only its share, and a second all-to-all gives every process
+    its rows of every result: the communication of gathering every matrix on every process, 1/N of the work and of
+    the gathered matrices."""
+    stacked = torch.stack(updates)
+    if not isinstance(stacked, DTensor):
+        return list(newton_schulz(stacked).unbind())
+    mesh, rows = stacked.device_mesh, stacked.placements  # (batch, rows, columns), the rows sharded: Shard(1)
+    share = stacked.redistribute(mesh, [Shard(0)]).to_local()  # whole matrices, this process's share of them
+    results = DTensor.from_local(newton_schulz(share), mesh, [Shard(0)], shape=stacked.shape,
+                                 stride=stacked.stride())
+    return list(results.redistribute(mesh, rows).unbind())
 
 
 def newton_schulz(matrices: torch.Tensor) -> torch.Tensor:

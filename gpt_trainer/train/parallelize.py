@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..errors import notice
 from ..plan.run_plan import RunPlan
 from ..system import compiling, distributed
-from ..system.hardware import autocast, return_freed_memory
+from ..system.hardware import autocast, return_large_blocks_when_freed
 from . import checkpoint
 
 
@@ -54,9 +54,6 @@ class Parallel:
 
     def after_forward_only(self) -> None:
         """After forward passes without a backward (an evaluation)."""
-
-    def after_step(self) -> None:
-        """After an optimizer step, its gradients freed."""
 
     def checkpoint_views(self, optimizer: torch.optim.Optimizer) -> tuple:
         """(model, optimizer) as a checkpoint saves and restores them: whole in a .pt, each process's slices in a
@@ -117,13 +114,6 @@ class Sharded(Parallel):
     def after_forward_only(self) -> None:
         self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward: free them
 
-    def after_step(self) -> None:
-        """On the CPU, the processes of the job share one machine's memory, and glibc would keep each step's freed
-        gradients, gathered weights and Muon's gathered matrices in every process's heap: give them back (a trim
-        per step of seconds; on a GPU those tensors are not in the heap)."""
-        if self.plan.device.type == "cpu":
-            return_freed_memory()
-
     @property
     def samples_here(self) -> bool:
         """Every process generates, in lockstep with the same seeded draws, so that no process holds the whole model:
@@ -164,6 +154,8 @@ def parallelize(model: torch.nn.Module, plan: RunPlan) -> Parallel:
                "trains unsharded, as usual.")
     if world.active and plan.cfg.parallel == "fsdp":  # (fp16 was refused before anything was written)
         parallel = Sharded(model, plan)
+        if plan.device.type == "cpu":  # before the shards are allocated: theirs go back when freed too
+            return_large_blocks_when_freed()
         if plan.compile:
             for block in model.blocks:
                 block.compile(backend=compiling.BACKEND)

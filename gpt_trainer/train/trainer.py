@@ -125,7 +125,6 @@ class Trainer:
         self.health.record(finite[0] if self.precision == "fp16" else applied, loss)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.parallel.after_step()
         self.step += 1
         self.updating = False
         if self.step < self.plan.total_steps:
