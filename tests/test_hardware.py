@@ -161,42 +161,9 @@ def test_usable_gpu_memory_is_the_free_memory_and_this_process_s_own_less_the_ma
     assert hardware.usable_gpu_memory(torch.device("cuda")) == int(30 * gib * (1 - hardware.MEMORY_MARGIN))
 
 
-# ---- return_freed_memory: glibc's heap hands its free pages back -------------------------------------------------
+# ---- glibc's heap: return_freed_memory trims it, return_large_blocks_when_freed maps large blocks on their own -----
 # in a fresh process: pytest's own heap (thousands of tests' freed memory) would serve the blocks from its free lists
-HEAP_SCRIPT = """
-import ctypes, ctypes.util, os
-from gpt_trainer.system import hardware
-
-def resident():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-before = resident()
-blocks = [libc.malloc(16 * 1024) for _ in range(8192)]  # 128 MiB below the mmap threshold: in the heap
-for block in blocks:
-    ctypes.memset(block, 1, 16 * 1024)  # touched, so resident
-for block in blocks[:-1]:  # the last one keeps the heap's top, so that free alone cannot shrink it
-    libc.free(block)
-held = resident()
-trimmed = hardware.return_freed_memory()
-print(held - before, held - resident(), trimmed)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="malloc_trim is glibc's")
-def test_memory_freed_into_the_heap_goes_back_to_the_system():
-    done = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True)
-    kept_after_free, returned, trimmed = done.stdout.split()
-    assert int(kept_after_free) > 100 * 2**20  # free alone kept the pages: what follows is the trim's doing
-    assert trimmed == "True" and int(returned) > 100 * 2**20, f"only {int(returned) / 2**20:.0f} MiB went back"
-
-
-# ---- return_large_blocks_when_freed: blocks of a MiB or more go back when freed, without a trim -------------------
-LARGE_BLOCKS_SCRIPT = """
+C_HEAP = """
 import ctypes, ctypes.util, os, sys
 from gpt_trainer.system import hardware
 
@@ -207,20 +174,46 @@ def resident():
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+
+def touched_then_freed(size, count):
+    \"\"\"`count` blocks of `size` bytes, written to (so resident), then freed but the last, which keeps the heap's
+    top, so that freeing the others below it cannot shrink the heap.\"\"\"
+    blocks = [libc.malloc(size) for _ in range(count)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks[:-1]:
+        libc.free(block)
+"""
+HEAP_SCRIPT = C_HEAP + """
+before = resident()
+touched_then_freed(16 * 1024, 8192)  # 128 MiB below the mmap threshold: in the heap
+held = resident()
+trimmed = hardware.return_freed_memory()
+print(held - before, held - resident(), trimmed)
+"""
+GLIBC_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                                reason="malloc_trim and mallopt are glibc's")
+
+
+@GLIBC_ONLY
+def test_memory_freed_into_the_heap_goes_back_to_the_system():
+    done = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True)
+    kept_after_free, returned, trimmed = done.stdout.split()
+    assert int(kept_after_free) > 100 * 2**20  # free alone kept the pages: what follows is the trim's doing
+    assert trimmed == "True" and int(returned) > 100 * 2**20, f"only {int(returned) / 2**20:.0f} MiB went back"
+
+
+# ---- return_large_blocks_when_freed: blocks of a MiB or more go back when freed, without a trim -------------------
+LARGE_BLOCKS_SCRIPT = C_HEAP + """
 fixed = sys.argv[1] == "fixed" and hardware.return_large_blocks_when_freed()
 libc.free(libc.malloc(16 * 2**20))  # glibc's own rule: a freed 16 MiB block raises its mmap threshold past it
 before = resident()
-blocks = [libc.malloc(2 * 2**20) for _ in range(64)]  # 128 MiB of 2 MiB blocks, a gradient's size
-for block in blocks:
-    ctypes.memset(block, 1, 2 * 2**20)  # touched, so resident
-for block in blocks[:-1]:  # the last one keeps the heap's top, so that freeing below it cannot shrink the heap
-    libc.free(block)
+touched_then_freed(2 * 2**20, 64)  # 128 MiB of 2 MiB blocks, a gradient's size
 print(fixed, resident() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt is glibc's")
+@GLIBC_ONLY
 @pytest.mark.parametrize("threshold", ["fixed", "glibc's"])
 def test_large_blocks_go_back_to_the_system_when_freed_once_asked(threshold):
     """What a CPU FSDP process asks for (parallelize): its freed gradients and gathered weights leave at once. The

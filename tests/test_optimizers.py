@@ -19,6 +19,7 @@ from gpt_trainer.train import trainer as trainer_module
 from gpt_trainer.train.optimizers import MuonAdamW
 from tests.conftest import make_trainer
 from tests.test_cli import snapshot
+from tests.test_distributed import ROOT, TORCHRUN, launch
 from tests.test_trainer import QUIET, optimizer_state, stopped_and_restored, waits_in_quiet_steps
 
 TRIAL_OPTIMIZERS = autobatch.trial_optimizers  # the real one, which a test spies on
@@ -246,7 +247,6 @@ def test_under_fsdp_each_process_orthogonalises_a_share_of_the_matrices_and_gets
     """Two gloo processes: every result is, bit for bit, what one process orthogonalising the whole batch gets, sharded
     by rows as the weights are, and the two processes together orthogonalised each matrix once (6), not each of them
     every matrix (12)."""
-    from tests.test_distributed import ROOT, TORCHRUN, launch
     script = tmp_path / "shared.py"
     script.write_text(SHARED_WORK_SCRIPT)
     done = launch([*TORCHRUN, str(script), str(ROOT), str(tmp_path / "report")])
